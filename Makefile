@@ -1,0 +1,36 @@
+# healthgate: `make run` starts the agent with config/healthgate.toml, `make test` runs the tests.
+# Both create the virtual environment (.venv) when it is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/healthgate.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast lint bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast]'
+	touch $@
+
+run: venv
+	$(BIN)/healthgate run -c $(CONFIG)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check agent tests bench
+
+bench: venv
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,145 @@
+"""Wiring and the ordered lifecycle: start, signals, reload, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from agent import logs
+from agent.config import Config, ConfigError, load_config
+from agent.http_api import TOKENS, make_app
+from agent.metrics import make_registry
+from agent.probes.base import Context
+from agent.runner import Runner
+from agent.scheduler import Scheduler
+from agent.state import AgentState
+
+
+def read_tokens(config: Config) -> dict[str, str | None]:
+    """The bearer tokens named in [server]; an unreadable or empty file is a config error."""
+    tokens: dict[str, str | None] = {}
+    for key in ("status_token_file", "admin_token_file"):
+        path = getattr(config.server, key)
+        if path is None:
+            tokens[key.removesuffix("_token_file")] = None
+            continue
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(path, [f"server.{key}: cannot read {path}: {e.strerror}"]) from None
+        if not token:
+            raise ConfigError(path, [f"server.{key}: {path} is empty"])
+        tokens[key.removesuffix("_token_file")] = token
+    return tokens
+
+
+class Agent:
+    """One running agent. `start()` brings it up in order; `stop()` takes it down in reverse."""
+
+    def __init__(self, config: Config, config_path: str | None = None, runner: Runner | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.tokens = read_tokens(config)
+        self.state: AgentState | None = None
+        self.ctx = Context()
+        self.runner = runner or Runner(self.ctx)
+        self.scheduler: Scheduler | None = None
+        self._sched_task: asyncio.Task | None = None
+        self._web: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.state = AgentState(self.config, loop.time())
+        logs.set_secrets(self.config.secrets())
+        self.scheduler = Scheduler(self.state, self.runner)
+        self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        try:
+            registry = make_registry(self.state, lambda: len(self.runner.hung))
+            app = make_app(self.state, registry, self.tokens)
+            self._web = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+            await self._web.setup()
+            host, port = self.config.server.listen
+            site = web.TCPSite(self._web, host, port, backlog=1024, reuse_address=True)
+            await site.start()
+            sock = site._server.sockets[0]  # the bound address, for port 0
+            self.address = sock.getsockname()[:2]
+        except BaseException:
+            await self.stop()
+            raise
+        logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks))
+
+    def reload(self) -> bool:
+        """Re-read the config file. A bad file changes nothing: the old config keeps serving."""
+        assert self.state is not None and self.scheduler is not None
+        loop = asyncio.get_running_loop()
+        try:
+            if self.config_path is None:
+                raise ConfigError("(none)", ["no config file to reload"])
+            config = load_config(self.config_path)
+            tokens = read_tokens(config)
+        except ConfigError as e:
+            self.state.reloads["failure"] += 1
+            logs.event("reload_failed", logging.ERROR, file=e.source, errors=e.errors)
+            return False
+        if config.server.listen != self.config.server.listen:
+            logs.event("reload_listen_ignored", logging.WARNING, detail="server.listen changes need a restart")
+        self.config, self.tokens = config, tokens
+        if self._web is not None:
+            self._web.app[TOKENS].update(tokens)
+        changed = self.state.apply_config(config, loop.time())
+        self.scheduler.reload(changed)
+        self.state.reloads["success"] += 1
+        logs.event("reloaded", file=self.config_path, changed=sorted(changed), checks=len(config.checks))
+        return True
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain: DOWN at once, kept for shutdown_drain, then stop."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            waiter = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({waiter, self._sched_task}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if self._sched_task.done() and not self._sched_task.cancelled() and self._sched_task.exception():
+                raise self._sched_task.exception()
+            await self.drain()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def drain(self) -> None:
+        assert self.state is not None
+        loop = asyncio.get_running_loop()
+        self.state.set_stopping(loop.time())
+        drain = self.config.server.shutdown_drain
+        logs.event("draining", seconds=drain)
+        if drain:
+            await asyncio.sleep(drain)
+
+    async def stop(self) -> None:
+        if self._web is not None:
+            await self._web.cleanup()
+            self._web = None
+        if self._sched_task is not None:
+            self._sched_task.cancel()
+            try:
+                await self._sched_task
+            except asyncio.CancelledError:
+                pass
+            except Exception as e:
+                logs.event("scheduler_failed", logging.ERROR, error=repr(e))
+            self._sched_task = None
+        await self.ctx.close()
+        logs.event("stopped")

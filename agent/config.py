@@ -1,0 +1,182 @@
+"""The config file: typed, strict pydantic models and load_config(path)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from agent.fields import Duration, Listen, Strict
+from agent.probes import PROBES
+
+DEFAULT_PATH = "/etc/healthgate/healthgate.toml"
+
+CheckConfig = Annotated[
+    Union[tuple(m.Config for m in PROBES.values())],  # noqa: UP007 - built from the registry
+    Field(discriminator="type"),
+]
+
+
+def _default_state_dir() -> str:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; otherwise the XDG place for the running user.
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "healthgate")
+
+
+class ServerConfig(Strict):
+    listen: Listen = Field(default=("0.0.0.0", 8080), description="/health /ready /live /status /metrics")
+    shutdown_drain: Duration = Field(default=5.0, description="how long DOWN is served after SIGTERM before exit")
+    drain_status: Literal[503, 404] = Field(
+        default=503, description="status of /health while draining; 404 for HAProxy's http-check disable-on-404"
+    )
+    max_connections: int = Field(default=512, ge=1, le=65535, description="open connections beyond this are closed")
+    read_timeout: Duration = Field(default=5.0, gt=0, description="a client must send its request within this")
+    status_token_file: str | None = Field(
+        default=None, description="bearer token that unlocks /status details for non-loopback clients"
+    )
+    admin_token_file: str | None = Field(
+        default=None, description="bearer token for POST /admin/drain|maint|ready; without it those paths are 404"
+    )
+
+
+class AgentCheckConfig(Strict):
+    listen: Listen | None = Field(default=None, description="HAProxy agent-check TCP listener; off when unset")
+
+
+class PolicyConfig(Strict):
+    stale_grace: Duration = Field(
+        default=1.0, description="a check whose last result is older than interval + timeout + this counts as failing"
+    )
+    max_loop_lag: Duration = Field(
+        default=0.5, gt=0, description="event-loop lag beyond this makes the verdict DOWN (the agent can't vouch)"
+    )
+    loop_recovery: Duration = Field(
+        default=2.0, ge=0, description="the loop must stay under max_loop_lag this long before the verdict can be UP"
+    )
+    flap_window: Duration = Field(default=60.0, gt=0, description="window in which up->down changes are counted")
+    flap_threshold: int = Field(
+        default=3, ge=0, description="this many up->down changes within flap_window hold a check down; 0 = off"
+    )
+    flap_hold: Duration = Field(
+        default=30.0, ge=0, description="a flapping check must pass for this long before it rises again"
+    )
+
+
+class AgentConfig(Strict):
+    state_dir: str = Field(default_factory=_default_state_dir, description="where drain/maintenance state is kept")
+    allow_root: bool = Field(default=False, description="permit running as uid 0")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    agent_check: AgentCheckConfig = Field(default_factory=AgentCheckConfig)
+    checks: list[CheckConfig] = Field(default_factory=list)
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for c in self.checks for s in c.secrets() if s)
+
+
+class ConfigError(Exception):
+    """A config that can't be used; `errors` holds one line per problem, each led by its key path."""
+
+    def __init__(self, source: str, errors: list[str]):
+        super().__init__(f"{source}: " + "; ".join(errors))
+        self.source = source
+        self.errors = errors
+
+
+def _path(loc: tuple[Any, ...], data: Any) -> str:
+    """checks[2].timeout from pydantic's ('checks', 2, 'http', 'timeout'): drop the union tag."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, dict) and part not in node and part == node.get("type"):
+            continue  # the discriminator's tag, not a key the user wrote
+        if isinstance(node, dict) and node.get("type") == part and part in PROBES:
+            continue
+        out += ("." if out else "") + str(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return out or "(top level)"
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag")
+        return f"unknown check type {tag!r} (known: {', '.join(PROBES)})"
+    if kind == "union_tag_not_found":
+        return f"type is missing (one of: {', '.join(PROBES)})"
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return msg
+
+
+def errors_of(exc: ValidationError, data: Any) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "type")
+        out.append(f"{_path(loc, data)}: {_message(err)}")
+    return out
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, errors_of(e, data)) from None
+    seen: dict[str, int] = {}
+    errors = []
+    for i, check in enumerate(cfg.checks):
+        if check.name in seen:
+            errors.append(f"checks[{i}].name: duplicate check name {check.name!r} (first at checks[{seen[check.name]}])")
+        seen.setdefault(check.name, i)
+    if errors:
+        raise ConfigError(source, errors)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a TOML file; every problem becomes a ConfigError, never a traceback."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(source, ["(file): no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError(source, ["(file): is a directory, not a config file"]) from None
+    except OSError as e:
+        raise ConfigError(source, [f"(file): cannot read: {e.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"(file): not UTF-8 text at byte {e.start}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"(toml): {e}"]) from None
+    return parse_config(data, source)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = TypeAdapter(Config).json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "healthgate configuration"
+    return schema

@@ -1,0 +1,110 @@
+"""Prometheus exposition: a Collector that reads the state at scrape time, in a private registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+
+from agent import __version__
+from agent.model import Admin
+from agent.state import BUCKETS, AgentState, CheckStats
+
+
+def _histogram(stats: CheckStats) -> tuple[list[tuple[str, float]], float]:
+    buckets = [("+Inf" if b == float("inf") else repr(b), float(n)) for b, n in zip(BUCKETS, stats.buckets,
+                                                                                    strict=True)]
+    return buckets, stats.duration_sum
+
+
+class StateCollector:
+    def __init__(self, state: AgentState, hung: Callable[[], int] = lambda: 0):
+        self.state = state
+        self.hung = hung
+
+    def describe(self) -> list[Metric]:
+        return []  # collect() on registration would read a state that may not be complete yet
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state
+        snap = state.snapshot
+        info = InfoMetricFamily("healthgate_build", "healthgate version")
+        info.add_metric([], {"version": __version__})
+        yield info
+        yield GaugeMetricFamily("healthgate_up", "1 when the node is served as up (/health answers 200)",
+                                value=1.0 if snap.serving_up else 0.0)
+        yield GaugeMetricFamily("healthgate_verdict_up", "1 when every critical check passes, ignoring drain/maint",
+                                value=1.0 if snap.verdict.up else 0.0)
+        yield GaugeMetricFamily("healthgate_live", "1 while the agent's own loop is healthy (/live answers 200)",
+                                value=1.0 if snap.live else 0.0)
+        admin = GaugeMetricFamily("healthgate_admin_state", "1 for the admin state in force", labels=["state"])
+        for a in Admin:
+            admin.add_metric([a.value], 1.0 if snap.admin is a else 0.0)
+        yield admin
+        yield GaugeMetricFamily("healthgate_event_loop_lag_seconds", "event-loop lag at the last heartbeat",
+                                value=state.loop_lag)
+        yield GaugeMetricFamily("healthgate_hung_probes", "probes that ignored their timeout and are still running",
+                                value=float(self.hung()))
+        since = GaugeMetricFamily("healthgate_up_since_timestamp_seconds",
+                                  "when the served up/down state last changed, unix time", value=snap.since_wall)
+        yield since
+        transitions = CounterMetricFamily("healthgate_transitions", "verdict transitions", labels=["to"])
+        for to in ("up", "down"):
+            transitions.add_metric([to], float(state.transitions[to]))
+        yield transitions
+        reloads = CounterMetricFamily("healthgate_config_reloads", "successful config reloads")
+        reloads.add_metric([], float(state.reloads["success"]))
+        yield reloads
+        failures = CounterMetricFamily("healthgate_config_reload_failures", "config reloads refused (old one kept)")
+        failures.add_metric([], float(state.reloads["failure"]))
+        yield failures
+
+        up = GaugeMetricFamily("healthgate_check_up", "1 when the check is up and fresh",
+                               labels=["check", "type", "critical"])
+        value = GaugeMetricFamily("healthgate_check_value", "the value a check observed, in the unit named",
+                                  labels=["check", "series", "unit"])
+        fails = GaugeMetricFamily("healthgate_check_consecutive_failures", "failures in a row", labels=["check"])
+        durations = HistogramMetricFamily("healthgate_check_duration_seconds", "time one sample took",
+                                          labels=["check"])
+        errors = CounterMetricFamily("healthgate_check_failures", "failed samples by reason",
+                                     labels=["check", "reason"])
+        for v in snap.checks:
+            up.add_metric([v.name, v.type, str(v.critical).lower()], 1.0 if v.passing else 0.0)
+            fails.add_metric([v.name], float(v.state.consecutive_fail))
+            last = v.state.last
+            obs = last.observation if last else None
+            if obs is not None:
+                if obs.value is not None:
+                    value.add_metric([v.name, "value", obs.unit], float(obs.value))
+                for series, val, unit in obs.values:
+                    value.add_metric([v.name, series, unit], float(val))
+            stats = state.stats.get(v.name)
+            if stats is not None:
+                buckets, total = _histogram(stats)
+                durations.add_metric([v.name], buckets, total)
+                for kind, n in sorted(stats.failures.items()):
+                    errors.add_metric([v.name, kind], float(n))
+        yield from (up, value, fails, durations, errors)
+        lag = HistogramMetricFamily("healthgate_check_schedule_lag_seconds",
+                                    "how late check samples started against their schedule")
+        buckets, total = _histogram(state.lag_stats)
+        lag.add_metric([], buckets, total)
+        yield lag
+
+
+def make_registry(state: AgentState, hung: Callable[[], int] = lambda: 0) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(state, hung))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,98 @@
+"""Immutable values that flow from probes to the serving paths."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Status(enum.StrEnum):
+    UNKNOWN = "unknown"  # no verdict yet: counts as failing (start down)
+    UP = "up"
+    DOWN = "down"
+
+
+class Admin(enum.StrEnum):
+    READY = "ready"
+    DRAIN = "drain"
+    MAINT = "maint"
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What a probe saw when it passed. `value` is the headline number shown in /status and metrics."""
+
+    value: float | None = None
+    unit: str = ""
+    detail: str = ""
+    values: tuple[tuple[str, float, str], ...] = ()  # extra (name, value, unit) series
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One sample of one check, as the runner saw it."""
+
+    ok: bool
+    reason: str  # "" when ok; a human-actionable sentence otherwise
+    kind: str  # bounded metric label: "ok", "timeout", "error", "invalid" or the probe's own failure kind
+    duration: float  # seconds, monotonic
+    started: float  # loop.time() when the sample started
+    finished: float  # loop.time() when the sample ended
+    wall: float  # time.time() at the end, for display only
+    observation: Observation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckState:
+    """Where one check stands after the results seen so far."""
+
+    status: Status = Status.UNKNOWN
+    consecutive_ok: int = 0
+    consecutive_fail: int = 0
+    last: Result | None = None
+    changed_at: float | None = None  # monotonic time of the last status change
+    changed_wall: float | None = None  # wall time of the same, for display
+    change_reason: str = ""
+    history: tuple[bool, ...] = ()  # most recent last, capped
+    flaps: tuple[float, ...] = ()  # monotonic times of recent up<->down changes (flap damping)
+    required_rise: int | None = None  # rise in force (raised by flap damping); None = the configured one
+
+
+@dataclass(frozen=True, slots=True)
+class CheckView:
+    """A check as the serving paths see it: its state plus whether it counts right now."""
+
+    name: str
+    type: str
+    critical: bool
+    passing: bool  # UP and fresh
+    stale: bool
+    state: CheckState
+    threshold: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    up: bool
+    reason: str  # why down ("" when up)
+    failing: tuple[str, ...] = ()  # names of critical checks holding the node down
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a request needs, swapped atomically; requests never compute or probe."""
+
+    verdict: Verdict
+    admin: Admin
+    admin_reason: str
+    checks: tuple[CheckView, ...]
+    computed_at: float  # monotonic
+    since: float  # monotonic time the served up/down last changed
+    since_wall: float
+    loop_lag: float
+    live: bool
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def serving_up(self) -> bool:
+        return self.verdict.up and self.admin is Admin.READY

@@ -1,0 +1,79 @@
+"""What every probe shares: the common check keys, the failure exception and the context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import Field, ValidationInfo, field_validator
+
+from agent.fields import Duration, Strict, format_duration
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class CheckBase(Strict):
+    """Keys every check has; each probe module subclasses it with `type` and its own keys."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="unique; letters, digits, _ . -")
+    interval: Duration = Field(default=2.0, gt=0, description="time between samples")
+    timeout: Duration = Field(default=1.0, gt=0, description="a sample taking longer fails with `timeout`")
+    fall: int = Field(default=2, ge=1, le=100, description="consecutive failures before the check is down")
+    rise: int = Field(default=2, ge=1, le=100, description="consecutive passes before it is up again")
+    critical: bool = Field(default=True, description="a non-critical check is reported but never moves the verdict")
+    jitter: float = Field(default=0.1, ge=0, le=0.5, description="random spread of the interval, as a fraction")
+    fast_interval: Duration | None = Field(
+        default=None, gt=0, description="after a first failure, re-check this soon to confirm it (HAProxy's fastinter)"
+    )
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout_below_interval(cls, v: float, info: ValidationInfo) -> float:
+        interval = info.data.get("interval")
+        if interval is not None and v >= interval:
+            raise ValueError(f"must be shorter than interval ({format_duration(interval)})")
+        return v
+
+    def threshold(self) -> str:
+        """The pass condition in words, for /status and the status page."""
+        return ""
+
+    def secrets(self) -> tuple[str, ...]:
+        """Strings that must never leave the agent (passwords, tokens)."""
+        return ()
+
+
+class CheckFailed(Exception):
+    """Raised by a probe: the check failed for a reason a human can act on.
+
+    `kind` is a short, bounded label for metrics (`refused`, `status`, `threshold`...).
+    """
+
+    def __init__(self, reason: str, kind: str = "failed", observation: Any = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+        self.observation = observation
+
+
+@dataclass
+class Context:
+    """Shared resources handed to every probe; the runner and the scheduler own their lifetime."""
+
+    proc: Path = Path("/proc")  # injectable so fixture files can drive the system probes
+    memo: dict[str, Any] = field(default_factory=dict)  # per-check memory between samples (e.g. cpu times)
+    _http: aiohttp.ClientSession | None = None
+
+    def http(self) -> aiohttp.ClientSession:
+        """One shared client session with bounded connections, created on first use."""
+        if self._http is None or self._http.closed:
+            connector = aiohttp.TCPConnector(limit=64, limit_per_host=8, force_close=True)
+            self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None

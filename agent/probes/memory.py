@@ -1,0 +1,44 @@
+"""memory: the share of memory in use (MemTotal - MemAvailable) stays under a bound."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from agent.model import Observation
+from agent.probes.base import CheckBase, CheckFailed, Context
+
+
+class Config(CheckBase):
+    type: Literal["memory"]
+    max_used_percent: float = Field(default=95.0, gt=0, le=100)
+
+    def threshold(self) -> str:
+        return f"used <= {self.max_used_percent:g}%"
+
+
+def read_meminfo(proc: Path) -> dict[str, int]:
+    """/proc/meminfo as {key: bytes}."""
+    out = {}
+    for line in (proc / "meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return out
+
+
+async def probe(cfg: Config, ctx: Context) -> Observation:
+    info = await asyncio.to_thread(read_meminfo, ctx.proc)
+    total = info["MemTotal"]
+    available = info.get("MemAvailable", info.get("MemFree", 0))
+    used = 100.0 * (total - available) / total
+    obs = Observation(value=round(used, 2), unit="percent", detail=f"{used:.1f}% used")
+    if used > cfg.max_used_percent:
+        raise CheckFailed(
+            f"memory: {used:.1f}% used > {cfg.max_used_percent:g}%", "threshold", observation=obs
+        )
+    return obs

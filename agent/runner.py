@@ -1,0 +1,78 @@
+"""run one sample of one check: the ONE place with the timeout, the timing and the exception net."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping
+from types import ModuleType
+
+from agent.model import Observation, Result
+from agent.probes import PROBES
+from agent.probes.base import CheckBase, CheckFailed, Context
+
+
+def _valid(obs: object) -> bool:
+    if not isinstance(obs, Observation):
+        return False
+    return obs.value is None or (isinstance(obs.value, int | float) and math.isfinite(obs.value))
+
+
+class Runner:
+    """Runs probes under their timeouts.
+
+    A probe that ignores cancellation is abandoned, not awaited: it stays in `hung` (so it is neither
+    garbage-collected mid-flight nor started again) and its check fails until it finally ends.
+    That bounds what a misbehaving probe can leak to one task per check.
+    """
+
+    def __init__(self, ctx: Context, probes: Mapping[str, ModuleType] = PROBES):
+        self.ctx = ctx
+        self.probes = probes  # injectable so tests can run deliberately broken probes
+        self.hung: dict[str, asyncio.Task] = {}
+
+    async def run(self, check: CheckBase) -> Result:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def result(ok: bool, reason: str, kind: str, obs: Observation | None = None) -> Result:
+            finished = loop.time()
+            return Result(ok, reason, kind, finished - started, started, finished, time.time(), obs)
+
+        previous = self.hung.get(check.name)
+        if previous is not None and not previous.done():
+            return result(False, "timeout: the previous sample is still hung", "timeout")
+
+        probe = self.probes[check.type].probe
+        task = asyncio.ensure_future(probe(check, self.ctx))
+        try:
+            await asyncio.wait((task,), timeout=check.timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            self.hung[check.name] = task
+            task.add_done_callback(lambda t, name=check.name: self._forget(name, t))
+            return result(False, f"timeout after {check.timeout * 1000:.0f} ms", "timeout")
+        if task.cancelled():
+            return result(False, "error: probe was cancelled", "error")
+        exc = task.exception()
+        if isinstance(exc, CheckFailed):
+            obs = exc.observation if _valid(exc.observation) else None
+            return result(False, exc.reason, exc.kind, obs)
+        if isinstance(exc, TimeoutError):
+            return result(False, f"timeout: {exc}" if str(exc) else "timeout", "timeout")
+        if exc is not None:
+            return result(False, f"error: {type(exc).__name__}: {exc}".rstrip(": "), "error")
+        obs = task.result()
+        if not _valid(obs):
+            return result(False, f"invalid: probe returned {type(obs).__name__}", "invalid")
+        return result(True, "", "ok", obs)
+
+    def _forget(self, name: str, task: asyncio.Task) -> None:
+        if self.hung.get(name) is task:
+            del self.hung[name]
+        if not task.cancelled():
+            task.exception()  # retrieve it so asyncio does not log "exception never retrieved"

@@ -1,0 +1,87 @@
+"""One loop per check inside a TaskGroup, on its interval with jitter, plus the heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from agent import logs
+from agent.probes.base import CheckBase
+from agent.runner import Runner
+from agent.state import AgentState
+
+BEAT = 0.1  # seconds between heartbeats; also how often staleness and loop lag are re-evaluated
+
+
+class Scheduler:
+    """Owns every check loop and the heartbeat; `run()` returns only when cancelled.
+
+    Invariant: only tasks of this scheduler write check results into the state, and each check has at
+    most one loop at a time (a reload cancels the old loop before starting the new one).
+    """
+
+    def __init__(self, state: AgentState, runner: Runner):
+        self.state = state
+        self.runner = runner
+        self.loops: dict[str, asyncio.Task] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.ready = asyncio.Event()  # set once every check has reported at least once
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self._heartbeat(), name="heartbeat")
+            for check in self.state.checks.values():
+                self._start(check)
+            if not self.state.checks:
+                self.ready.set()
+
+    def reload(self, changed: set[str]) -> None:
+        """Restart the loops of new or changed checks and stop those of removed ones."""
+        for name in list(self.loops):
+            if name in changed or name not in self.state.checks:
+                self.loops.pop(name).cancel()
+        for name in changed:
+            self._start(self.state.checks[name])
+
+    def _start(self, check: CheckBase) -> None:
+        assert self._tg is not None
+        self.loops[check.name] = self._tg.create_task(self._loop(check), name=f"check:{check.name}")
+
+    async def _loop(self, check: CheckBase) -> None:
+        loop = asyncio.get_running_loop()
+        # Spread first samples a little so many checks don't all start in the same millisecond.
+        due = loop.time() + random.uniform(0, min(check.interval, 1.0) * check.jitter)
+        while True:
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            start = loop.time()
+            try:
+                self.state.schedule_lag(max(0.0, start - due))
+                result = await self.runner.run(check)
+                self.state.record(check.name, result, loop.time())
+                if not self.ready.is_set() and all(s.last is not None for s in self.state.states.values()):
+                    self.ready.set()
+                interval = check.interval
+                if not result.ok and check.fast_interval and self.state.states[check.name].consecutive_fail < check.fall:
+                    interval = check.fast_interval  # confirm a first failure quickly (HAProxy's fastinter)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # The runner never raises; this net keeps one bug from ending the loop. The check's
+                # result then goes stale, and a stale check fails: fail closed.
+                logs.event("check_loop_error", logging.ERROR, check=check.name, error=repr(e))
+                interval = check.interval
+            due = start + interval * (1 + random.uniform(-check.jitter, check.jitter))
+            due = max(due, loop.time())
+
+    async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            now = loop.time()
+            self.state.tick(now, max(0.0, now - due))
+            due = now + BEAT
+            await asyncio.sleep(BEAT)

@@ -1,0 +1,164 @@
+"""AgentState: the one mutable object. Check states, admin state, loop health and the served snapshot."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+from agent import logs
+from agent.config import Config
+from agent.model import Admin, CheckState, Result, Snapshot, Status, Verdict
+from agent.probes.base import CheckBase
+from agent.verdict import aggregate, next_state, view
+
+# Histogram buckets for check durations, in seconds.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+JOURNAL = 50
+
+
+@dataclass
+class CheckStats:
+    """Counters for /metrics, accumulated as results arrive."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    duration_sum: float = 0.0
+    count: int = 0
+    failures: collections.Counter = field(default_factory=collections.Counter)  # kind -> n
+
+    def observe(self, result: Result) -> None:
+        self.count += 1
+        self.duration_sum += result.duration
+        for i, bound in enumerate(BUCKETS):
+            if result.duration <= bound:
+                self.buckets[i] += 1
+        if not result.ok:
+            self.failures[result.kind] += 1
+
+
+class AgentState:
+    """Written only by the event loop's own tasks (scheduler, heartbeat, signal and admin handlers).
+
+    Readers (HTTP, agent-check, metrics) take `snapshot`, an immutable value replaced whole: a request
+    never sees a half-updated state and never waits for a check.
+    """
+
+    def __init__(self, config: Config, now: float):
+        self.config = config
+        self.checks: dict[str, CheckBase] = {c.name: c for c in config.checks}
+        self.states: dict[str, CheckState] = {name: CheckState() for name in self.checks}
+        self.stats: dict[str, CheckStats] = {name: CheckStats() for name in self.checks}
+        self.lag_stats = CheckStats()  # schedule lag of every check sample
+        self.transitions: collections.Counter = collections.Counter()  # "up"/"down" -> n (served verdict)
+        self.reloads: collections.Counter = collections.Counter()  # "success"/"failure" -> n
+        self.admin = Admin.READY
+        self.admin_reason = ""
+        self.admin_until: float | None = None  # wall-clock expiry; display and persistence only
+        self.stopping = False
+        self.heartbeat = now
+        self.loop_lag = 0.0
+        self.loop_bad_until = now  # the loop must be healthy past this before the verdict can be UP
+        self.loop_reason = ""
+        self.journal: collections.deque[dict] = collections.deque(maxlen=JOURNAL)
+        self.started_wall = time.time()
+        self.snapshot = Snapshot(
+            verdict=Verdict(False, "starting"), admin=Admin.READY, admin_reason="", checks=(),
+            computed_at=now, since=now, since_wall=time.time(), loop_lag=0.0, live=True,
+        )
+        self.refresh(now)
+
+    # -- writers -------------------------------------------------------------------------------
+
+    def record(self, name: str, result: Result, now: float) -> None:
+        check = self.checks.get(name)
+        if check is None:  # removed by a reload while its sample was in flight
+            return
+        old = self.states[name]
+        new = next_state(old, result, check, self.config.policy, now, result.wall)
+        self.states[name] = new
+        self.stats[name].observe(result)
+        if new.status is not old.status:
+            self._journal("check", name, old.status.value, new.status.value, new.change_reason,
+                          critical=check.critical)
+        self.refresh(now)
+
+    def schedule_lag(self, lag: float) -> None:
+        """How late a check sample started against its plan: the agent's own health under load."""
+        self.lag_stats.count += 1
+        self.lag_stats.duration_sum += lag
+        for i, bound in enumerate(BUCKETS):
+            if lag <= bound:
+                self.lag_stats.buckets[i] += 1
+
+    def tick(self, now: float, lag: float) -> None:
+        """The heartbeat: called every beat by the scheduler with the loop lag it measured."""
+        self.heartbeat = now
+        self.loop_lag = lag
+        limit = self.config.policy.max_loop_lag
+        if lag > limit:
+            if now >= self.loop_bad_until:
+                logs.event("loop_stalled", logging.WARNING, lag_seconds=round(lag, 3), limit_seconds=limit)
+            self.loop_bad_until = now + self.config.policy.loop_recovery
+            self.loop_reason = f"event loop lag {lag * 1000:.0f} ms > {limit * 1000:.0f} ms"
+        self.refresh(now)
+
+    def set_admin(self, admin: Admin, reason: str = "", until: float | None = None) -> None:
+        if admin is self.admin and reason == self.admin_reason and until == self.admin_until:
+            return
+        self._journal("admin", "node", self.admin.value, admin.value, reason)
+        self.admin, self.admin_reason, self.admin_until = admin, reason, until
+        self.refresh(self.heartbeat if self.heartbeat > self.snapshot.computed_at else self.snapshot.computed_at)
+
+    def set_stopping(self, now: float) -> None:
+        self.stopping = True
+        self.refresh(now)
+
+    def apply_config(self, config: Config, now: float) -> set[str]:
+        """Swap in a new config; checks whose definition did not change keep their state.
+
+        Returns the names of checks that are new or changed (their loops must restart).
+        """
+        old_checks = self.checks
+        self.config = config
+        self.checks = {c.name: c for c in config.checks}
+        changed = {n for n, c in self.checks.items() if old_checks.get(n) != c}
+        self.states = {n: (CheckState() if n in changed else self.states[n]) for n in self.checks}
+        self.stats = {n: self.stats.get(n) or CheckStats() for n in self.checks}
+        logs.set_secrets(config.secrets())
+        self.refresh(now)
+        return changed
+
+    # -- the snapshot --------------------------------------------------------------------------
+
+    def loop_ok(self, now: float) -> bool:
+        return now >= self.loop_bad_until
+
+    def refresh(self, now: float) -> None:
+        policy = self.config.policy
+        views = tuple(view(self.checks[n], self.states[n], policy, now) for n in self.checks)
+        loop_ok = self.loop_ok(now)
+        verdict = aggregate(views, loop_ok=loop_ok, loop_reason=self.loop_reason, stopping=self.stopping)
+        old = self.snapshot
+        since, since_wall = old.since, old.since_wall
+        up = verdict.up and self.admin is Admin.READY
+        if up != old.serving_up or self.admin is not old.admin:
+            since, since_wall = now, time.time()
+        if verdict.up != old.verdict.up:
+            self.transitions["up" if verdict.up else "down"] += 1
+            self._journal("verdict", "node", "up" if old.verdict.up else "down",
+                          "up" if verdict.up else "down", verdict.reason or "all critical checks pass")
+        self.snapshot = Snapshot(
+            verdict=verdict, admin=self.admin, admin_reason=self.admin_reason, checks=views,
+            computed_at=now, since=since, since_wall=since_wall, loop_lag=self.loop_lag, live=loop_ok,
+        )
+
+    def _journal(self, kind: str, name: str, old: str, new: str, reason: str, **extra: object) -> None:
+        entry = {"time": time.time(), "kind": kind, "name": name, "from": old, "to": new, "reason": reason,
+                 **extra}
+        self.journal.append(entry)
+        logs.event(f"{kind}_transition", logging.INFO if new in ("up", "ready") else logging.WARNING,
+                   **{k: v for k, v in entry.items() if k != "time"})
+
+    def status_of(self, name: str) -> Status:
+        return self.states[name].status

@@ -1,0 +1,123 @@
+"""Test helpers: free ports, polling with a deadline, required binaries, a subprocess agent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_E2E = os.environ.get("HEALTHGATE_REQUIRE_E2E") == "1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def require(binary: str, package: str) -> str:
+    """The binary's path; skipped (with the Debian package to install) outside CI, a failure in CI."""
+    path = shutil.which(binary) or next(
+        (str(p) for p in (Path("/usr/sbin") / binary, Path("/usr/lib/postgresql/15/bin") / binary) if p.exists()),
+        None,
+    )
+    if path:
+        return path
+    msg = f"{binary} not found: apt-get install {package}"
+    if REQUIRE_E2E:
+        pytest.fail(msg + " (HEALTHGATE_REQUIRE_E2E=1)")
+    pytest.skip(msg)
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
+    """Poll `pred` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except Exception as e:  # a not-yet-listening server raises; keep polling
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what or pred}: last={last!r}")
+
+
+async def async_wait_for(pred: Callable[[], Awaitable[object]], timeout: float = 10.0, interval: float = 0.02,
+                         what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = await pred()
+        except Exception as e:
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        await asyncio.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what or pred}: last={last!r}")
+
+
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class AgentProcess:
+    """`healthgate run` as a real subprocess on a free loopback port."""
+
+    def __init__(self, tmp: Path, config: str, port: int | None = None, extra_env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.path = tmp / "healthgate.toml"
+        self.path.write_text(config.replace("{port}", str(self.port)))
+        self.log = tmp / "agent.log"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> AgentProcess:
+        self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(self.path)], cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        if wait:
+            wait_for(lambda: self.get("/live")[0] == 200 or self.proc.poll() is not None, what="agent /live")
+            assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def get(self, path: str, **kw) -> tuple[int, str]:
+        return http_get(self.url + path, **kw)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()

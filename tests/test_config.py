@@ -1,0 +1,129 @@
+"""Config validation: every rule has a bad file whose exact message (with its key path) is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agent.config import ConfigError, load_config, parse_config
+from agent.fields import format_duration, parse_duration
+from tests.helpers import ROOT
+
+CONFIGS = Path(__file__).parent / "configs"
+INVALID = sorted(CONFIGS.glob("invalid-*.toml"))
+
+
+def expected(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} must start with '# expect: ...'"
+    return first.removeprefix("# expect: ")
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_file_names_the_key(path: Path) -> None:
+    """Each invalid file is refused with its key path and message."""
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert any(line.startswith(expected(path)) for line in err.value.errors), err.value.errors
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_validate_cli_exits_2_with_key_path(path: Path) -> None:
+    """`healthgate validate` on a bad file exits 2 and prints the key path, never a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "agent", "validate", "-c", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 2
+    assert expected(path) in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_several_errors_one_line_each(tmp_path: Path) -> None:
+    """Every problem in a file is reported, one line each."""
+    f = tmp_path / "c.toml"
+    f.write_text('[server]\nlisten = "x:99999"\n[[checks]]\nname = "a"\ntype = "tcp"\nport = 1\n'
+                 'interval = "1s"\ntimeout = "2s"\n')
+    proc = subprocess.run([sys.executable, "-m", "agent", "validate", "-c", str(f)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("server.listen: port 99999 is out of range (0-65535)")
+    assert lines[1].endswith("checks[0].timeout: must be shorter than interval (1s)")
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "(file): no such file"),
+    ("directory", "(file): is a directory"),
+    ("binary", "(file): not UTF-8 text"),
+])
+def test_unusable_files(tmp_path: Path, problem: str, message: str) -> None:
+    """A missing file, a directory or binary junk is a config error, not a crash."""
+    path = tmp_path / "c.toml"
+    if problem == "directory":
+        path.mkdir()
+    elif problem == "binary":
+        path.write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.errors[0].startswith(message)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path: Path) -> None:
+    """An unreadable file is a config error naming the cause."""
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    path.chmod(0)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "cannot read" in err.value.errors[0]
+
+
+def test_default_config_is_valid() -> None:
+    """The shipped default config and every example validate."""
+    for path in [ROOT / "config" / "healthgate.toml", *sorted((ROOT / "config").glob("examples/*.toml"))]:
+        load_config(path)
+
+
+def test_defaults_and_durations() -> None:
+    """Durations take numbers or ms/s/m/h strings; omitted sections get defaults."""
+    cfg = parse_config({"checks": [{"name": "a", "type": "tcp", "port": 1, "interval": "1m", "timeout": 1.5}]})
+    assert cfg.checks[0].interval == 60 and cfg.checks[0].timeout == 1.5
+    assert cfg.server.listen == ("0.0.0.0", 8080)
+    assert cfg.checks[0].critical and cfg.checks[0].fall >= 1
+    assert [parse_duration(x) for x in ("250ms", "2s", "1.5m", "1h", 3)] == [0.25, 2, 90, 3600, 3]
+    assert [format_duration(x) for x in (0.25, 2, 90, 3600)] == ["250ms", "2s", "90s", "1h"]
+
+
+def test_models_are_frozen() -> None:
+    """A loaded config cannot be changed by accident."""
+    cfg = parse_config({})
+    with pytest.raises(ValidationError):
+        cfg.server.shutdown_drain = 1  # type: ignore[misc]
+
+
+def test_schema_command_prints_json_schema() -> None:
+    """`healthgate schema` prints a JSON Schema that knows every check type."""
+    proc = subprocess.run([sys.executable, "-m", "agent", "schema"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=30)
+    assert proc.returncode == 0
+    schema = json.loads(proc.stdout)
+    assert schema["title"] == "healthgate configuration"
+    text = json.dumps(schema)
+    for kind in ("tcp", "http", "memory", "disk"):
+        assert f'"const": "{kind}"' in text
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    """HEALTHGATE_CONFIG names the file when -c is not given."""
+    f = tmp_path / "c.toml"
+    f.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "agent", "validate"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HEALTHGATE_CONFIG": str(f)}, timeout=30)
+    assert proc.returncode == 0 and str(f) in proc.stdout

@@ -1,0 +1,185 @@
+"""The engine against misbehaving checks: hangs, raises, exactly-at-timeout, cancellation-deaf probes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import types
+
+import pytest
+from aiohttp import web
+
+from agent.model import Status
+from agent.probes import PROBES
+from agent.probes.base import Context
+from agent.runner import Runner
+from tests.helpers import async_wait_for
+
+
+@pytest.fixture
+async def blackhole():
+    """A TCP server that accepts connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for w in held:
+        w.close()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def upstream():
+    """An aiohttp server: /ok answers at once, /slow?s=N answers after N seconds."""
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query["s"]))
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/ok", ok)
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    await runner.cleanup()
+
+
+def raising_module() -> types.ModuleType:
+    mod = types.ModuleType("raising")
+    mod.Config = PROBES["memory"].Config
+
+    async def probe(cfg, ctx):
+        raise RuntimeError("probe exploded")
+
+    mod.probe = probe
+    return mod
+
+
+def check(name: str, **kw) -> dict:
+    return {"name": name, "interval": "300ms", "timeout": "200ms", "rise": 1, "fall": 1, **kw}
+
+
+async def test_misbehaving_checks_are_contained(start_agent, blackhole, upstream) -> None:
+    """A hung, a raising and an exactly-at-timeout check fail with their reasons; the rest is unaffected."""
+    config = {"checks": [
+        check("good", type="http", url=f"{upstream}/ok"),
+        check("hang", type="http", url=f"http://127.0.0.1:{blackhole}/", critical=False),
+        check("raise", type="memory", critical=False),
+        check("exact", type="http", url=f"{upstream}/slow?s=0.2", critical=False),
+    ]}
+    agent = await start_agent(config, probes={**PROBES, "memory": raising_module()})
+    state = agent.state
+
+    await async_wait_for(lambda: _ready(state), timeout=5, what="every check sampled twice")
+    worst = 0.0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        code, body = await agent.get("/health")
+        worst = max(worst, time.monotonic() - t0)
+        assert (code, body) == (200, "up\n")
+        await asyncio.sleep(0.01)
+    assert worst < 0.05, f"/health took {worst * 1000:.1f} ms"
+
+    states = state.states
+    assert states["good"].status is Status.UP
+    assert states["good"].consecutive_fail == 0
+    assert states["hang"].status is Status.DOWN and states["hang"].last.kind == "timeout"
+    assert states["hang"].last.reason.startswith("timeout")
+    assert states["raise"].last.kind == "error"
+    assert states["raise"].last.reason == "error: RuntimeError: probe exploded"
+    assert states["exact"].last.kind == "timeout"
+    # The hung check's samples keep their schedule: the timeout bounds each one.
+    assert states["hang"].last.duration < 0.3
+
+
+async def _ready(state) -> bool:
+    return all(s.last is not None and len(s.history) >= 2 for s in state.states.values())
+
+
+async def test_critical_hung_check_takes_node_down(start_agent, blackhole) -> None:
+    """A hung critical dependency makes the node DOWN with reason `timeout`."""
+    agent = await start_agent({"checks": [check("hang", type="http", url=f"http://127.0.0.1:{blackhole}/")]})
+    await async_wait_for(lambda: _async(agent.state.states["hang"].last is not None), timeout=5)
+    assert (await agent.get("/health"))[0] == 503
+    assert agent.state.snapshot.verdict.reason == "hang: timeout after 200 ms"
+
+
+async def _status(agent, code: int) -> bool:
+    return (await agent.get("/health"))[0] == code
+
+
+async def test_probe_that_ignores_cancellation_is_abandoned() -> None:
+    """A probe that swallows cancellation fails with `timeout` and is not started again while it hangs."""
+    release = asyncio.Event()
+    starts = 0
+
+    async def deaf(cfg, ctx):
+        nonlocal starts
+        starts += 1
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # deliberately deaf
+        raise RuntimeError("finally done")
+
+    mod = types.ModuleType("deaf")
+    mod.Config, mod.probe = PROBES["memory"].Config, deaf
+    runner = Runner(Context(), {"memory": mod})
+    cfg = PROBES["memory"].Config(name="deaf", type="memory", interval=1, timeout=0.05)
+    r1 = await runner.run(cfg)
+    assert (r1.ok, r1.kind) == (False, "timeout") and r1.duration < 0.2
+    r2 = await runner.run(cfg)
+    assert r2.kind == "timeout" and "still hung" in r2.reason
+    assert starts == 1 and len(runner.hung) == 1
+    release.set()
+    await async_wait_for(lambda: _async(not runner.hung), timeout=2)
+
+
+async def _async(v):
+    return v
+
+
+@pytest.mark.parametrize("returned, reason", [
+    (None, "invalid: probe returned NoneType"),
+    ("up", "invalid: probe returned str"),
+])
+async def test_garbage_from_a_probe_is_a_failure(returned, reason) -> None:
+    """A probe that returns something other than an Observation fails as `invalid`."""
+
+    async def garbage(cfg, ctx):
+        return returned
+
+    mod = types.ModuleType("garbage")
+    mod.Config, mod.probe = PROBES["memory"].Config, garbage
+    r = await Runner(Context(), {"memory": mod}).run(PROBES["memory"].Config(name="g", type="memory"))
+    assert (r.ok, r.kind, r.reason) == (False, "invalid", reason)
+
+
+async def test_stalled_loop_fails_closed_then_recovers(start_agent) -> None:
+    """After the loop is blocked for 2 s, /live and /health answer 503 until the loop is healthy again."""
+    agent = await start_agent({"checks": [check("mem", type="memory", max_used_percent=100)],
+                               "policy": {"max_loop_lag": "300ms", "loop_recovery": "1s"}})
+    await async_wait_for(lambda: _status(agent, 200), timeout=5, what="up")
+    assert (await agent.get("/live"))[0] == 200
+
+    time.sleep(2.0)  # noqa: ASYNC251 - the deliberate stall: blocks this event loop, which the agent runs on
+
+    assert (await agent.get("/health"))[0] == 503
+    assert (await agent.get("/live"))[0] == 503
+    assert "event loop lag" in agent.state.snapshot.verdict.reason
+    t0 = time.monotonic()
+    await async_wait_for(lambda: _status(agent, 200), timeout=5, what="recovery")
+    assert time.monotonic() - t0 >= 0.8  # held down for loop_recovery
+    assert (await agent.get("/live"))[0] == 200
