@@ -16,7 +16,7 @@ from agent.probes.base import CheckBase, CheckFailed, Context
 def _valid(obs: object) -> bool:
     if not isinstance(obs, Observation):
         return False
-    return obs.value is None or (isinstance(obs.value, int | float) and math.isfinite(obs.value))
+    return all(v is None or (isinstance(v, int | float) and math.isfinite(v)) for v in (obs.value, obs.headroom))
 
 
 class Runner:
