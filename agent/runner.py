@@ -35,10 +35,12 @@ class Runner:
     async def run(self, check: CheckBase) -> Result:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # Durations use perf_counter: uvloop's loop.time() ticks in whole milliseconds.
+        t0 = time.perf_counter()
 
         def result(ok: bool, reason: str, kind: str, obs: Observation | None = None) -> Result:
-            finished = loop.time()
-            return Result(ok, reason, kind, finished - started, started, finished, time.time(), obs)
+            duration = time.perf_counter() - t0
+            return Result(ok, reason, kind, duration, started, loop.time(), time.time(), obs)
 
         previous = self.hung.get(check.name)
         if previous is not None and not previous.done():
