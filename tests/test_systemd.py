@@ -152,7 +152,7 @@ def test_sd_notify_ready_watchdog_stopping(agent_process, notify_socket) -> None
     # An HTTP dependency that accepts and never answers: the first verdict takes the check's timeout.
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
+    silent.listen(64)  # never accepted: each sample waits in the backlog until its timeout
     try:
         agent = agent_process(AGENT % silent.getsockname()[1],
                               extra_env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
