@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import urllib.parse
 from pathlib import Path
 
@@ -111,37 +109,6 @@ def test_promtool_test_rules() -> None:
               for t in g["alert_rule_test"]}
     assert tested == {"HealthgateNodeDown", "HealthgateFlapping", "HealthgateCheckFailing",
                       "HealthgateAgentStalled", "HealthgateAgentDown", "HealthgateAgentAbsent"}
-
-
-class Dependency:
-    """A TCP server a check depends on: accepts and closes every connection until `close()`."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(2)
-
-
-@pytest.fixture
-def dependency():
-    dep = Dependency()
-    yield dep
-    if dep.thread.is_alive():
-        dep.close()
 
 
 def test_promtool_check_metrics_on_live_output(agent_process, dependency) -> None:
