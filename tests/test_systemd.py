@@ -163,8 +163,8 @@ def test_sd_notify_ready_watchdog_stopping(agent_process, notify_socket) -> None
         assert agent.get("/status")[1].count('"time"') == 1
         wait_for(lambda: len(listener.times("WATCHDOG=1")) >= 4, timeout=5, what="watchdog pings")
         pings = listener.times("WATCHDOG=1")
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
-        assert all(0.1 <= g <= 1.0 for g in gaps[-3:]), gaps
+        gaps = sorted(b - a for a, b in zip(pings, pings[1:], strict=False))
+        assert 0.15 <= gaps[len(gaps) // 2] <= 0.5, gaps  # every 200 ms, on 100 ms heartbeats
 
         agent.signal(signal.SIGSTOP)
         stopped = time.monotonic()
@@ -173,7 +173,8 @@ def test_sd_notify_ready_watchdog_stopping(agent_process, notify_socket) -> None
         resumed = time.monotonic()
         wait_for(lambda: any(t > resumed for t in listener.times("WATCHDOG=1")), timeout=5,
                  what="pings resume after loop_recovery")
-        assert not [t for t in listener.times("WATCHDOG=1") if stopped + 0.1 < t < resumed]
+        # (a margin for pings sent just before SIGSTOP and read late by this busy test process)
+        assert not [t for t in listener.times("WATCHDOG=1") if stopped + 0.5 < t < resumed]
         first_after = min(t for t in listener.times("WATCHDOG=1") if t > resumed)
         assert first_after - resumed >= 0.8, "a stalled loop must not ping until it has recovered"
 
