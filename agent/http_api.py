@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import socket
 import time
 from dataclasses import replace
@@ -123,8 +124,9 @@ def verbose_lines(snap: Snapshot, fresh: bool, excluded: frozenset[str], reasons
         admin = f"{snap.admin.value}: {snap.admin_reason}" if snap.admin_reason else snap.admin.value
         lines.append(f"[-]agent:admin failed: {failed(admin)}")
     unknown = sorted(excluded - {v.name for v in snap.checks})
-    if unknown:
-        lines.append(f"warn: some health checks cannot be excluded: no matches for {', '.join(unknown)}")
+    if unknown:  # quoted: a name from the query string must not be able to forge a line
+        names = ", ".join(json.dumps(n) for n in unknown)
+        lines.append(f"warn: some health checks cannot be excluded: no matches for {names}")
     return lines
 
 
@@ -146,7 +148,7 @@ async def one_check(request: web.Request) -> web.Response:
     name = request.match_info["check"]
     v = next((v for v in snap.checks if v.name == name), None)
     if v is None:
-        return web.Response(status=404, text=f"unknown check: {name}\n", headers=NO_STORE)
+        return web.Response(status=404, text=f"unknown check: {json.dumps(name)}\n", headers=NO_STORE)
     if fresh and v.passing:
         return web.Response(text="up\n", headers=NO_STORE)
     text = "down\n"
@@ -224,8 +226,6 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2) + "\n"
 
 

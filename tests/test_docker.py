@@ -1,5 +1,4 @@
-"""deploy/docker/Dockerfile without a Docker engine: parsed, checked against the README, and the agent run
-on a read-only root filesystem as the image would run it."""
+"""deploy/docker/Dockerfile without a Docker engine: parsed, matched to the README, run on a read-only root."""
 
 from __future__ import annotations
 

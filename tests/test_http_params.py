@@ -100,7 +100,7 @@ async def test_exclude_never_lifts_the_agents_own_reasons(agent) -> None:
     assert code == 503
     assert "[-]agent:admin failed: drain: deploy" in body.splitlines()
     assert body.endswith("healthz check failed\n")
-    assert "no matches for agent:admin" in body
+    assert 'no matches for "agent:admin"' in body
     agent.state.set_admin(Admin.READY)
     assert (await agent.get(f"/health?{both}"))[0] == 200
     loop_time = agent.state.snapshot.computed_at
@@ -110,10 +110,12 @@ async def test_exclude_never_lifts_the_agents_own_reasons(agent) -> None:
 
 
 async def test_unknown_exclusion_warns_and_changes_nothing(agent) -> None:
-    """Excluding a check that does not exist is reported in the verbose output and moves nothing."""
-    code, body = await agent.get("/health?verbose&exclude=nosuch&exclude=")
+    """Excluding a check that does not exist is reported, quoted, in the verbose output and moves nothing."""
+    code, body = await agent.get("/health?verbose&exclude=nosuch&exclude=&exclude=x%0Ahealthz+check+passed")
     assert code == 503
-    assert "warn: some health checks cannot be excluded: no matches for nosuch" in body.splitlines()
+    assert body.splitlines()[-2:] == [
+        'warn: some health checks cannot be excluded: no matches for "nosuch", "x\\nhealthz check passed"',
+        "healthz check failed"]
 
 
 async def test_one_check_endpoint(agent) -> None:
@@ -121,7 +123,7 @@ async def test_one_check_endpoint(agent) -> None:
     assert await agent.get("/health/api") == (200, "up\n")
     assert await agent.get("/ready/db") == (503, "down: db: switched off\n")
     assert await agent.get("/health/extra") == (503, "down: extra: switched off\n")
-    assert await agent.get("/health/nosuch") == (404, "unknown check: nosuch\n")
+    assert await agent.get("/health/nosuch") == (404, 'unknown check: "nosuch"\n')
     async with agent.session.head(agent.url + "/health/api") as resp:
         assert resp.status == 200
     agent.passing["db"] = True

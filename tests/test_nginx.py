@@ -1,5 +1,4 @@
-"""deploy/nginx: the node-local proxy with the real nginx, and the NGINX Plus example checked as far as
-open-source nginx can."""
+"""deploy/nginx: the node-local proxy with the real nginx; the NGINX Plus example as far as nginx can."""
 
 from __future__ import annotations
 
