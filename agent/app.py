@@ -16,6 +16,7 @@ from agent.metrics import make_registry
 from agent.probes.base import Context
 from agent.runner import Runner
 from agent.scheduler import Scheduler
+from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
 
 
@@ -40,7 +41,8 @@ def read_tokens(config: Config) -> dict[str, str | None]:
 class Agent:
     """One running agent. `start()` brings it up in order; `stop()` takes it down in reverse."""
 
-    def __init__(self, config: Config, config_path: str | None = None, runner: Runner | None = None):
+    def __init__(self, config: Config, config_path: str | None = None, runner: Runner | None = None,
+                 notifier: Notifier | None = None):
         self.config = config
         self.config_path = config_path
         self.tokens = read_tokens(config)
@@ -52,12 +54,14 @@ class Agent:
         self._web: web.AppRunner | None = None
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
+        self.systemd = ServiceManager(notifier or Notifier(None))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.state = AgentState(self.config, loop.time())
         logs.set_secrets(self.config.secrets())
         self.scheduler = Scheduler(self.state, self.runner)
+        self.scheduler.on_beat = self._beat
         self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         try:
             registry = make_registry(self.state, lambda: len(self.runner.hung))
@@ -73,6 +77,10 @@ class Agent:
             await self.stop()
             raise
         logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks))
+
+    def _beat(self, now: float) -> None:
+        assert self.state is not None and self.scheduler is not None
+        self.systemd.beat(now, self.state.snapshot, self.scheduler.ready.is_set())
 
     def reload(self) -> bool:
         """Re-read the config file. A bad file changes nothing: the old config keeps serving."""
@@ -124,6 +132,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         self.state.set_stopping(loop.time())
         drain = self.config.server.shutdown_drain
+        self.systemd.stopping(drain)
         logs.event("draining", seconds=drain)
         if drain:
             await asyncio.sleep(drain)
@@ -142,4 +151,5 @@ class Agent:
                 logs.event("scheduler_failed", logging.ERROR, error=repr(e))
             self._sched_task = None
         await self.ctx.close()
+        self.systemd.close()
         logs.event("stopped")

@@ -84,9 +84,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _use_loop(args.loop)
 
     from agent.app import Agent
+    from agent.sdnotify import Notifier
+
+    notifier = Notifier.from_env()  # under systemd: READY/WATCHDOG/STOPPING; otherwise a no-op
 
     async def main() -> None:
-        agent = Agent(cfg, path)
+        agent = Agent(cfg, path, notifier=notifier)
         await agent.start()
         await agent.serve()
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +16,7 @@ from aiohttp import web
 from agent import __version__
 from agent.model import Admin, CheckView, Snapshot
 from agent.state import AgentState
-from agent.verdict import why
+from agent.verdict import aggregate, why
 
 STATE = web.AppKey("state", AgentState)
 REGISTRY = web.AppKey("registry", object)
@@ -48,6 +50,8 @@ def health_status(state: AgentState, snap: Snapshot, fresh: bool) -> int:
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     snap, fresh = current(state)
+    if request.query_string:  # ?verbose, ?exclude=: off the hot path, still no probing
+        return health_detail(request, state, snap, fresh)
     code = health_status(state, snap, fresh)
     return web.Response(status=code, text="up\n" if code == 200 else "down\n", headers=NO_STORE)
 
@@ -79,6 +83,78 @@ def authorized(request: web.Request, token: str | None) -> bool:
         return False
     got = request.headers.get("Authorization", "")
     return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), token.encode())
+
+
+def excluding(snap: Snapshot, excluded: frozenset[str]) -> Snapshot:
+    """The snapshot as if the excluded checks did not count: the verdict re-aggregated from the check views.
+
+    aggregate() names failing checks only when the loop is healthy and the agent is not stopping, so a
+    verdict without failing checks is down for the agent's own reasons, which no exclusion can lift.
+    """
+    if not excluded or snap.verdict.up or not snap.verdict.failing:
+        return snap
+    return replace(snap, verdict=aggregate(v for v in snap.checks if v.name not in excluded))
+
+
+def verbose_lines(snap: Snapshot, fresh: bool, excluded: frozenset[str], reasons: bool) -> list[str]:
+    """One line per check as kube-apiserver's /readyz?verbose, then the agent's own conditions."""
+
+    def failed(text: str) -> str:
+        return text if reasons else "reason withheld"
+
+    lines = []
+    for v in snap.checks:
+        if v.name in excluded:
+            lines.append(f"[+]{v.name} excluded: ok")
+        elif v.passing:
+            lines.append(f"[+]{v.name} ok")
+        else:
+            note = "" if v.critical else " (not critical)"
+            lines.append(f"[-]{v.name} failed{note}: {failed(why(v))}")
+    # Names with ':' cannot clash with a check's name, and cannot be excluded.
+    if not fresh:
+        lines.append(f"[-]agent:serving failed: {failed('agent stalled: no fresh verdict')}")
+    elif not snap.verdict.up and not snap.verdict.failing:
+        lines.append(f"[-]agent:serving failed: {failed(snap.verdict.reason)}")
+    else:
+        lines.append("[+]agent:serving ok")
+    if snap.admin is Admin.READY:
+        lines.append("[+]agent:admin ok")
+    else:
+        admin = f"{snap.admin.value}: {snap.admin_reason}" if snap.admin_reason else snap.admin.value
+        lines.append(f"[-]agent:admin failed: {failed(admin)}")
+    unknown = sorted(excluded - {v.name for v in snap.checks})
+    if unknown:  # quoted: a name from the query string must not be able to forge a line
+        names = ", ".join(json.dumps(n) for n in unknown)
+        lines.append(f"warn: some health checks cannot be excluded: no matches for {names}")
+    return lines
+
+
+def health_detail(request: web.Request, state: AgentState, snap: Snapshot, fresh: bool) -> web.Response:
+    excluded = frozenset(name for name in request.query.getall("exclude", ()) if name)
+    code = health_status(state, excluding(snap, excluded), fresh)
+    if "verbose" not in request.query:
+        return web.Response(status=code, text="up\n" if code == 200 else "down\n", headers=NO_STORE)
+    reasons = authorized(request, request.app[TOKENS].get("status"))
+    lines = verbose_lines(snap, fresh, excluded, reasons)
+    lines.append("healthz check passed" if code == 200 else "healthz check failed")
+    return web.Response(status=code, text="\n".join(lines) + "\n", headers=NO_STORE)
+
+
+async def one_check(request: web.Request) -> web.Response:
+    """/health/<check>: one check's own state, whatever the others and the admin state say."""
+    state = request.app[STATE]
+    snap, fresh = current(state)
+    name = request.match_info["check"]
+    v = next((v for v in snap.checks if v.name == name), None)
+    if v is None:
+        return web.Response(status=404, text=f"unknown check: {json.dumps(name)}\n", headers=NO_STORE)
+    if fresh and v.passing:
+        return web.Response(text="up\n", headers=NO_STORE)
+    text = "down\n"
+    if authorized(request, request.app[TOKENS].get("status")):
+        text = f"down: {why(v) if fresh else 'agent stalled: no fresh verdict'}\n"
+    return web.Response(status=503, text=text, headers=NO_STORE)
 
 
 def check_entry(v: CheckView) -> dict[str, Any]:
@@ -168,8 +244,6 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2) + "\n"
 
 
@@ -195,6 +269,7 @@ def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] 
     app[TOKENS] = tokens or {}
     for path in ("/health", "/ready"):
         app.router.add_get(path, health)  # add_get also answers HEAD
+        app.router.add_get(path + "/{check}", one_check)
     app.router.add_get("/live", live)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)

@@ -13,7 +13,7 @@ import pytest
 from agent.app import Agent
 from agent.config import parse_config
 from agent.runner import Runner
-from tests.helpers import AgentProcess
+from tests.helpers import AgentProcess, Dependency
 
 
 class RunningAgent:
@@ -69,3 +69,12 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     yield start
     for p in procs:
         p.stop()
+
+
+@pytest.fixture
+def dependency() -> Iterator[Dependency]:
+    """A TCP server for a check to depend on; `dependency.close()` makes the check fail."""
+    dep = Dependency()
+    yield dep
+    if dep.thread.is_alive():
+        dep.close()
