@@ -58,6 +58,63 @@ Duration = Annotated[
 ]
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGTP]i?)?B?\s*$")
+_SIZE_UNIT = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5,
+              "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a string such as "512MiB", "512Mi", "1.5GB", "10G" (G = 10^9, Gi = 2^30)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a size such as 512MiB or 2GB, not a boolean")
+    if isinstance(value, int | float):
+        size = float(value)
+    elif isinstance(value, str):
+        m = _SIZE.match(value)
+        if not m or m.group(2) == "ki":
+            raise ValueError(f"{value!r} is not a size: use a number of bytes or 512MiB, 2GiB, 500MB, 1GB")
+        size = float(m.group(1)) * _SIZE_UNIT[m.group(2)]
+    else:
+        raise ValueError("must be a size such as 512MiB or 2GB")
+    if not math.isfinite(size) or size < 0:
+        raise ValueError("must be a non-negative size")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    exact = []
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB", "PB", "TB", "GB", "MB", "kB"):
+        scale = _SIZE_UNIT[unit.removesuffix("B")]
+        if size >= scale and size % scale == 0:
+            exact.append(f"{size // scale}{unit}")
+    return min(exact, key=len, default=str(size))
+
+
+def human_size(size: float) -> str:
+    """A size for people: 1.5 GiB, 12 MiB, 512 B."""
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
+        scale = _SIZE_UNIT[unit[:2]]
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    PlainSerializer(format_size, return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": _SIZE.pattern},
+            ],
+            "description": "bytes, or a string with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)",
+        }
+    ),
+]
+
+
 def parse_listen(value: Any) -> tuple[str, int]:
     """("host", port) from "host:port", "[::1]:port" or ":port" (all interfaces)."""
     if isinstance(value, tuple | list) and len(value) == 2:

@@ -44,6 +44,11 @@ class CheckBase(Strict):
         """Strings that must never leave the agent (passwords, tokens)."""
         return ()
 
+    def preflight(self, proc: Path = Path("/proc")) -> tuple[str, ...]:
+        """Problems this host shows with the check (no PSI, a missing command): warnings, not config errors,
+        since a config is often validated on another machine than the one that runs it."""
+        return ()
+
 
 class CheckFailed(Exception):
     """Raised by a probe: the check failed for a reason a human can act on.

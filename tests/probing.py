@@ -1,0 +1,33 @@
+"""Run one sample of one check the way the agent does, for probe tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from agent.config import parse_config
+from agent.model import Result
+from agent.probes.base import CheckBase, Context
+from agent.runner import Runner
+
+PROC = Path(__file__).parent / "data" / "proc"  # recorded /proc trees, one per scenario
+
+
+def check(**keys: Any) -> CheckBase:
+    """One validated check from its keys (name defaults to the type)."""
+    keys.setdefault("name", keys["type"])
+    keys.setdefault("interval", 5)
+    keys.setdefault("timeout", 2)
+    return parse_config({"checks": [keys]}).checks[0]
+
+
+async def sample(cfg: CheckBase, ctx: Context | None = None) -> Result:
+    """One sample through the runner: its timeout, its exception net, its Result."""
+    return await Runner(ctx or Context()).run(cfg)
+
+
+def proc_copy(scenario: str, dest: Path) -> Path:
+    """A writable copy of a recorded /proc tree, for tests that add to it or swap its files."""
+    shutil.copytree(PROC / scenario, dest, dirs_exist_ok=True)
+    return dest
