@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from agent.config import parse_config
 from agent.model import Result
 from agent.probes.base import CheckBase, Context
 from agent.runner import Runner
+from tests.helpers import ROOT
 
 PROC = Path(__file__).parent / "data" / "proc"  # recorded /proc trees, one per scenario
 
@@ -31,3 +34,9 @@ def proc_copy(scenario: str, dest: Path) -> Path:
     """A writable copy of a recorded /proc tree, for tests that add to it or swap its files."""
     shutil.copytree(PROC / scenario, dest, dirs_exist_ok=True)
     return dest
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`healthgate ARGS...` as a subprocess from the project root, text output captured."""
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=30)

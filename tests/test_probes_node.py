@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from agent.probes.base import Context
+from tests.helpers import async_wait_for
 from tests.probing import PROC, check, proc_copy, sample
 
 IDLE, BUSY = PROC / "idle", PROC / "busy"
@@ -197,3 +199,25 @@ async def test_cpu_window_averages_over_older_samples(tmp_path: Path) -> None:
     r1 = await sample(cfg, ctx)
     r2 = await sample(cfg, ctx)  # no new jiffies, but the window still reaches back to the idle reading
     assert r1.observation.value == r2.observation.value == 92.0
+
+
+async def test_values_reach_status_and_metrics(start_agent) -> None:
+    """A running agent shows each node check's value and unit in /status and as healthgate_check_value."""
+    config = {"checks": [
+        {"name": "load", "type": "load", "max_per_cpu": 1000, "interval": "200ms", "timeout": "100ms", "rise": 1},
+        {"name": "swap", "type": "swap", "max_used_percent": 100, "interval": "200ms", "timeout": "100ms", "rise": 1},
+    ]}
+    agent = await start_agent(config)
+
+    async def sampled() -> bool:
+        return all(s.last is not None and s.last.ok for s in agent.state.states.values())
+
+    await async_wait_for(sampled, timeout=5, what="both checks sampled")
+    _, body = await agent.get("/status")
+    load = json.loads(body)["checks"]["load:load"][0]
+    assert load["observedUnit"] == "per_cpu" and load["observedValue"] >= 0
+    assert load["threshold"] == "load1 per CPU <= 1000"
+    _, metrics = await agent.get("/metrics")
+    assert 'healthgate_check_value{check="load",series="value",unit="per_cpu"}' in metrics
+    assert 'healthgate_check_value{check="load",series="cpus",unit=""}' in metrics
+    assert 'healthgate_check_value{check="swap",series="value",unit="percent"}' in metrics

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from agent.fields import AbsolutePath
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import blocking
@@ -36,8 +37,15 @@ class Config(CheckBase):
     env: dict[str, str] = Field(default_factory=dict, description="variables set for the command (secrets)")
     pass_env: list[str] = Field(default_factory=lambda: ["PATH", "LANG", "TZ"],
                                 description="variables copied from the agent's environment when set there")
-    cwd: str = Field(default="/", description="working directory")
+    cwd: AbsolutePath = Field(default="/", description="working directory")
     user: str | None = Field(default=None, min_length=1, description="run as this user (the agent must be root)")
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _argv(cls, v: object) -> object:
+        if isinstance(v, str):
+            raise ValueError('must be a list (argv), never a shell command line: ["/usr/bin/check", "-w", "10"]')
+        return v
 
     @field_validator("command")
     @classmethod
@@ -52,13 +60,6 @@ class Config(CheckBase):
         for name in v:
             if not ENV_NAME.match(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
-        return v
-
-    @field_validator("cwd")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError(f"{v!r} must be an absolute path")
         return v
 
     def threshold(self) -> str:

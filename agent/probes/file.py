@@ -8,9 +8,9 @@ import stat
 import time
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from agent.fields import Duration, format_duration
+from agent.fields import AbsolutePath, Duration, Regex, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import blocking
@@ -20,27 +20,10 @@ MAX_READ = 64 * 1024  # bytes of the file that `contains` and `matches` look at
 
 class Config(CheckBase):
     type: Literal["file"]
-    path: str = Field(min_length=1, description="absolute path of the file")
+    path: AbsolutePath = Field(description="absolute path of the file")
     max_age: Duration | None = Field(default=None, gt=0, description="modified longer ago than this fails")
     contains: str | None = Field(default=None, min_length=1, description="the file must contain this text")
-    matches: str | None = Field(default=None, min_length=1, description="the file must match this regex")
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError(f"{v!r} must be an absolute path")
-        return v
-
-    @field_validator("matches")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a regular expression: {e}") from None
-        return v
+    matches: Regex | None = Field(default=None, description="the file must match this regex")
 
     def threshold(self) -> str:
         parts = ["exists"]

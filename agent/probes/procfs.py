@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
+from agent.fields import AbsolutePath, Regex
 from agent.probes.base import CheckFailed
 
 COMM_LEN = 15  # the kernel truncates /proc/PID/comm to TASK_COMM_LEN - 1 characters
@@ -43,35 +44,20 @@ def read_cpu(proc: Path) -> tuple[CpuTimes, int]:
 class ProcessSelector(BaseModel):
     """Keys that pick processes; every key given must match (pidfile AND process_name AND cmdline)."""
 
-    pidfile: str | None = Field(default=None, min_length=1, description="file holding the process's pid")
+    pidfile: AbsolutePath | None = Field(default=None, description="file holding the process's pid")
     process_name: str | None = Field(default=None, min_length=1, description="exact process name (/proc/PID/comm)")
-    cmdline: str | None = Field(default=None, min_length=1, description="regular expression searched in the "
-                                "command line, arguments joined by spaces (pgrep -f)")
-
-    @field_validator("pidfile")
-    @classmethod
-    def _absolute(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("/"):
-            raise ValueError(f"{v!r} must be an absolute path")
-        return v
-
-    @field_validator("cmdline")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a regular expression: {e}") from None
-        return v
+    cmdline: Regex | None = Field(default=None, description="regular expression searched in the command line, "
+                                  "arguments joined by spaces (pgrep -f)")
 
     def selects(self) -> bool:
         return any((self.pidfile, self.process_name, self.cmdline))
 
     def describe(self) -> str:
-        parts = [f"pidfile {self.pidfile}" if self.pidfile else "", self.process_name or "",
-                 f"/{self.cmdline}/" if self.cmdline else ""]
-        return " ".join(p for p in parts if p)
+        """How reasons name the process: `app`, `/java .*-jar/`, `pidfile /run/x.pid`, `app (pidfile /run/x.pid)`."""
+        named = " ".join(p for p in (self.process_name, f"/{self.cmdline}/" if self.cmdline else None) if p)
+        if not self.pidfile:
+            return named
+        return f"{named} (pidfile {self.pidfile})" if named else f"pidfile {self.pidfile}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +88,12 @@ def _pid_from_file(path: str) -> int:
     try:
         text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
-        raise CheckFailed(f"pidfile {path} does not exist (not started, or exited cleanly)", "not_running") from None
+        raise CheckFailed("pidfile does not exist (not started, or exited cleanly)", "not_running") from None
     except OSError as e:
-        raise CheckFailed(f"pidfile {path}: {e.strerror}", "error") from None
+        raise CheckFailed(f"pidfile: {e.strerror}", "error") from None
     first = text.strip().split("\n", 1)[0].strip()
     if not first.isdigit() or int(first) <= 0:
-        raise CheckFailed(f"pidfile {path} holds no pid ({first[:20]!r})", "error")
+        raise CheckFailed(f"pidfile holds no pid ({first[:20]!r})", "error")
     return int(first)
 
 
@@ -115,28 +101,40 @@ def _name_matches(comm: str, name: str) -> bool:
     return comm == name or (len(name) > COMM_LEN and comm == name[:COMM_LEN])
 
 
+def _matches(base: Path, sel: ProcessSelector, pattern: re.Pattern[str] | None) -> bool:
+    if sel.process_name:
+        comm = (base / "comm").read_text(errors="replace").rstrip("\n")
+        if not _name_matches(comm, sel.process_name):
+            return False
+    if pattern is not None:
+        args = (base / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ")
+        if not pattern.search(args.decode(errors="replace")):
+            return False
+    return True
+
+
 def find_processes(proc: Path, sel: ProcessSelector) -> list[ProcInfo]:
     """Every process the selector matches; blocking (reads /proc/PID/*), so call it off the loop."""
-    if sel.pidfile:
-        pids = [_pid_from_file(sel.pidfile)]
-    else:
-        pids = [int(d) for d in os.listdir(proc) if d.isdigit()]
     pattern = re.compile(sel.cmdline) if sel.cmdline else None
+    if sel.pidfile:
+        pid = _pid_from_file(sel.pidfile)
+        try:
+            matched = _matches(proc / str(pid), sel, pattern)
+            info = read_status(proc, pid)
+        except (FileNotFoundError, ProcessLookupError):
+            info = None
+        if info is None:
+            raise CheckFailed(f"pid {pid} from the pidfile is not running (stale pidfile)", "not_running")
+        if not matched:
+            raise CheckFailed(f"pid {pid} from the pidfile is another program (pid reused after a crash?)",
+                              "not_running")
+        return [info]
     me = os.getpid()  # like pgrep, never match the agent itself
     out = []
-    for pid in sorted(pids):
-        if pid == me and not sel.pidfile:
-            continue
-        base = proc / str(pid)
+    for pid in sorted(int(d) for d in os.listdir(proc) if d.isdigit()):
         try:
-            if sel.process_name:
-                comm = (base / "comm").read_text(errors="replace").rstrip("\n")
-                if not _name_matches(comm, sel.process_name):
-                    continue
-            if pattern is not None:
-                args = (base / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ")
-                if not pattern.search(args.decode(errors="replace")):
-                    continue
+            if pid == me or not _matches(proc / str(pid), sel, pattern):
+                continue
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited while we looked
         info = read_status(proc, pid)
