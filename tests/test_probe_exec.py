@@ -138,3 +138,25 @@ def test_validate_warns_about_what_this_host_lacks(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert (f"{f}: warning: checks[0] (plugin): command: '/opt/healthgate-no-such/check' is not an executable "
             "on this host's PATH") in proc.stderr
+
+
+def test_group_kill_under_uvloop(tmp_path: Path) -> None:
+    """Under uvloop (the agent's loop when installed) the timeout also kills the whole group."""
+    uvloop = pytest.importorskip("uvloop")
+    grandchild = tmp_path / "grandchild.pid"
+    cfg = check(**sh(f"sleep 300 & echo $! > {grandchild}; echo 'OK'; wait"), timeout=0.3, interval=1)
+
+    async def main() -> None:
+        runner = Runner(Context())
+        r = await runner.run(cfg)
+        assert (r.ok, r.kind) == (False, "timeout")
+        pid = int(grandchild.read_text())
+
+        async def gone() -> bool:
+            return not runner.hung and not alive(pid)
+
+        await async_wait_for(gone, timeout=5, what=f"grandchild {pid} to be killed")
+        ok = await runner.run(check(**sh("echo 'OK - fine'")))
+        assert ok.ok and ok.observation.detail == "OK - fine"
+
+    uvloop.run(main())

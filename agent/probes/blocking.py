@@ -26,8 +26,8 @@ async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *
     previous = ctx.memo.get(slot)
     if previous is not None and not previous[0].is_set():
         stuck = time.monotonic() - previous[1]
-        raise CheckFailed(f"{label}: still blocked in the kernel from a sample {stuck:.0f}s ago "
-                          "(hung mount or stuck process?)", "hung")
+        raise CheckFailed(f"{label}: the read started {stuck:.0f}s ago is still blocked "
+                          "(hung mount, stuck process or name service?)", "hung")
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
