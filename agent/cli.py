@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -44,11 +45,18 @@ def load_or_report(path: str) -> Config | None:
         return None
 
 
+def preflight(cfg: Config) -> list[str]:
+    """What this host will refuse (no PSI, a missing command): warnings, since the config itself is valid."""
+    return [f"checks[{i}] ({c.name}): {w}" for i, c in enumerate(cfg.checks) for w in c.preflight()]
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     path = config_path(args)
     cfg = load_or_report(path)
     if cfg is None:
         return EXIT_CONFIG
+    for line in preflight(cfg):
+        print(f"{path}: warning: {line}", file=sys.stderr)
     print(f"{path}: ok, {len(cfg.checks)} check(s)")
     return EXIT_OK
 
@@ -81,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               "or set allow_root = true in [agent]", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.agent.log_level, cfg.secrets())
+    for line in preflight(cfg):
+        logs.event("config_warning", logging.WARNING, warning=line)
     _use_loop(args.loop)
 
     from agent.app import Agent
