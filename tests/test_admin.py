@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -203,8 +202,9 @@ def test_maintenance_survives_restart(agent_process, tmp_path: Path) -> None:
     second = agent_process(AGENT % (503, state_dir), port=first.port)
     s = status(second)
     assert (s["admin"], s["adminReason"]) == ("maint", "disk swap")
-    time.sleep(0.5)  # well past rise: the checks pass, and maintenance still holds
-    assert second.get("/health")[0] == 503
+    wait_for(lambda: json.loads(second.get("/status")[1])["checks"]["mem:memory"][0]["status"] == "pass",
+             what="the check passes")
+    assert second.get("/health")[0] == 503  # and maintenance still holds
     assert run_cli("ready", "-c", str(second.path)).returncode == 0
     assert second.get("/health")[0] == 200
 

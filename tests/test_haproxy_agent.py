@@ -171,3 +171,43 @@ async def test_silent_client_is_closed_and_cap_holds(start_agent, monkeypatch) -
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_weight_ramps_after_recovery_then_follows_load(tmp_path) -> None:
+    """A running agent's weight starts at the floor when the node comes up, ramps to the load headroom over
+    slow_start, then follows the load its own task samples from /proc."""
+    from agent.app import Agent
+    from agent.config import parse_config
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "stat").write_text("cpu  1 0 1 8 0 0 0 0 0 0\n" + "".join(f"cpu{i} 1 0 1 8 0\n" for i in range(4)))
+    (proc / "loadavg").write_text("1.00 1.00 1.00 1/100 4242\n")  # 4 CPUs, load 1: 75% headroom
+    (proc / "meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: 500 kB\n")  # for the memory check
+    agent = Agent(parse_config({
+        "server": {"listen": "127.0.0.1:0"}, "agent": {"state_dir": str(tmp_path / "state")},
+        "agent_check": {"listen": "127.0.0.1:0", "weight_source": "load", "weight_smoothing": 0,
+                        "slow_start": "1500ms", "weight_floor": 10},
+        "checks": [MEM]}))
+    agent.ctx.proc = proc
+    await agent.start()
+    try:
+        port = agent.agent_check_address[1]
+        first = await async_wait_for(lambda: _up(ask(port)), what="up")
+        assert 10 <= first <= 40, first  # at most a heartbeat or two into the ramp
+        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=5, what="ramped to 75%")
+        (proc / "loadavg").write_text("3.00 1.00 1.00 1/100 4242\n")  # 25% headroom
+        await async_wait_for(lambda: _weight_is(ask(port), 25), timeout=5, what="follows the load")
+        (proc / "loadavg").write_text("40.00 1.00 1.00 1/100 4242\n")  # overloaded: the floor, not 0
+        await async_wait_for(lambda: _weight_is(ask(port), 10), timeout=5, what="the floor")
+    finally:
+        await agent.stop()
+
+
+async def _up(coro) -> int | None:
+    m = re.fullmatch(rb"up ready (\d+)%\n", await coro)
+    return int(m.group(1)) if m else None
+
+
+async def _weight_is(coro, weight: int) -> bool:
+    return await _up(coro) == weight
