@@ -14,6 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
+from agent.admin import AdminWatcher, AdminWriteError, make_record, write_record
+from agent.fields import parse_duration
 from agent.model import Admin, CheckView, Snapshot
 from agent.state import AgentState
 from agent.verdict import aggregate, why
@@ -21,6 +23,7 @@ from agent.verdict import aggregate, why
 STATE = web.AppKey("state", AgentState)
 REGISTRY = web.AppKey("registry", object)
 TOKENS = web.AppKey("tokens", dict)
+ADMIN = web.AppKey("admin", AdminWatcher)
 
 NO_STORE = {"Cache-Control": "no-store"}
 HEALTH_JSON = "application/health+json"
@@ -77,12 +80,15 @@ def _loopback(request: web.Request) -> bool:
 
 def authorized(request: web.Request, token: str | None) -> bool:
     """Loopback clients, or a bearer token compared in constant time."""
-    if _loopback(request):
-        return True
-    if not token:
-        return False
+    return _loopback(request) or bearer(request, token) is True
+
+
+def bearer(request: web.Request, token: str | None) -> bool | None:
+    """True for the right bearer token (compared in constant time), False for a wrong one, None for none."""
     got = request.headers.get("Authorization", "")
-    return got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), token.encode())
+    if not token or got[:7].lower() != "bearer ":  # the scheme is case-insensitive (RFC 9110)
+        return None
+    return hmac.compare_digest(got[7:].strip().encode(), token.encode())
 
 
 def excluding(snap: Snapshot, excluded: frozenset[str]) -> Snapshot:
@@ -255,6 +261,57 @@ async def metrics(request: web.Request) -> web.Response:
                                             **NO_STORE})
 
 
+ADMIN_ACTIONS = {"drain": Admin.DRAIN, "maint": Admin.MAINT, "ready": Admin.READY}
+ADMIN_WRITE_TIMEOUT = 5.0
+
+
+async def admin_action(request: web.Request) -> web.Response:
+    """POST /admin/{drain,maint,ready}?for=10m&reason=...: the CLI's drain/maint/ready over HTTP.
+
+    Without an admin token configured these paths do not exist (404), for every method and client,
+    loopback included: nothing changes state over HTTP unless an operator opted in.
+    """
+    token = request.app[TOKENS].get("admin")
+    admin = ADMIN_ACTIONS.get(request.match_info["action"])
+    if not token or admin is None:
+        raise web.HTTPNotFound()
+    if request.method != "POST":
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+    ok = bearer(request, token)
+    if ok is None:
+        return web.json_response({"error": "a bearer token is required"}, status=401, headers={
+            "WWW-Authenticate": 'Bearer realm="healthgate"', **NO_STORE})
+    if not ok:
+        return web.json_response({"error": "wrong token"}, status=403, headers=NO_STORE)
+    unknown = sorted(set(request.query) - {"for", "reason"})
+    if unknown:
+        return web.json_response({"error": f"unknown parameter(s): {', '.join(unknown)}"}, status=400)
+    duration = None
+    if "for" in request.query:
+        try:
+            duration = parse_duration(request.query["for"])
+        except ValueError as e:
+            return web.json_response({"error": f"for: {e}"}, status=400)
+        if admin is Admin.READY or duration <= 0:
+            return web.json_response({"error": "for: must be a positive duration, with drain or maint"},
+                                     status=400)
+    reason = request.query.get("reason", "")
+    state = request.app[STATE]
+    record = make_record(admin, reason, duration, source="http")
+    try:
+        async with asyncio.timeout(ADMIN_WRITE_TIMEOUT):  # a hung state directory must not hang the request
+            path = await asyncio.to_thread(write_record, state.config.agent.state_dir, record)
+    except AdminWriteError as e:
+        return web.json_response({"error": str(e)}, status=500, headers=NO_STORE)
+    except TimeoutError:
+        return web.json_response({"error": f"the state directory did not answer within {ADMIN_WRITE_TIMEOUT:g}s; "
+                                           "the change may still apply"},
+                                 status=503, headers=NO_STORE)
+    await request.app[ADMIN].sync()
+    return web.json_response({"admin": record.admin.value, "reason": record.reason,
+                              "until": iso(record.until), "stateFile": str(path)}, headers=NO_STORE)
+
+
 @web.middleware
 async def refuse_bodies(request: web.Request, handler):
     if request.body_exists:
@@ -262,9 +319,11 @@ async def refuse_bodies(request: web.Request, handler):
     return await handler(request)
 
 
-def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] | None = None) -> web.Application:
+def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] | None = None,
+             admin: AdminWatcher | None = None) -> web.Application:
     app = web.Application(middlewares=[refuse_bodies], client_max_size=0)
     app[STATE] = state
+    app[ADMIN] = admin or AdminWatcher(state)
     app[REGISTRY] = registry
     app[TOKENS] = tokens or {}
     for path in ("/health", "/ready"):
@@ -276,4 +335,5 @@ def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] 
     from agent.statuspage import add_routes
 
     add_routes(app)
+    app.router.add_route("*", "/admin/{action}", admin_action)
     return app

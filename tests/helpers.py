@@ -90,7 +90,10 @@ class AgentProcess:
         self.path = tmp / "healthgate.toml"
         self.path.write_text(config.replace("{port}", str(self.port)))
         self.log = tmp / "agent.log"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        # The default state directory follows XDG_STATE_HOME: keep it inside the test's own directory.
+        inherited = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(tmp / "xdg-state"),
+                    **(extra_env or {})}
         self.proc: subprocess.Popen | None = None
 
     @property
