@@ -30,10 +30,17 @@ async def _health(agent: Any, code: int) -> bool:
     return (await agent.get("/health"))[0] == code
 
 
+def drill(*checks: dict[str, Any]) -> dict[str, Any]:
+    """An agent config for outage drills: flap damping off, so repeated drills don't hold a check down."""
+    return {"checks": list(checks), "policy": {"flap_threshold": 0}}
+
+
 async def wait_up(agent: Any, timeout: float = RECOVERY_DEADLINE) -> float:
     t0 = time.monotonic()
-    await async_wait_for(lambda: _health(agent, 200), timeout=timeout,
-                         what=f"UP (verdict: {agent.state.snapshot.verdict.reason!r})")
+    deadline = t0 + timeout
+    while not await _health(agent, 200):
+        assert time.monotonic() < deadline, f"not UP after {timeout} s: {agent.state.snapshot.verdict.reason}"
+        await asyncio.sleep(0.02)
     return time.monotonic() - t0
 
 

@@ -255,6 +255,14 @@ class HttpServer:
 
     def close(self) -> None:
         self.stop()
+
+        async def cancel_rest() -> None:  # handlers still sleeping for a slow answer
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        self._call(cancel_rest())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()

@@ -10,7 +10,7 @@ from agent.probes import PROBES
 from agent.probes.base import Context
 from agent.runner import Runner
 from tests.helpers import free_port
-from tests.outage import fast_check, outage
+from tests.outage import drill, fast_check, outage
 
 
 async def sample(**keys):
@@ -27,7 +27,7 @@ async def test_ipv4_listener_stopped_takes_node_down_and_back(start_agent) -> No
     port = free_port()
     servers = [await asyncio.start_server(_accept, "127.0.0.1", port, reuse_address=True)]
     check = fast_check("db-port", type="tcp", host="127.0.0.1", port=port)
-    agent = await start_agent({"checks": [check]})
+    agent = await start_agent(drill(check))
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -76,7 +76,7 @@ async def test_banner_check_catches_a_hung_server(start_agent, redis_factory) ->
     """send/expect against redis-server passes; a frozen server (SIGSTOP: the port still accepts) is DOWN."""
     redis = redis_factory()
     check = fast_check("redis-banner", type="tcp", port=redis.port, send="PING\r\n", expect="+PONG")
-    agent = await start_agent({"checks": [check]})
+    agent = await start_agent(drill(check))
     await outage(agent, check, lambda: redis.proc.send_signal(signal.SIGSTOP),
                  lambda: redis.proc.send_signal(signal.SIGCONT), "timeout after 150 ms")
 
