@@ -531,6 +531,7 @@ def postgres_server(certs: Certs) -> Iterator[PostgresServer]:
 
 @pytest.fixture
 def dns_server(tmp_path: Path) -> Iterator[DnsServer]:
-    server = DnsServer(tmp_path / "dns", "127.0.0.2 app.test\n127.0.0.3 app.test\n::2 app.test\n").start()
+    hosts = "127.0.0.2 app.test\n127.0.0.3 app.test\n::2 app.test\n127.0.0.4 v4only.test\n"
+    server = DnsServer(tmp_path / "dns", hosts).start()
     yield server
     server.stop()
