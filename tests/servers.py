@@ -289,7 +289,8 @@ class RedisServer:
     def config(self, **extra: str) -> str:
         lines = {"bind": "127.0.0.1", "save": '""', "appendonly": "no", "dir": str(self.dir),
                  "dbfilename": "dump.rdb", "logfile": str(self.log), "enable-debug-command": "yes",
-                 "unixsocket": str(self.dir / "redis.sock"), "unixsocketperm": "700"}
+                 "unixsocket": str(self.dir / "redis.sock"), "unixsocketperm": "700",
+                 "repl-diskless-sync-delay": "0"}
         if self.tls is not None:
             cert, key = self.tls.issue("127.0.0.1", "localhost")
             lines.update({"port": "0", "tls-port": str(self.port), "tls-cert-file": cert, "tls-key-file": key,
