@@ -421,9 +421,10 @@ class PostgresServer:
             self.sql(f"SET password_encryption = '{encryption}'; "
                      f"CREATE ROLE {user} LOGIN PASSWORD '{PG_PASSWORD}'")
 
-    def standby(self) -> PostgresServer:
-        """A streaming standby of this server (pg_basebackup -R), started."""
+    def standby(self, port: int | None = None) -> PostgresServer:
+        """A streaming standby of this server (pg_basebackup -R), started; on `port` if given."""
         replica = PostgresServer(self.certs, base=str(self.root.parent))
+        replica.port = port or replica.port
         self._run(_pg_bin("pg_basebackup"), "-h", self.socket_dir, "-p", str(self.port), "-U", "postgres",
                   "-D", str(replica.data), "-R", "-X", "stream", "-c", "fast", "-N")
         return replica.start()
@@ -526,6 +527,14 @@ def postgres_server(certs: Certs) -> Iterator[PostgresServer]:
     """One PostgreSQL primary for the session, with TLS and a user per password auth method."""
     server = PostgresServer(certs).init().start()
     server.create_users()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_standby(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
+    """A streaming standby of the session's primary, for this test alone."""
+    server = postgres_server.standby()
     yield server
     server.cleanup()
 
