@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
+from agent.logs import mask
 from agent.model import Admin, CheckView, Snapshot
 from agent.state import AgentState
 from agent.verdict import why
@@ -145,8 +146,9 @@ async def status(request: web.Request) -> web.Response:
     snap, fresh = current(state)
     detailed = authorized(request, request.app[TOKENS].get("status"))
     body = status_body(state, snap, fresh, detailed)
+    secrets = state.config.secrets()  # results are masked already; this also covers thresholds and journals
     return web.json_response(body, status=200 if body["status"] == "pass" else 503, content_type=HEALTH_JSON,
-                             headers=NO_STORE, dumps=_dumps)
+                             headers=NO_STORE, dumps=lambda obj: mask(_dumps(obj), secrets))
 
 
 def _dumps(obj: Any) -> str:
