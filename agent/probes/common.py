@@ -62,6 +62,9 @@ def unique(secrets: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
 
 
+TLS_KEYS = ("tls_verify", "ca_file", "cert_file", "key_file")
+
+
 class TLSOptions(Strict):
     """Client-side TLS keys shared by the probes that speak TLS."""
 
@@ -73,9 +76,9 @@ class TLSOptions(Strict):
     @model_validator(mode="after")
     def _tls_keys_consistent(self) -> TLSOptions:
         if self.key_file and not self.cert_file:
-            raise ValueError("key_file needs cert_file")
+            raise ValueError("key_file: needs cert_file")
         if self.ca_file and not self.tls_verify:
-            raise ValueError("ca_file is unused when tls_verify = false: remove one of them")
+            raise ValueError("ca_file: unused when tls_verify = false; remove one of them")
         return self
 
     def tls_files(self) -> tuple[str, ...]:

@@ -70,7 +70,7 @@ class Config(CheckBase):
         version = 4 if self.record_type == "A" else 6
         wrong = [a for a in self.expect_addresses if ipaddress.ip_address(a).version != version]
         if wrong:
-            raise ValueError(f"expect_addresses {', '.join(wrong)} cannot answer a {self.record_type} query")
+            raise ValueError(f"expect_addresses: {', '.join(wrong)} cannot answer an {self.record_type} query")
         return self
 
     def threshold(self) -> str:

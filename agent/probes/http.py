@@ -15,7 +15,7 @@ from pydantic import AnyHttpUrl, Field, PrivateAttr, ValidationInfo, field_valid
 from agent.fields import Duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.common import TLSOptions, client_context, header_secrets, unique, url_secrets
+from agent.probes.common import TLS_KEYS, TLSOptions, client_context, header_secrets, unique, url_secrets
 
 _RANGE = re.compile(r"^([1-5])xx$|^(\d{3})\s*-\s*(\d{3})$")
 
@@ -92,10 +92,10 @@ class Config(TLSOptions, CheckBase):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.method == "HEAD" and (self.body_contains or self.body_regex):
-            raise ValueError("body_contains/body_regex need a method that returns a body, not HEAD")
-        if self.url.scheme == "http" and ("tls_verify" in self.model_fields_set or self.tls_files()
-                                          or self.server_name):
-            raise ValueError("TLS keys (tls_verify, ca_file, cert_file, key_file, server_name) need an https url")
+            raise ValueError("method: HEAD returns no body for body_contains/body_regex to match")
+        tls_keys = [k for k in (*TLS_KEYS, "server_name") if k in self.model_fields_set]
+        if self.url.scheme == "http" and tls_keys:
+            raise ValueError(f"{tls_keys[0]}: needs an https url")
         return self
 
     def model_post_init(self, _context: object) -> None:

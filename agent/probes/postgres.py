@@ -53,16 +53,16 @@ class Config(CheckBase):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.dsn is not None and DISCRETE & self.model_fields_set:
-            raise ValueError("set either dsn or host/port/user/password/database, not both")
+            raise ValueError("dsn: set either dsn or host/port/user/password/database, not both")
         verify = self.sslmode in ("verify-ca", "verify-full")
         if self.ca_file and not verify:
-            raise ValueError("ca_file needs sslmode = verify-ca or verify-full")
+            raise ValueError("ca_file: needs sslmode = verify-ca or verify-full")
         if self.cert_file and self.sslmode not in ("require", "verify-ca", "verify-full"):
-            raise ValueError("cert_file needs sslmode = require, verify-ca or verify-full")
+            raise ValueError("cert_file: needs sslmode = require, verify-ca or verify-full")
         if self.key_file and not self.cert_file:
-            raise ValueError("key_file needs cert_file")
+            raise ValueError("key_file: needs cert_file")
         if self.max_replication_lag is not None and self.role == "primary":
-            raise ValueError("max_replication_lag applies to a standby: set role = standby or leave role unset")
+            raise ValueError("max_replication_lag: applies to a standby; set role = standby or leave role unset")
         return self
 
     @property

@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.common import TLSOptions, address, secret_forms, unique
+from agent.probes.common import TLS_KEYS, TLSOptions, address, secret_forms, unique
 
 ROLES = {"master": "master", "replica": "slave"}  # our word -> INFO replication's
 # No CLIENT SETINFO on connect (a round trip per sample for nothing); redis-py 8 renamed the switch.
@@ -41,12 +41,12 @@ class Config(TLSOptions, CheckBase):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.path is not None and ({"host", "port"} & self.model_fields_set or self.tls):
-            raise ValueError("set either host/port (optionally with tls) or path (a unix socket), not both")
-        tls_keys = ("tls_verify" in self.model_fields_set) or bool(self.tls_files())
+            raise ValueError("path: set either host/port (optionally with tls) or path (a unix socket), not both")
+        tls_keys = [k for k in TLS_KEYS if k in self.model_fields_set]
         if tls_keys and not self.tls:
-            raise ValueError("TLS keys (tls_verify, ca_file, cert_file, key_file) need tls = true")
+            raise ValueError(f"{tls_keys[0]}: needs tls = true")
         if self.username and not self.password:
-            raise ValueError("username needs password")
+            raise ValueError("username: needs password")
         return self
 
     @property

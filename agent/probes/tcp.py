@@ -26,11 +26,11 @@ class Config(CheckBase):
     @model_validator(mode="after")
     def _one_target(self) -> Config:
         if self.path is None and self.port is None:
-            raise ValueError("set port (with host) or path (a unix socket)")
+            raise ValueError("needs port (with host) or path (a unix socket)")
         if self.path is not None and (self.port is not None or "host" in self.model_fields_set):
-            raise ValueError("set either host/port or path (a unix socket), not both")
+            raise ValueError("path: set either host/port or path (a unix socket), not both")
         if self.send is not None and self.expect is None:
-            raise ValueError("send needs expect: what the answer must contain")
+            raise ValueError("send: needs expect, the text the answer must contain")
         return self
 
     @property
