@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import types
@@ -22,7 +23,7 @@ REDIS_PASS = "Red1s-pa55 word"
 REDIS_WRONG = "Red1s-wr0ng"
 PG_WRONG = "Pg-wr0ng/@:%"
 
-CONFIG = """
+BASE = """
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_drain = 0
@@ -31,62 +32,17 @@ allow_root = true
 log_level = "debug"
 [policy]
 flap_threshold = 0
-
-[[checks]]
-name = "api-ok"
-type = "http"
-url = "http://probe:%(http_pass)s@127.0.0.1:%(http_port)d/auth?token=%(query_token)s"
-interval = "200ms"
-timeout = "150ms"
-
-[[checks]]
-name = "api-wrong-password"
-type = "http"
-url = "http://probe:%(http_wrong)s@127.0.0.1:%(http_port)d/auth"
-interval = "200ms"
-timeout = "150ms"
-
-[[checks]]
-name = "api-bearer"
-type = "http"
-url = "http://127.0.0.1:%(http_port)d/auth"
-headers = { Authorization = "Bearer %(token)s" }
-interval = "200ms"
-timeout = "150ms"
-
-[[checks]]
-name = "cache-ok"
-type = "redis"
-port = %(redis_port)d
-password = "%(redis_pass)s"
-interval = "200ms"
-timeout = "150ms"
-
-[[checks]]
-name = "cache-wrong-password"
-type = "redis"
-port = %(redis_port)d
-password = "%(redis_wrong)s"
-interval = "200ms"
-timeout = "150ms"
-
-[[checks]]
-name = "db-ok"
-type = "postgres"
-port = %(pg_port)d
-user = "scram_user"
-password = "%(pg_pass)s"
-database = "postgres"
-interval = "500ms"
-timeout = "400ms"
-
-[[checks]]
-name = "db-wrong-dsn"
-type = "postgres"
-dsn = "postgresql://scram_user:%(pg_wrong_q)s@127.0.0.1:%(pg_port)d/postgres"
-interval = "500ms"
-timeout = "400ms"
 """
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)  # a JSON string or number is a TOML one
+
+
+def checks_toml(*checks: dict) -> str:
+    return "".join("\n[[checks]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in c.items()) for c in checks)
 
 
 def forms(secret: str) -> set[str]:
@@ -103,12 +59,21 @@ def test_no_secret_in_any_output(agent_process, http_server, redis_factory, post
     /status, /metrics, the log, or `healthgate check`'s table."""
     http_server.auth = "Basic " + base64.b64encode(f"probe:{HTTP_PASS}".encode()).decode()
     redis = redis_factory(password=REDIS_PASS)
-    config = CONFIG % {
-        "http_port": http_server.port, "http_pass": quote(HTTP_PASS, safe=""), "http_wrong": HTTP_WRONG,
-        "query_token": QUERY_TOKEN, "token": TOKEN, "redis_port": redis.port, "redis_pass": REDIS_PASS,
-        "redis_wrong": REDIS_WRONG, "pg_port": postgres_server.port, "pg_pass": PG_PASSWORD,
-        "pg_wrong_q": quote(PG_WRONG, safe=""),
-    }
+    web, fast, slow = f"127.0.0.1:{http_server.port}", {"interval": "200ms", "timeout": "150ms"}, \
+        {"interval": "500ms", "timeout": "400ms"}
+    config = BASE + checks_toml(
+        {"name": "api-ok", "type": "http", **fast,
+         "url": f"http://probe:{quote(HTTP_PASS, safe='')}@{web}/auth?token={QUERY_TOKEN}"},
+        {"name": "api-wrong-password", "type": "http", "url": f"http://probe:{HTTP_WRONG}@{web}/auth", **fast},
+        {"name": "api-bearer", "type": "http", "url": f"http://{web}/auth", **fast,
+         "headers": {"Authorization": f"Bearer {TOKEN}"}},
+        {"name": "cache-ok", "type": "redis", "port": redis.port, "password": REDIS_PASS, **fast},
+        {"name": "cache-wrong-password", "type": "redis", "port": redis.port, "password": REDIS_WRONG, **fast},
+        {"name": "db-ok", "type": "postgres", "port": postgres_server.port, "user": "scram_user",
+         "password": PG_PASSWORD, "database": "postgres", **slow},
+        {"name": "db-wrong-dsn", "type": "postgres", **slow,
+         "dsn": f"postgresql://scram_user:{quote(PG_WRONG, safe='')}@127.0.0.1:{postgres_server.port}/postgres"},
+    )
     secrets = [HTTP_PASS, HTTP_WRONG, TOKEN, QUERY_TOKEN, REDIS_PASS, REDIS_WRONG, PG_PASSWORD, PG_WRONG,
                http_server.auth.split()[1]]
     agent = agent_process(config)

@@ -107,28 +107,31 @@ async def _connect(cfg: Config, ctx: Context) -> asyncpg.Connection:
     return await asyncpg.connect(cfg.dsn, **kw, statement_cache_size=0, server_settings=settings)
 
 
+# Server errors worth their own words and metric kind; the first matching class wins.
+SERVER_ERRORS: tuple[tuple[type[BaseException], str, str], ...] = (
+    (asyncpg.InvalidPasswordError, "authentication failed", "auth"),
+    (asyncpg.InvalidAuthorizationSpecificationError, "authentication failed", "auth"),
+    (asyncpg.TooManyConnectionsError, "no connection slot left", "capacity"),
+    (asyncpg.CannotConnectNowError, "not accepting connections", "unavailable"),
+    (asyncpg.QueryCanceledError, "query cancelled", "timeout"),
+)
+
+
 def _failure(cfg: Config, e: BaseException) -> CheckFailed:
     where = f"postgres {cfg.target}"
-    if isinstance(e, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
-        return CheckFailed(f"{where}: authentication failed: {e}", "auth")
-    if isinstance(e, asyncpg.TooManyConnectionsError):
-        return CheckFailed(f"{where}: no connection slot left: {e}", "capacity")
-    if isinstance(e, asyncpg.CannotConnectNowError):
-        return CheckFailed(f"{where}: not accepting connections: {e}", "unavailable")
-    if isinstance(e, asyncpg.QueryCanceledError):
-        return CheckFailed(f"{where}: query cancelled: {e}", "timeout")
+    for cls, words, kind in SERVER_ERRORS:
+        if isinstance(e, cls):
+            return CheckFailed(f"{where}: {words}: {e}", kind)
     if isinstance(e, asyncpg.PostgresError):
         return CheckFailed(f"{where}: {type(e).__name__}: {e}", "query")
     if isinstance(e, ssl.SSLCertVerificationError):
         return CheckFailed(f"{where}: TLS certificate not accepted: {e.verify_message}", "tls")
-    if isinstance(e, ssl.SSLError):
-        return CheckFailed(f"{where}: TLS handshake failed: {e.reason or e}", "tls")
+    if isinstance(e, ssl.SSLError) or "SSL" in str(e):  # asyncpg: "rejected SSL upgrade" when TLS is off
+        return CheckFailed(f"{where}: TLS handshake failed: {getattr(e, 'reason', None) or e}", "tls")
     if isinstance(e, ConnectionRefusedError):
         return CheckFailed(f"{where}: connection refused", "refused")
     if isinstance(e, FileNotFoundError):
         return CheckFailed(f"{where}: no server socket in {cfg.host}", "refused")
-    if "SSL" in str(e):  # asyncpg: "rejected SSL upgrade" when the server has TLS off
-        return CheckFailed(f"{where}: {e}", "tls")
     if isinstance(e, OSError):
         return CheckFailed(f"{where}: {e.strerror or e}", "unreachable")
     return CheckFailed(f"{where}: {type(e).__name__}: {e}", "error")
