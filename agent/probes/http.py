@@ -93,6 +93,8 @@ class Config(TLSOptions, CheckBase):
     def _consistent(self) -> Config:
         if self.method == "HEAD" and (self.body_contains or self.body_regex):
             raise ValueError("method: HEAD returns no body for body_contains/body_regex to match")
+        if self.url.username and any(h.lower() == "authorization" for h in self.headers):
+            raise ValueError("headers: an Authorization header and credentials in the url: use one of them")
         tls_keys = [k for k in (*TLS_KEYS, "server_name") if k in self.model_fields_set]
         if self.url.scheme == "http" and tls_keys:
             raise ValueError(f"{tls_keys[0]}: needs an https url")
