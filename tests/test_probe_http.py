@@ -144,3 +144,18 @@ async def test_expired_certificate_takes_node_down_and_back(start_agent, certs, 
         return do
 
     await outage(agent, check, swap(expired), swap(good), "certificate has expired")
+
+
+async def test_runaway_regex_neither_stalls_the_loop_nor_piles_threads(ctx, http_server) -> None:
+    """A body_regex that backtracks for seconds fails each sample on time: the loop keeps running (the match
+    lets go of the GIL) and one check never holds more than one thread."""
+    import threading
+
+    http_server.body = "a" * 40 + "!"  # (a|aa)+$ backtracks for minutes on this
+    keys = {"url": f"{http_server.url}/", "body_regex": r"(a|aa)+$", "timeout": "200ms"}
+    threads = threading.active_count()
+    for _ in range(4):
+        r = await sample(ctx, **keys)
+        assert (r.ok, r.kind) == (False, "timeout"), r
+        assert r.duration < 0.35, r  # the runner got control back on time: the loop was not blocked
+        assert threading.active_count() <= threads + 1

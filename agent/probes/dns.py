@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.common import address
+from agent.probes.common import address, one_thread
 
 FAMILY = {"A": socket.AF_INET, "AAAA": socket.AF_INET6}
 
@@ -80,11 +80,11 @@ class Config(CheckBase):
         return out + (f" via {self.server}" if self.server else "")
 
 
-async def _system(cfg: Config) -> list[str]:
-    loop = asyncio.get_running_loop()
+async def _system(cfg: Config, ctx: Context) -> list[str]:
+    busy = f"dns {cfg.query_name}: the previous lookup is still waiting for the system resolver"
     try:
-        infos = await loop.getaddrinfo(cfg.query_name, None, family=FAMILY[cfg.record_type],
-                                       type=socket.SOCK_STREAM)
+        infos = await one_thread(ctx, ("dns-lookup", cfg.name), busy, socket.getaddrinfo, cfg.query_name, None,
+                                 FAMILY[cfg.record_type], socket.SOCK_STREAM)
     except socket.gaierror as e:
         kind = "nxdomain" if e.errno == socket.EAI_NONAME else "error"
         raise CheckFailed(f"dns {cfg.query_name}: {e.strerror}", kind) from None
@@ -119,7 +119,7 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     if cfg.server is None:
-        answers = await _system(cfg)
+        answers = await _system(cfg, ctx)
     else:
         answers = await _server(cfg, *parse_server(cfg.server))
     elapsed = loop.time() - t0

@@ -10,12 +10,21 @@ import ssl
 from typing import Literal
 
 import aiohttp
+import regex
 from pydantic import AnyHttpUrl, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from agent.fields import Duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.common import TLS_KEYS, TLSOptions, client_context, header_secrets, unique, url_secrets
+from agent.probes.common import (
+    TLS_KEYS,
+    TLSOptions,
+    client_context,
+    header_secrets,
+    one_thread,
+    unique,
+    url_secrets,
+)
 
 _RANGE = re.compile(r"^([1-5])xx$|^(\d{3})\s*-\s*(\d{3})$")
 
@@ -61,7 +70,7 @@ class Config(TLSOptions, CheckBase):
     server_name: str | None = Field(default=None, min_length=1, description="TLS SNI and name to verify")
 
     _ranges: tuple[tuple[int, int], ...] = PrivateAttr(default=())
-    _regex: re.Pattern[str] | None = PrivateAttr(default=None)
+    _regex: regex.Pattern[str] | None = PrivateAttr(default=None)
 
     @field_validator("expect_status")
     @classmethod
@@ -75,8 +84,8 @@ class Config(TLSOptions, CheckBase):
     def _regex_compiles(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                re.compile(v)
-            except re.error as e:
+                regex.compile(v)
+            except regex.error as e:
                 raise ValueError(f"not a valid regular expression: {e}") from None
         return v
 
@@ -102,7 +111,7 @@ class Config(TLSOptions, CheckBase):
 
     def model_post_init(self, _context: object) -> None:
         self._ranges = tuple(parse_status(s) for s in self.expect_status)
-        self._regex = re.compile(self.body_regex) if self.body_regex else None
+        self._regex = regex.compile(self.body_regex) if self.body_regex else None
 
     def threshold(self) -> str:
         out = f"status in {format_ranges(self._ranges)}"
@@ -131,6 +140,13 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> str:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks).decode(resp.charset or "utf-8", errors="replace")
+
+
+def _search(pattern: regex.Pattern[str], text: str, limit: float) -> bool:
+    """In a worker thread. A user's pattern can backtrack for ages: the regex module lets go of the GIL
+    while matching (concurrent) so the event loop keeps running, and gives up after `limit` seconds so
+    an abandoned match does not burn a core."""
+    return pattern.search(text, concurrent=True, timeout=limit) is not None
 
 
 def _connect_failure(e: aiohttp.ClientConnectorError) -> CheckFailed:
@@ -190,8 +206,13 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     if cfg.body_contains is not None and cfg.body_contains not in text:
         raise CheckFailed(f"http: {status} but the body lacks {cfg.body_contains!r}", "body", observation=obs)
     if cfg._regex is not None:
-        # A user's regex can backtrack for a long time: run it off the event loop, under the runner's timeout.
-        if not await asyncio.to_thread(cfg._regex.search, text):
+        busy = f"http: {status} but the previous body_regex match is still running"
+        try:
+            found = await one_thread(ctx, ("http-regex", cfg.name), busy, _search, cfg._regex, text, cfg.timeout)
+        except TimeoutError:
+            raise CheckFailed(f"http: {status} but body_regex backtracked past the timeout", "timeout",
+                              observation=obs) from None
+        if not found:
             raise CheckFailed(f"http: {status} but the body does not match /{cfg.body_regex}/", "body",
                               observation=obs)
     return obs
