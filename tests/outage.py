@@ -62,4 +62,6 @@ async def outage(agent: Any, check: dict[str, Any], breaks: Callable[[], Any], r
     assert down <= bound, f"DOWN after {down:.2f} s > {bound:.2f} s ({verdict})"
     await asyncio.to_thread(repairs)
     up = await wait_up(agent)
+    print(f"outage {check['name']} ({reason}): DOWN after {down:.2f} s (bound {bound:.2f} s), UP {up:.2f} s "
+          "after the repair")  # shown with pytest -s: the numbers behind the bound
     return down, up

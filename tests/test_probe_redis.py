@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 from agent.probes import PROBES
@@ -52,6 +53,12 @@ async def test_replica_needs_its_master_link(redis_factory) -> None:
     assert f"link to its master 127.0.0.1:{primary.port} is down" in r.reason
 
 
+def loading(redis) -> str:
+    """INFO persistence's loading field (not async_loading's)."""
+    m = re.search(r"^loading:(\d)", redis.cli("INFO", "persistence"), re.M)
+    return m.group(1) if m else ""
+
+
 async def test_loading_dataset_is_down(start_agent, redis_factory) -> None:
     """A restarted redis still loading its dataset (loading:1) keeps the node DOWN until the load completes."""
     redis = redis_factory()
@@ -63,10 +70,10 @@ async def test_loading_dataset_is_down(start_agent, redis_factory) -> None:
     def restart_slowly() -> None:  # ~1.5 s of loading, answering clients meanwhile
         redis.stop()
         redis.start(wait=False, **{"key-load-delay": "100", "loading-process-events-interval-bytes": "1024"})
-        wait_for(lambda: "loading:1" in redis.cli("INFO", "persistence"), what="loading")
+        wait_for(lambda: loading(redis) == "1", what="loading")
 
     def loaded() -> None:
-        wait_for(lambda: "loading:0" in redis.cli("INFO", "persistence"), timeout=30, what="loaded")
+        wait_for(lambda: loading(redis) == "0", timeout=30, what="loaded")
 
     await outage(agent, check, restart_slowly, loaded, "loading the dataset into memory")
 
