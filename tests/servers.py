@@ -459,11 +459,11 @@ class DnsServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> DnsServer:
-        user = pwd.getpwuid(os.geteuid()).pw_name
         cmd = [self.binary, "--keep-in-foreground", "--conf-file=/dev/null", f"--port={self.port}",
                "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
-               f"--addn-hosts={self.hosts}", "--local=/test/", f"--user={user}", "--pid-file",
-               f"--log-facility={self.log}"]
+               f"--addn-hosts={self.hosts}", "--local=/test/", "--pid-file", f"--log-facility={self.log}"]
+        if os.geteuid() == 0:
+            cmd.append("--user=root")  # stay able to re-read the hosts file, which lives in a private tmp dir
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is not None or self._answers(), timeout=10, what="dnsmasq")
         assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else "dnsmasq exited"
