@@ -182,7 +182,7 @@ class TLSServer(_ThreadServer):
 
 class HttpServer:
     """aiohttp on a loopback port. Knobs: `status`, `delay` (seconds), `body`; `/redirect`, `/endless`,
-    `/auth` (needs `Authorization: <auth>`) besides `/`. stop() closes the port; start() reopens it."""
+    `/auth` (401 unless the Authorization header is one of `auth`) besides `/`. stop() closes the port; start() reopens it."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
         self.host = host
@@ -191,7 +191,7 @@ class HttpServer:
         self.status = 200
         self.delay = 0.0
         self.body = "ok"
-        self.auth = ""
+        self.auth: set[str] = set()
         self.seen_headers: list[dict[str, str]] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="HttpServer")
@@ -223,7 +223,7 @@ class HttpServer:
             return resp
 
         async def auth(request: web.Request) -> web.StreamResponse:
-            if request.headers.get("Authorization") != self.auth:
+            if request.headers.get("Authorization") not in self.auth:
                 return web.Response(status=401, text="unauthorized")
             return web.Response(text="ok")
 
