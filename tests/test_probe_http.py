@@ -153,6 +153,6 @@ async def test_runaway_regex_neither_stalls_the_loop_nor_piles_threads(ctx, http
     threads = threading.active_count()
     for _ in range(4):
         r = await sample(ctx, **keys)
-        assert (r.ok, r.kind) == (False, "timeout"), r
+        assert not r.ok and r.kind in ("timeout", "hung"), r  # hung: the previous match still runs
         assert r.duration < 0.35, r  # the runner got control back on time: the loop was not blocked
         assert threading.active_count() <= threads + 1

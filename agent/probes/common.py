@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import ssl
@@ -14,6 +13,7 @@ from pydantic import Field, model_validator
 
 from agent.fields import Strict
 from agent.probes.base import CheckFailed, Context
+from agent.probes.blocking import blocking
 
 # Header and query-parameter names whose values are credentials: masked as *** wherever they could show.
 SENSITIVE_NAME = re.compile(r"auth|cookie|token|secret|passw|api[-_]?key|session|signature|credential", re.I)
@@ -85,21 +85,6 @@ class TLSOptions(Strict):
         return tuple(f for f in (self.ca_file, self.cert_file, self.key_file) if f)
 
 
-async def one_thread(ctx: Context, key: tuple[Any, ...], busy: str, func: Any, *args: Any) -> Any:
-    """func(*args) in a worker thread, at most one at a time per key.
-
-    The runner can abandon the await, never the thread: a resolver or regex stuck for minutes keeps
-    its worker. Starting another each sample would drain the shared thread pool that every other
-    check's blocking calls need, so while the last call still runs this fails at once with `busy`.
-    """
-    pending = ctx.memo.get(key)
-    if pending is not None and not pending.done():
-        raise CheckFailed(busy, "timeout")
-    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
-    ctx.memo[key] = future
-    return await asyncio.shield(future)  # a cancelled sample leaves the future pending: the guard holds
-
-
 def _mtimes(files: tuple[str, ...]) -> tuple[float, ...]:
     out = []
     for f in files:
@@ -145,5 +130,5 @@ async def client_context(opts: TLSOptions, name: str, ctx: Context, check_hostna
     Built in a thread: loading the system CA bundle and key files is file I/O. Rotated certificates
     (cert-manager, Vault agent) are picked up on the next sample, without a reload.
     """
-    return await one_thread(ctx, ("tls-load", name), f"tls: still loading the certificate files of {name}",
-                            _cached, opts, name, ctx.memo, check_hostname)
+    return await blocking(ctx, f"{name}/tls-load", "tls", _cached, opts, name, ctx.memo, check_hostname,
+                          busy=f"tls: still loading the certificate files of {name}")

@@ -15,7 +15,8 @@ from pydantic import Field, field_validator, model_validator
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.common import address, one_thread
+from agent.probes.blocking import blocking
+from agent.probes.common import address
 
 FAMILY = {"A": socket.AF_INET, "AAAA": socket.AF_INET6}
 
@@ -83,8 +84,8 @@ class Config(CheckBase):
 async def _system(cfg: Config, ctx: Context) -> list[str]:
     busy = f"dns {cfg.query_name}: the previous lookup is still waiting for the system resolver"
     try:
-        infos = await one_thread(ctx, ("dns-lookup", cfg.name), busy, socket.getaddrinfo, cfg.query_name, None,
-                                 FAMILY[cfg.record_type], socket.SOCK_STREAM)
+        infos = await blocking(ctx, f"{cfg.name}/dns", "dns", socket.getaddrinfo, cfg.query_name, None,
+                               FAMILY[cfg.record_type], socket.SOCK_STREAM, busy=busy)
     except socket.gaierror as e:
         kind = "nxdomain" if e.errno == socket.EAI_NONAME else "error"
         raise CheckFailed(f"dns {cfg.query_name}: {e.strerror}", kind) from None

@@ -16,12 +16,12 @@ from pydantic import AnyHttpUrl, Field, PrivateAttr, ValidationInfo, field_valid
 from agent.fields import Duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
+from agent.probes.blocking import blocking
 from agent.probes.common import (
     TLS_KEYS,
     TLSOptions,
     client_context,
     header_secrets,
-    one_thread,
     unique,
     url_secrets,
 )
@@ -208,7 +208,8 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     if cfg._regex is not None:
         busy = f"http: {status} but the previous body_regex match is still running"
         try:
-            found = await one_thread(ctx, ("http-regex", cfg.name), busy, _search, cfg._regex, text, cfg.timeout)
+            found = await blocking(ctx, f"{cfg.name}/regex", "http", _search, cfg._regex, text, cfg.timeout,
+                                   busy=busy)
         except TimeoutError:
             raise CheckFailed(f"http: {status} but body_regex backtracked past the timeout", "timeout",
                               observation=obs) from None
