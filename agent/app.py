@@ -7,11 +7,10 @@ import logging
 import signal
 from pathlib import Path
 
-from aiohttp import web
-
 from agent import logs
 from agent.config import Config, ConfigError, load_config
 from agent.http_api import TOKENS, make_app
+from agent.listener import Listener
 from agent.metrics import make_registry
 from agent.probes.base import Context
 from agent.runner import Runner
@@ -49,7 +48,7 @@ class Agent:
         self.runner = runner or Runner(self.ctx)
         self.scheduler: Scheduler | None = None
         self._sched_task: asyncio.Task | None = None
-        self._web: web.AppRunner | None = None
+        self._web: Listener | None = None
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
 
@@ -62,13 +61,9 @@ class Agent:
         try:
             registry = make_registry(self.state, lambda: len(self.runner.hung))
             app = make_app(self.state, registry, self.tokens)
-            self._web = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-            await self._web.setup()
-            host, port = self.config.server.listen
-            site = web.TCPSite(self._web, host, port, backlog=1024, reuse_address=True)
-            await site.start()
-            sock = site._server.sockets[0]  # the bound address, for port 0
-            self.address = sock.getsockname()[:2]
+            self._web = Listener(self.config.server)
+            registry.register(self._web.guard)
+            self.address = await self._web.start(app, *self.config.server.listen)
         except BaseException:
             await self.stop()
             raise
@@ -91,7 +86,9 @@ class Agent:
             logs.event("reload_listen_ignored", logging.WARNING, detail="server.listen changes need a restart")
         self.config, self.tokens = config, tokens
         if self._web is not None:
-            self._web.app[TOKENS].update(tokens)
+            self._web.guard.configure(config.server)
+            if self._web.app is not None:
+                self._web.app[TOKENS].update(tokens)
         changed = self.state.apply_config(config, loop.time())
         self.scheduler.reload(changed)
         self.state.reloads["success"] += 1
@@ -130,7 +127,7 @@ class Agent:
 
     async def stop(self) -> None:
         if self._web is not None:
-            await self._web.cleanup()
+            await self._web.stop()
             self._web = None
         if self._sched_task is not None:
             self._sched_task.cancel()
