@@ -121,3 +121,23 @@ class AgentProcess:
             self.proc.wait(5)
         if getattr(self, "_log", None):
             self._log.close()
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
+    """An agent's /metrics as {series: value}, e.g. {'healthgate_up': 1.0, 'x_total{to="up"}': 3.0}."""
+    text = http_get(url.rstrip("/") + "/metrics", timeout=timeout)[1]
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def process_stats(pid: int) -> dict[str, int]:
+    """Resident memory (bytes) and open file descriptors of a process, from /proc."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd"))}

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.helpers import AgentProcess
+from tests.helpers import AgentProcess, scrape
 
 CAP = 64
 READ_TIMEOUT = 1.0
@@ -61,10 +61,8 @@ def status_of(response: bytes) -> int:
     return int(m.group(1))
 
 
-def metric(agent: AgentProcess, line: str) -> float:
-    text = agent.get("/metrics")[1]
-    m = re.search(rf"^{re.escape(line)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+def metric(agent: AgentProcess, series: str) -> float:
+    return scrape(agent.url).get(series, 0.0)
 
 
 async def probe_health(url: str, stop: asyncio.Event, codes: list[int], worst: list[float]) -> None:
