@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from agent import logs
-from agent.config import Config, ConfigError, load_config
+from agent.config import Config, ConfigError
 from agent.http_api import TOKENS, make_app
 from agent.listener import Listener
 from agent.metrics import make_registry
@@ -16,6 +16,7 @@ from agent.probes.base import Context
 from agent.runner import Runner
 from agent.scheduler import Scheduler
 from agent.state import AgentState
+from agent.trust import check_trusted, load_trusted_config
 
 
 def read_tokens(config: Config) -> dict[str, str | None]:
@@ -27,6 +28,7 @@ def read_tokens(config: Config) -> dict[str, str | None]:
             tokens[key.removesuffix("_token_file")] = None
             continue
         try:
+            check_trusted(path, f"server.{key}")
             token = Path(path).read_text().strip()
         except OSError as e:
             raise ConfigError(path, [f"server.{key}: cannot read {path}: {e.strerror}"]) from None
@@ -76,7 +78,7 @@ class Agent:
         try:
             if self.config_path is None:
                 raise ConfigError("(none)", ["no config file to reload"])
-            config = load_config(self.config_path)
+            config = load_trusted_config(self.config_path)
             tokens = read_tokens(config)
         except ConfigError as e:
             self.state.reloads["failure"] += 1

@@ -84,7 +84,9 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
 class AgentProcess:
     """`healthgate run` as a real subprocess on a free loopback port."""
 
-    def __init__(self, tmp: Path, config: str, port: int | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(self, tmp: Path, config: str, port: int | None = None, extra_env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()):
+        self.wrapper = wrapper  # a command prefix, e.g. setpriv dropping capabilities
         self.port = port or free_port()
         self.path = tmp / "healthgate.toml"
         self.path.write_text(config.replace("{port}", str(self.port)))
@@ -98,8 +100,8 @@ class AgentProcess:
 
     def start(self, wait: bool = True) -> AgentProcess:
         self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(self.path)], cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "agent", "run", "-c", str(self.path)],
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
             wait_for(lambda: self.get("/live")[0] == 200 or self.proc.poll() is not None, what="agent /live")
             assert self.proc.poll() is None, self.log.read_text()

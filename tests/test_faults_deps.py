@@ -140,9 +140,9 @@ async def flapping(dep: TcpDependency, hz: float, stop: asyncio.Event) -> None:
     half = 1 / (2 * hz)
     loop = asyncio.get_running_loop()
     due = loop.time()
-    while not stop.is_set():
-        due += half
+    while not stop.is_set():  # down first, then a toggle every half period
         await asyncio.sleep(max(0.0, due - loop.time()))
+        due += half
         if dep.alive:
             await dep.kill()
         else:
@@ -152,7 +152,7 @@ async def flapping(dep: TcpDependency, hz: float, stop: asyncio.Event) -> None:
 async def test_flapping_dependency_keeps_the_node_down(start_agent) -> None:
     """A dependency flapping at 0.2, 1 or 5 Hz moves /health at most 2 x flap_threshold times, then holds
     it at 503; with damping off the same 1 Hz flapping toggles the node every half period."""
-    duration = 14.0
+    duration = 11.0
     cases = [(hz, FLAP) for hz in (0.2, 1.0, 5.0)] + [(1.0, {"flap_threshold": 0})]
     deps, agents, pollers = [], [], []
     stop = asyncio.Event()
