@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -143,3 +144,26 @@ def process_stats(pid: int) -> dict[str, int]:
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1]) * 1024
     return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def toml_table(header: str, **keys: object) -> str:
+    """A TOML table from keyword arguments: toml_table("[[checks]]", name="db", port=5432, critical=False)."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v) if isinstance(v, str) else str(v)
+
+    return "\n" + "\n".join([header, *(f"{k} = {value(v)}" for k, v in keys.items())]) + "\n"
+
+
+def agent_toml(server: dict | None = None, policy: dict | None = None, **agent: object) -> str:
+    """[server] on 127.0.0.1:{port} without a drain, [agent] allowed to run as root (tests do), [policy]."""
+    text = toml_table("[server]", listen="127.0.0.1:{port}", shutdown_drain="0s", **(server or {}))
+    text += toml_table("[agent]", allow_root=True, **agent)
+    return text + (toml_table("[policy]", **policy) if policy else "")
+
+
+def memory_check(name: str = "mem", **keys: object) -> str:
+    """A memory check that always passes, sampled every 200 ms unless told otherwise."""
+    return toml_table("[[checks]]", **{"name": name, "type": "memory", "interval": "200ms", "timeout": "100ms",
+                                       "rise": 1, "max_used_percent": 100, **keys})

@@ -16,24 +16,12 @@ from pathlib import Path
 import pytest
 
 from agent.trust import untrusted
-from tests.helpers import ROOT, AgentProcess, require, scrape, wait_for
+from tests.helpers import ROOT, AgentProcess, agent_toml, memory_check, require, scrape, wait_for
 from tests.test_config import INVALID, expected
 
-GOOD = """
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_drain = "0s"
-[agent]
-allow_root = true
-state_dir = "%s"
-[[checks]]
-name = "mem"
-type = "memory"
-interval = "200ms"
-timeout = "100ms"
-rise = 1
-max_used_percent = 100
-"""
+
+def good(tmp: Path, **server: object) -> str:
+    return agent_toml(server, state_dir=str(tmp)) + memory_check()
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="StrictModes applies to an agent running as root")
 
@@ -83,7 +71,7 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
 def test_run_refuses_unusable_files(tmp_path: Path, unprivileged: tuple[str, ...], problem: str) -> None:
     """A missing, unreadable, binary or directory config file makes `run` exit 2 saying so."""
     path = tmp_path / "c.toml"
-    path.write_text(GOOD % tmp_path)
+    path.write_text(good(tmp_path))
     breaking, message = BROKEN[problem]
     breaking(path)
     code, output = finished(run(path, unprivileged))
@@ -102,18 +90,18 @@ def reload_errors(agent: AgentProcess) -> list[list[str]]:
 def test_sighup_with_each_broken_file_keeps_the_old_config(tmp_path: Path, unprivileged: tuple[str, ...]) -> None:
     """One agent, SIGHUP after each broken file in turn: every reload is refused with its reason, /health
     stays 200 on the old checks, and a good file afterwards still reloads."""
-    agent = AgentProcess(tmp_path, GOOD % tmp_path, wrapper=unprivileged).start()
+    agent = AgentProcess(tmp_path, good(tmp_path), wrapper=unprivileged).start()
     pid = agent.proc.pid
     try:
         wait_for(lambda: agent.get("/health")[0] == 200, what="up")
-        good = agent.path.read_text()
+        original = agent.path.read_text()
         cases = [(f.name, lambda p, f=f: p.write_text(f.read_text()), expected(f)) for f in INVALID]
         cases += [(name, breaking, message) for name, (breaking, message) in BROKEN.items()]
         for n, (name, breaking, message) in enumerate(cases, start=1):
             if agent.path.is_dir():
                 agent.path.rmdir()
             if not agent.path.exists():
-                agent.path.write_text(good)
+                agent.path.write_text(original)
             agent.path.chmod(0o644)
             breaking(agent.path)
             agent.signal(signal.SIGHUP)
@@ -125,7 +113,7 @@ def test_sighup_with_each_broken_file_keeps_the_old_config(tmp_path: Path, unpri
         assert list(status["checks"]) == ["mem:memory"]
         if agent.path.is_dir():
             agent.path.rmdir()
-        agent.path.write_text(good.replace('name = "mem"', 'name = "mem2"'))
+        agent.path.write_text(original.replace('name = "mem"', 'name = "mem2"'))
         agent.path.chmod(0o644)
         agent.signal(signal.SIGHUP)
         wait_for(lambda: scrape(agent.url).get("healthgate_config_reloads_total") == 1, timeout=5, what="good reload")
@@ -182,7 +170,7 @@ def test_untrusted_directories_and_symlinks(tmp_path: Path) -> None:
 def test_run_as_root_refuses_a_config_others_can_write(tmp_path: Path) -> None:
     """As root, `run` refuses a group-writable config file, naming the file and its mode, exit 2."""
     f = tmp_path / "c.toml"
-    f.write_text(GOOD % tmp_path)
+    f.write_text(good(tmp_path))
     f.chmod(0o664)
     code, output = finished(run(f))
     assert code == 2 and "Traceback" not in output
@@ -197,7 +185,7 @@ def test_run_as_root_refuses_a_token_file_others_can_write(tmp_path: Path) -> No
     token.write_text("s3cret-token\n")
     os.chown(token, pwd.getpwnam("nobody").pw_uid, 0)
     f = tmp_path / "c.toml"
-    f.write_text((GOOD % tmp_path).replace("{port}", "0").replace("[agent]", f'status_token_file = "{token}"\n[agent]'))
+    f.write_text(good(tmp_path, status_token_file=str(token)).replace("{port}", "0"))
     code, output = finished(run(f))
     assert code == 2 and "server.status_token_file: refusing a file others can change" in output, output
     assert "s3cret-token" not in output
@@ -206,7 +194,7 @@ def test_run_as_root_refuses_a_token_file_others_can_write(tmp_path: Path) -> No
 @ROOT_ONLY
 def test_sighup_as_root_refuses_a_config_made_writable(tmp_path: Path) -> None:
     """A config file that became group-writable is refused on SIGHUP; the old config keeps serving."""
-    agent = AgentProcess(tmp_path, GOOD % tmp_path).start()
+    agent = AgentProcess(tmp_path, good(tmp_path)).start()
     try:
         wait_for(lambda: agent.get("/health")[0] == 200, what="up")
         agent.path.chmod(0o664)

@@ -10,40 +10,19 @@ from pathlib import Path
 import aiohttp
 
 from tests.faulty import TcpDependency
-from tests.helpers import AgentProcess, require, scrape
+from tests.helpers import AgentProcess, agent_toml, memory_check, require, scrape, toml_table
 
 FLOOD = 20.0
 INTERVAL, TIMEOUT, FALL, JITTER = 0.2, 0.1, 2, 0.1
 DOWN_BOUND = FALL * INTERVAL * (1 + JITTER) + TIMEOUT  # the README's formula
 MARGIN = 0.5
 
-CONFIG = f"""
-[server]
-listen = "127.0.0.1:{{port}}"
-shutdown_drain = "0s"
-[agent]
-allow_root = true
-[[checks]]
-name = "db"
-type = "tcp"
-port = %d
-interval = "{INTERVAL}s"
-timeout = "{TIMEOUT}s"
-fall = {FALL}
-rise = 2
-jitter = {JITTER}
-"""
-
-# Busy schedules that feed the schedule-lag histogram (50 samples a second).
-MEM = """
-[[checks]]
-name = "mem%d"
-type = "memory"
-interval = "100ms"
-timeout = "50ms"
-critical = false
-max_used_percent = 100
-"""
+def config(port: int) -> str:
+    db = toml_table("[[checks]]", name="db", type="tcp", port=port, interval=INTERVAL, timeout=TIMEOUT, fall=FALL,
+                    rise=2, jitter=JITTER)
+    # Busy schedules that feed the schedule-lag histogram (50 samples a second).
+    busy = "".join(memory_check(f"mem{i}", interval="100ms", timeout="50ms", critical=False) for i in range(5))
+    return agent_toml() + db + busy
 
 COUNT_STATUSES = """
 local threads = {}
@@ -109,7 +88,7 @@ async def test_probe_flood_does_not_delay_the_verdict(tmp_path: Path) -> None:
     within the idle bound, check schedule lag stays under 100 ms at p99, and every answer is 200 or 503."""
     wrk = require("wrk", "wrk")
     dep = await TcpDependency().start()
-    agent = AgentProcess(tmp_path, CONFIG % dep.port + "".join(MEM % i for i in range(5))).start()
+    agent = AgentProcess(tmp_path, config(dep.port)).start()
     script = tmp_path / "count.lua"
     script.write_text(COUNT_STATUSES)
     polled: list[int] = []

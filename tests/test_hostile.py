@@ -12,27 +12,12 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.helpers import AgentProcess, scrape
+from tests.helpers import AgentProcess, agent_toml, memory_check, scrape
 
 CAP = 64
 READ_TIMEOUT = 1.0
 
-CONFIG = f"""
-[server]
-listen = "127.0.0.1:{{port}}"
-shutdown_drain = "0s"
-max_connections = {CAP}
-read_timeout = "{READ_TIMEOUT}s"
-[agent]
-allow_root = true
-[[checks]]
-name = "mem"
-type = "memory"
-interval = "200ms"
-timeout = "100ms"
-rise = 1
-max_used_percent = 100
-"""
+CONFIG = agent_toml({"max_connections": CAP, "read_timeout": READ_TIMEOUT}) + memory_check()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, AgentProcess, free_port
+from tests.helpers import ROOT, AgentProcess, agent_toml, free_port, memory_check
 
 CLIENT = r"""
 import json, sys, time, urllib.error, urllib.request
@@ -90,22 +90,8 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     port = free_port()
-    config = f"""
-[server]
-listen = "0.0.0.0:{port}"
-shutdown_drain = "0s"
-status_token_file = "{token_file}"
-[agent]
-allow_root = true
-log_level = "debug"
-[[checks]]
-name = "mem"
-type = "memory"
-interval = "200ms"
-timeout = "100ms"
-rise = 1
-max_used_percent = 100
-"""
+    config = agent_toml({"status_token_file": str(token_file)}, log_level="debug").replace(
+        "127.0.0.1:{port}", "0.0.0.0:{port}") + memory_check()
     agent = AgentProcess(tmp_path, config, port=port, wrapper=(netns["ip"], "netns", "exec", netns["agent_ns"]))
     agent.start(wait=False)
     try:

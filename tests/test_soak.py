@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.faulty import HttpDependency, TcpDependency
-from tests.helpers import ROOT, AgentProcess, process_stats, scrape
+from tests.helpers import ROOT, AgentProcess, agent_toml, process_stats, scrape, toml_table
 
 SECONDS = float(os.environ.get("HEALTHGATE_SOAK_SECONDS", "600"))
 WARMUP = min(60.0, SECONDS / 5)
@@ -19,26 +19,10 @@ TOGGLE = 3.0  # seconds between dependency state changes
 SAMPLE = 5.0  # seconds between resource samples
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
-CONFIG = """
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_drain = "0s"
-[agent]
-allow_root = true
-[policy]
-flap_threshold = 0   # keep every toggle visible as a transition: the point is churn
-%s
-"""
 
-CHECK = """
-[[checks]]
-name = "%s"
-interval = "100ms"
-timeout = "50ms"
-rise = 2
-fall = 2
-%s
-"""
+
+def check(name: str, **keys: object) -> str:
+    return toml_table("[[checks]]", name=name, interval="100ms", timeout="50ms", rise=2, fall=2, **keys)
 
 
 @pytest.mark.slow
@@ -49,13 +33,14 @@ async def test_soak_resources_stay_flat(tmp_path: Path) -> None:
     web = await HttpDependency().start()
     hang = await TcpDependency("hang").start()
     checks = "".join([
-        CHECK % ("db", f'type = "tcp"\nport = {tcp.port}'),
-        CHECK % ("api", f'type = "http"\nurl = "{web.url}"'),
-        CHECK % ("stuck", f'type = "http"\nurl = "http://127.0.0.1:{hang.port}/"\ncritical = false'),
-        CHECK % ("mem", 'type = "memory"\nmax_used_percent = 100'),
-        CHECK % ("disk", 'type = "disk"\npath = "/"\nmin_free_percent = 0\nfail_read_only = false'),
+        check("db", type="tcp", port=tcp.port),
+        check("api", type="http", url=web.url),
+        check("stuck", type="http", url=f"http://127.0.0.1:{hang.port}/", critical=False),
+        check("mem", type="memory", max_used_percent=100),
+        check("disk", type="disk", path="/", min_free_percent=0, fail_read_only=False),
     ])
-    agent = AgentProcess(tmp_path, CONFIG % checks).start()
+    # flap_threshold = 0 keeps every toggle visible as a transition: the point is churn.
+    agent = AgentProcess(tmp_path, agent_toml(policy={"flap_threshold": 0}) + checks).start()
     samples: list[dict[str, float]] = []
     codes: dict[int, int] = {}
     stop = asyncio.Event()

@@ -11,31 +11,16 @@ import threading
 import time
 from pathlib import Path
 
-from tests.helpers import AgentProcess, free_port, http_get, wait_for
+from tests.helpers import AgentProcess, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
 
 MAX_LAG, RECOVERY = 0.3, 1.0
 
-CONFIG = f"""
-[server]
-listen = "127.0.0.1:{{port}}"
-shutdown_drain = "0s"
-[agent]
-allow_root = true
-[policy]
-max_loop_lag = "{MAX_LAG}s"
-loop_recovery = "{RECOVERY}s"
-flap_threshold = 0  # samples that time out while the agent starves would otherwise hold checks down
-"""
+# Without flap_threshold = 0, samples timing out while the agent starves could hold checks down after it.
+CONFIG = agent_toml(policy={"max_loop_lag": MAX_LAG, "loop_recovery": RECOVERY, "flap_threshold": 0})
 
-MEM = """
-[[checks]]
-name = "mem%d"
-type = "memory"
-interval = "100ms"
-timeout = "50ms"
-rise = 1
-max_used_percent = 100
-"""
+
+def mem(i: int) -> str:
+    return memory_check(f"mem{i}", interval="100ms", timeout="50ms")
 
 
 class Recorder:
@@ -85,7 +70,7 @@ class Recorder:
 def test_stopped_agent_fails_closed_then_recovers(tmp_path: Path) -> None:
     """After the agent was frozen (SIGSTOP) for 2 s, /health and /live answer 503 until its loop has been
     healthy for loop_recovery, then 200; a dead dependency instead gives /health 503 with /live 200."""
-    agent = AgentProcess(tmp_path, CONFIG + MEM % 0).start()
+    agent = AgentProcess(tmp_path, CONFIG + mem(0)).start()
     try:
         wait_for(lambda: agent.get("/health")[0] == 200, what="up")
         with Recorder(agent.url + "/health", timeout=5) as health, Recorder(agent.url + "/live", timeout=5) as live:
@@ -107,8 +92,8 @@ def test_stopped_agent_fails_closed_then_recovers(tmp_path: Path) -> None:
     finally:
         agent.stop()
 
-    dead = AgentProcess(tmp_path, CONFIG + f'[[checks]]\nname = "db"\ntype = "tcp"\nport = {free_port()}\n'
-                        'interval = "200ms"\ntimeout = "100ms"\n').start()
+    dead = AgentProcess(tmp_path, CONFIG + toml_table("[[checks]]", name="db", type="tcp", port=free_port(),
+                                                      interval="200ms", timeout="100ms")).start()
     try:
         wait_for(lambda: dead.get("/health")[0] == 503 and dead.get("/live")[0] == 200, what="dependency down")
     finally:
@@ -125,7 +110,7 @@ def test_agent_at_nice_19_beside_cpu_hogs_fails_closed(tmp_path: Path) -> None:
     """At nice 19 beside CPU hogs on every core the agent can't keep its 100 ms schedule: it answers 503 on
     /health and /live (never 200) while starved, and 200 again once the hogs end."""
     cores = len(os.sched_getaffinity(0))
-    checks = "".join(MEM % i for i in range(40))  # ~30% of a core: far more than nice 19 gets beside hogs
+    checks = "".join(mem(i) for i in range(40))  # ~30% of a core: far more than nice 19 gets beside hogs
     agent = AgentProcess(tmp_path, CONFIG + checks, wrapper=("nice", "-n", "19")).start()
     burners: list[subprocess.Popen] = []
     try:
