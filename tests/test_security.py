@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, AgentProcess, agent_toml, free_port, memory_check
+from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check
 
 CLIENT = r"""
 import json, sys, time, urllib.error, urllib.request
@@ -119,3 +119,23 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
     everything = "\n".join(body for _, body in seen + local) + agent.logs()
     assert token not in everything and token[4:] not in everything
     assert netns["client_ip"] not in json.dumps(bodies[5])
+
+
+async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With a status token configured and used, no response, metric or log line contains it."""
+    token = "tok-" + secrets.token_hex(16)
+    token_file = tmp_path / "status.token"
+    token_file.write_text(token + "\n")
+    caplog.set_level("DEBUG", logger="healthgate")
+    agent = await start_agent({"server": {"status_token_file": str(token_file)},
+                               "checks": [{"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms",
+                                           "rise": 1, "max_used_percent": 100}]})
+    auth = {"Authorization": f"Bearer {token}"}
+    await async_wait_for(lambda: _up(agent), timeout=5, what="up")
+    seen = [await agent.get(path, headers=auth) for path in ("/status", "/metrics", "/health", "/live", "/nope")]
+    assert seen[0][0] == 200 and "mem:memory" in json.loads(seen[0][1])["checks"]
+    assert token not in "\n".join(body for _, body in seen) + caplog.text
+
+
+async def _up(agent) -> bool:
+    return (await agent.get("/health"))[0] == 200
