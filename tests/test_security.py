@@ -3,7 +3,9 @@ namespaces of our own; the token never leaves the agent."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import random
 import secrets
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import logs
 from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check
 
 CLIENT = r"""
@@ -121,21 +124,30 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
     assert netns["client_ip"] not in json.dumps(bodies[5])
 
 
-async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None:
     """With a status token configured and used, no response, metric or log line contains it."""
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
-    caplog.set_level("DEBUG", logger="healthgate")
-    agent = await start_agent({"server": {"status_token_file": str(token_file)},
-                               "checks": [{"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms",
-                                           "rise": 1, "max_used_percent": 100}]})
-    auth = {"Authorization": f"Bearer {token}"}
-    await async_wait_for(lambda: _up(agent), timeout=5, what="up")
-    seen = [await agent.get(path, headers=auth) for path in ("/status", "/metrics", "/health", "/live", "/nope")]
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(logs.JsonFormatter())
+    level = logs.log.level
+    logs.log.addHandler(handler)
+    logs.log.setLevel(logging.DEBUG)
+    try:
+        agent = await start_agent({"server": {"status_token_file": str(token_file)},
+                                   "checks": [{"name": "mem", "type": "memory", "interval": "200ms",
+                                               "timeout": "100ms", "rise": 1, "max_used_percent": 100}]})
+        auth = {"Authorization": f"Bearer {token}"}
+        await async_wait_for(lambda: _up(agent), timeout=5, what="up")
+        seen = [await agent.get(path, headers=auth) for path in ("/status", "/metrics", "/health", "/live", "/nope")]
+    finally:
+        logs.log.removeHandler(handler)
+        logs.log.setLevel(level)
     assert seen[0][0] == 200 and "mem:memory" in json.loads(seen[0][1])["checks"]
-    assert token not in "\n".join(body for _, body in seen) + caplog.text
-
+    assert '"event": "started"' in lines.getvalue()
+    assert token not in "\n".join(body for _, body in seen) + lines.getvalue()
 
 async def _up(agent) -> bool:
     return (await agent.get("/health"))[0] == 200
