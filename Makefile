@@ -1,5 +1,5 @@
-# healthgate: `make run` starts the agent with config/healthgate.toml, `make test` runs the tests.
-# Both create the virtual environment (.venv) when it is missing.
+# healthgate: `make run` starts the agent with config/healthgate.toml, `make test` runs the tests,
+# `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it). All create .venv when missing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?= config/healthgate.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint bench venv clean
+.PHONY: run test soak lint bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -21,10 +21,10 @@ run: venv
 	$(BIN)/healthgate run -c $(CONFIG)
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-fast: venv
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+soak: venv
+	$(BIN)/python -m pytest -m slow -p no:cacheprovider -s $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check agent tests bench

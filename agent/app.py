@@ -8,19 +8,19 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from aiohttp import web
-
 from agent import logs
 from agent.admin import AdminWatcher
-from agent.config import Config, ConfigError, load_config
+from agent.config import Config, ConfigError
 from agent.haproxy_agent import AgentCheckServer
 from agent.http_api import TOKENS, make_app
+from agent.listener import Listener
 from agent.metrics import make_registry
 from agent.probes.base import Context
 from agent.runner import Runner
 from agent.scheduler import Scheduler
 from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
+from agent.trust import check_trusted, load_trusted_config
 from agent.weight import WeightTracker
 
 
@@ -33,6 +33,7 @@ def read_tokens(config: Config) -> dict[str, str | None]:
             tokens[key.removesuffix("_token_file")] = None
             continue
         try:
+            check_trusted(path, f"server.{key}")
             token = Path(path).read_text().strip()
         except OSError as e:
             raise ConfigError(path, [f"server.{key}: cannot read {path}: {e.strerror}"]) from None
@@ -55,7 +56,7 @@ class Agent:
         self.runner = runner or Runner(self.ctx)
         self.scheduler: Scheduler | None = None
         self._sched_task: asyncio.Task | None = None
-        self._web: web.AppRunner | None = None
+        self._web: Listener | None = None
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
         self.systemd = ServiceManager(notifier or Notifier(None))
@@ -81,13 +82,9 @@ class Agent:
         try:
             registry = make_registry(self.state, lambda: len(self.runner.hung))
             app = make_app(self.state, registry, self.tokens, self.admin)
-            self._web = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-            await self._web.setup()
-            host, port = self.config.server.listen
-            site = web.TCPSite(self._web, host, port, backlog=1024, reuse_address=True)
-            await site.start()
-            sock = site._server.sockets[0]  # the bound address, for port 0
-            self.address = sock.getsockname()[:2]
+            self._web = Listener(self.config.server)
+            registry.register(self._web.guard)
+            self.address = await self._web.start(app, *self.config.server.listen)
             if self.config.agent_check.listen is not None:
                 await self._start_agent_check(*self.config.agent_check.listen)
         except BaseException:
@@ -120,7 +117,7 @@ class Agent:
         try:
             if self.config_path is None:
                 raise ConfigError("(none)", ["no config file to reload"])
-            config = load_config(self.config_path)
+            config = load_trusted_config(self.config_path)
             tokens = read_tokens(config)
         except ConfigError as e:
             self.state.reloads["failure"] += 1
@@ -132,7 +129,9 @@ class Agent:
             logs.event("reload_listen_ignored", logging.WARNING, detail="agent_check.listen changes need a restart")
         self.config, self.tokens = config, tokens
         if self._web is not None:
-            self._web.app[TOKENS].update(tokens)
+            self._web.guard.configure(config.server)
+            if self._web.app is not None:
+                self._web.app[TOKENS].update(tokens)
         changed = self.state.apply_config(config, loop.time())
         self.scheduler.reload(changed)
         self.state.reloads["success"] += 1
@@ -176,7 +175,7 @@ class Agent:
             await self.agent_check.close()
             self.agent_check = None
         if self._web is not None:
-            await self._web.cleanup()
+            await self._web.stop()
             self._web = None
         if self._sched_task is not None:
             self._sched_task.cancel()

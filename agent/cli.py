@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import DEFAULT_PATH, Config, ConfigError, json_schema, load_config
+from agent.trust import load_trusted_config
 
 EXIT_OK, EXIT_DOWN, EXIT_CONFIG = 0, 2, 2
 
@@ -38,9 +40,9 @@ def config_path(args: argparse.Namespace) -> str:
     return args.config or os.environ.get("HEALTHGATE_CONFIG") or DEFAULT_PATH
 
 
-def load_or_report(path: str) -> Config | None:
+def load_or_report(path: str, loader: Callable[[str], Config] = load_config) -> Config | None:
     try:
-        return load_config(path)
+        return loader(path)
     except ConfigError as e:
         for line in e.errors:
             print(f"{e.source}: {line}", file=sys.stderr)
@@ -83,7 +85,7 @@ def _use_loop(choice: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = config_path(args)
-    cfg = load_or_report(path)
+    cfg = load_or_report(path, load_trusted_config)  # as root, a file others can write is refused
     if cfg is None:
         return EXIT_CONFIG
     if os.geteuid() == 0 and not cfg.agent.allow_root:

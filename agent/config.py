@@ -67,9 +67,9 @@ class PolicyConfig(Strict):
     loop_recovery: Duration = Field(
         default=2.0, ge=0, description="the loop must stay under max_loop_lag this long before the verdict can be UP"
     )
-    flap_window: Duration = Field(default=60.0, gt=0, description="window in which up->down changes are counted")
+    flap_window: Duration = Field(default=60.0, gt=0, description="window in which flaps (failures after a pass) are counted")
     flap_threshold: int = Field(
-        default=3, ge=0, description="this many up->down changes within flap_window hold a check down; 0 = off"
+        default=3, ge=0, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
     )
     flap_hold: Duration = Field(
         default=30.0, ge=0, description="a flapping check must pass for this long before it rises again"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -15,11 +16,11 @@ from prometheus_client.core import (
 
 from agent import __version__
 from agent.model import Admin
-from agent.state import BUCKETS, AgentState, CheckStats
+from agent.state import AgentState, CheckStats
 
 
 def _histogram(stats: CheckStats) -> tuple[list[tuple[str, float]], float]:
-    buckets = [("+Inf" if b == float("inf") else repr(b), float(n)) for b, n in zip(BUCKETS, stats.buckets,
+    buckets = [("+Inf" if b == float("inf") else repr(b), float(n)) for b, n in zip(stats.bounds, stats.buckets,
                                                                                     strict=True)]
     return buckets, stats.duration_sum
 
@@ -50,6 +51,12 @@ class StateCollector:
         yield admin
         yield GaugeMetricFamily("healthgate_event_loop_lag_seconds", "event-loop lag at the last heartbeat",
                                 value=state.loop_lag)
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # rendered outside the agent's loop
+            tasks = 0
+        yield GaugeMetricFamily("healthgate_asyncio_tasks", "asyncio tasks alive in the agent (flat when nothing leaks)",
+                                value=float(tasks))
         yield GaugeMetricFamily("healthgate_hung_probes", "probes that ignored their timeout and are still running",
                                 value=float(self.hung()))
         since = GaugeMetricFamily("healthgate_up_since_timestamp_seconds",

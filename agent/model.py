@@ -60,7 +60,7 @@ class CheckState:
     changed_wall: float | None = None  # wall time of the same, for display
     change_reason: str = ""
     history: tuple[bool, ...] = ()  # most recent last, capped
-    flaps: tuple[float, ...] = ()  # monotonic times of recent up<->down changes (flap damping)
+    flaps: tuple[float, ...] = ()  # monotonic times of the newest failures after a pass (flap damping)
     required_rise: int | None = None  # rise in force (raised by flap damping); None = the configured one
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import math
 import time
@@ -13,6 +14,30 @@ from agent.logs import mask
 from agent.model import Observation, Result
 from agent.probes import PROBES
 from agent.probes.base import CheckBase, CheckFailed, Context
+
+# Tasks a probe spawns (and they spawn) are recorded in the set this variable holds while it runs. A probe
+# may leave a few behind on purpose (a client library's background task); past LEAK_LIMIT per check they
+# are cancelled and the check fails, so a probe that forgets its tasks cannot grow the agent without bound.
+_SPAWNED: contextvars.ContextVar[set[asyncio.Task] | None] = contextvars.ContextVar("healthgate_spawned",
+                                                                                   default=None)
+LEAK_LIMIT = 32
+
+
+def _install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
+    previous = loop.get_task_factory()
+    if getattr(previous, "healthgate", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro, **kw) -> asyncio.Future:
+        task = previous(loop, coro, **kw) if previous else asyncio.Task(coro, loop=loop, **kw)
+        owner = _SPAWNED.get()
+        if owner is not None:  # created from inside a probe
+            owner.add(task)
+            task.add_done_callback(owner.discard)
+        return task
+
+    factory.healthgate = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
 
 
 def _valid(obs: object) -> bool:
@@ -26,15 +51,34 @@ class Runner:
 
     A probe that ignores cancellation is abandoned, not awaited: it stays in `hung` (so it is neither
     garbage-collected mid-flight nor started again) and its check fails until it finally ends.
-    That bounds what a misbehaving probe can leak to one task per check.
+    Tasks a probe spawns and leaves running are counted per check; beyond LEAK_LIMIT they are cancelled,
+    the sample fails, and while they still run the probe is not started again. That bounds what a
+    misbehaving probe can leak.
     """
 
     def __init__(self, ctx: Context, probes: Mapping[str, ModuleType] = PROBES):
         self.ctx = ctx
         self.probes = probes  # injectable so tests can run deliberately broken probes
         self.hung: dict[str, asyncio.Task] = {}
+        self.spawned: dict[str, set[asyncio.Task]] = {}  # check -> tasks its probes left running
 
     async def run(self, check: CheckBase) -> Result:
+        loop = asyncio.get_running_loop()
+        _install_task_factory(loop)
+        spawned = self.spawned.setdefault(check.name, set())
+        if len(spawned) > LEAK_LIMIT:
+            started = loop.time()
+            return Result(False, f"error: {len(spawned)} tasks of earlier samples still running", "leak", 0.0,
+                          started, started, time.time())
+        result = await self._sample(check, spawned)
+        if len(spawned) > LEAK_LIMIT:
+            for t in list(spawned):
+                t.cancel()
+            return Result(False, f"error: probe left {len(spawned)} tasks running (limit {LEAK_LIMIT}); cancelled",
+                          "leak", result.duration, result.started, result.finished, result.wall)
+        return result
+
+    async def _sample(self, check: CheckBase, spawned: set[asyncio.Task]) -> Result:
         loop = asyncio.get_running_loop()
         started = loop.time()
         # Durations use perf_counter: uvloop's loop.time() ticks in whole milliseconds.
@@ -55,7 +99,9 @@ class Runner:
             return result(False, "timeout: the previous sample is still hung", "timeout")
 
         probe = self.probes[check.type].probe
-        task = asyncio.ensure_future(probe(check, self.ctx))
+        context = contextvars.copy_context()
+        context.run(_SPAWNED.set, spawned)
+        task = loop.create_task(probe(check, self.ctx), context=context)
         try:
             await asyncio.wait((task,), timeout=check.timeout)
         except asyncio.CancelledError:

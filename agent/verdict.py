@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from agent.config import PolicyConfig
+from agent.fields import format_duration
 from agent.model import CheckState, CheckView, Result, Status, Verdict
 from agent.probes.base import CheckBase
 
@@ -22,32 +23,40 @@ def next_state(state: CheckState, result: Result, check: CheckBase, policy: Poli
     """The state after `result`. Hysteresis both ways: `fall` failures to go down, `rise` passes to go up.
 
     A check starts UNKNOWN (failing) and its first failure marks it DOWN at once: it was never up, so
-    there is nothing to protect. A check that flaps `flap_threshold` times within `flap_window` must
-    pass for `flap_hold` before it may rise again (a hold-down), so a flapping dependency keeps the node
-    down instead of toggling it.
+    there is nothing to protect.
+
+    Flap damping: every failure that follows a pass is a flap, whether or not it reached `fall`. A
+    dependency failing every other sample never fails `fall` times in a row, so counting only up->down
+    transitions would let it keep the node UP while half broken. A check with `flap_threshold` flaps
+    within `flap_window` is flapping: it is DOWN at once, and must pass for `flap_hold` before it may
+    rise again (a hold-down), so a flapping dependency keeps the node down instead of toggling it.
     """
     history = (*state.history[-(HISTORY - 1):], result.ok)
     if result.ok:
         ok, fail = state.consecutive_ok + 1, 0
     else:
         ok, fail = 0, state.consecutive_fail + 1
-    new = replace(state, consecutive_ok=ok, consecutive_fail=fail, last=result, history=history)
+    threshold = policy.flap_threshold
+    flaps = state.flaps
+    if threshold and not result.ok and state.last is not None and state.last.ok:
+        flaps = (*flaps, now)[-threshold:]  # only the newest `threshold` matter
+    new = replace(state, consecutive_ok=ok, consecutive_fail=fail, last=result, history=history, flaps=flaps)
 
-    if result.ok and state.status is not Status.UP and ok >= required_rise(state, check):
-        return replace(new, status=Status.UP, changed_at=now, changed_wall=wall,
-                       change_reason=f"passed {ok} time(s) in a row", required_rise=None)
-    if not result.ok and (
-        state.status is Status.UNKNOWN or (state.status is Status.UP and fail >= check.fall)
-    ):
-        flaps = state.flaps
-        if state.status is Status.UP:
-            flaps = tuple(t for t in flaps if now - t < policy.flap_window) + (now,)
-        hold = state.required_rise
-        if policy.flap_threshold and len(flaps) >= policy.flap_threshold:
-            hold = max(check.rise, math.ceil(policy.flap_hold / check.interval))
-        return replace(new, status=Status.DOWN, changed_at=now, changed_wall=wall, change_reason=result.reason,
-                       flaps=flaps, required_rise=hold)
-    return new
+    if result.ok:
+        if state.status is not Status.UP and ok >= required_rise(state, check):
+            return replace(new, status=Status.UP, changed_at=now, changed_wall=wall,
+                           change_reason=f"passed {ok} time(s) in a row", required_rise=None)
+        return new
+    flapping = bool(threshold) and len(flaps) >= threshold and now - flaps[0] < policy.flap_window
+    hold = max(check.rise, math.ceil(policy.flap_hold / check.interval)) if flapping else state.required_rise
+    if state.status is Status.UNKNOWN or (state.status is Status.UP and (fail >= check.fall or flapping)):
+        reason = result.reason
+        if flapping and fail < check.fall:
+            reason = (f"flapping: {threshold} failures after passes within {format_duration(policy.flap_window)}; "
+                      f"last: {result.reason}")
+        return replace(new, status=Status.DOWN, changed_at=now, changed_wall=wall, change_reason=reason,
+                       required_rise=hold)
+    return replace(new, required_rise=hold)
 
 
 def is_stale(state: CheckState, check: CheckBase, policy: PolicyConfig, now: float) -> bool:
@@ -75,7 +84,7 @@ def why(v: CheckView) -> str:
         return "no result yet" if s.last is None else f"rising: {s.consecutive_ok} pass(es) so far"
     if s.status is Status.DOWN and s.last is not None and s.last.ok:
         need = s.required_rise
-        note = " (flapping: held down)" if need else ""
+        note = f" (flapping: held down until {need} in a row)" if need else ""
         return f"recovering, {s.consecutive_ok} pass(es) so far{note}; last failure: {s.change_reason}"
     return s.last.reason if s.last is not None and s.last.reason else s.change_reason
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -85,7 +86,9 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
 class AgentProcess:
     """`healthgate run` as a real subprocess on a free loopback port."""
 
-    def __init__(self, tmp: Path, config: str, port: int | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(self, tmp: Path, config: str, port: int | None = None, extra_env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()):
+        self.wrapper = wrapper  # a command prefix, e.g. setpriv dropping capabilities
         self.port = port or free_port()
         self.path = tmp / "healthgate.toml"
         self.path.write_text(config.replace("{port}", str(self.port)))
@@ -102,8 +105,8 @@ class AgentProcess:
 
     def start(self, wait: bool = True) -> AgentProcess:
         self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(self.path)], cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "agent", "run", "-c", str(self.path)],
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
             wait_for(lambda: self.get("/live")[0] == 200 or self.proc.poll() is not None, what="agent /live")
             assert self.proc.poll() is None, self.log.read_text()
@@ -148,3 +151,46 @@ class Dependency:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(2)
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
+    """An agent's /metrics as {series: value}, e.g. {'healthgate_up': 1.0, 'x_total{to="up"}': 3.0}."""
+    text = http_get(url.rstrip("/") + "/metrics", timeout=timeout)[1]
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def process_stats(pid: int) -> dict[str, int]:
+    """Resident memory (bytes) and open file descriptors of a process, from /proc."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    return {"rss": rss, "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def toml_table(header: str, **keys: object) -> str:
+    """A TOML table from keyword arguments: toml_table("[[checks]]", name="db", port=5432, critical=False)."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v) if isinstance(v, str) else str(v)
+
+    return "\n" + "\n".join([header, *(f"{k} = {value(v)}" for k, v in keys.items())]) + "\n"
+
+
+def agent_toml(server: dict | None = None, policy: dict | None = None, **agent: object) -> str:
+    """[server] on 127.0.0.1:{port} without a drain, [agent] allowed to run as root (tests do), [policy]."""
+    text = toml_table("[server]", listen="127.0.0.1:{port}", shutdown_drain="0s", **(server or {}))
+    text += toml_table("[agent]", allow_root=True, **agent)
+    return text + (toml_table("[policy]", **policy) if policy else "")
+
+
+def memory_check(name: str = "mem", **keys: object) -> str:
+    """A memory check that always passes, sampled every 200 ms unless told otherwise."""
+    return toml_table("[[checks]]", **{"name": name, "type": "memory", "interval": "200ms", "timeout": "100ms",
+                                       "rise": 1, "max_used_percent": 100, **keys})

@@ -183,3 +183,56 @@ async def test_stalled_loop_fails_closed_then_recovers(start_agent) -> None:
     await async_wait_for(lambda: _status(agent, 200), timeout=5, what="recovery")
     assert time.monotonic() - t0 >= 0.8  # held down for loop_recovery
     assert (await agent.get("/live"))[0] == 200
+
+
+def leaking_module(deaf: list[bool]) -> types.ModuleType:
+    """A memory probe that also starts five tasks per sample and never awaits them (while deaf[0], those
+    tasks ignore cancellation)."""
+    mod = types.ModuleType("leaking")
+    mod.Config = PROBES["memory"].Config
+
+    async def forgotten() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if not deaf[0]:
+                    raise
+
+    async def probe(cfg, ctx):
+        for _ in range(5):
+            asyncio.create_task(forgotten())  # noqa: RUF006 - the bug under test
+        return await PROBES["memory"].probe(cfg, ctx)
+
+    mod.probe = probe
+    return mod
+
+
+@pytest.mark.parametrize("deaf", [False, True], ids=["cancellable", "deaf-to-cancel"])
+async def test_probe_that_leaks_tasks_is_bounded(start_agent, upstream, deaf: bool) -> None:
+    """A probe that spawns tasks it never awaits fails with `leak` once past the limit, and the agent's
+    task count stays bounded (leftovers are cancelled, or the probe is not run again while they live)."""
+    from agent.runner import LEAK_LIMIT
+
+    baseline = len(asyncio.all_tasks())
+    config = {"checks": [check("good", type="http", url=f"{upstream}/ok", interval="50ms", timeout="40ms"),
+                         check("leaky", type="memory", interval="50ms", timeout="40ms", max_used_percent=100)]}
+    deafness = [deaf]
+    agent = await start_agent(config, probes={**PROBES, "memory": leaking_module(deafness)})
+    peak = 0
+    deadline = time.monotonic() + 2.0  # ~40 samples: 200 tasks if nothing bounded them
+    while time.monotonic() < deadline:
+        peak = max(peak, len(asyncio.all_tasks()))
+        await asyncio.sleep(0.01)
+    leaky, good = agent.state.states["leaky"], agent.state.states["good"]
+    assert leaky.status is Status.DOWN and agent.state.snapshot.verdict.failing == ("leaky",)
+    assert good.status is Status.UP
+    assert peak - baseline <= LEAK_LIMIT + 5 + 20, (peak, baseline)  # + one sample's worth + the agent's own
+    assert agent.state.stats["leaky"].failures["leak"] >= 1
+    if deaf:  # the leftovers outlived their cancellation, so the probe was not started again
+        assert leaky.last.reason.endswith("tasks of earlier samples still running"), leaky.last
+    deafness[0] = False
+    leftovers = list(agent.agent.runner.spawned["leaky"])
+    for t in leftovers:
+        t.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)

@@ -165,3 +165,17 @@ def test_flaps_outside_the_window_are_forgotten() -> None:
     chk = check(rise=2, fall=1)
     statuses = fold("++-++++++-++++++-++", chk, policy)
     assert statuses[-1] is U
+
+
+def test_alternating_failures_are_flapping() -> None:
+    """A check failing every other sample never fails `fall` times in a row, yet it is flapping: it goes
+    DOWN at the flap_threshold-th failure after a pass and stays down while it keeps alternating."""
+    policy = PolicyConfig(flap_threshold=3, flap_window=60, flap_hold=10)
+    statuses = fold("++" + "-+" * 10, check(rise=2, fall=2), policy)
+    assert statuses[:3] == [N, U, U]  # the first blip is absorbed by `fall`
+    assert statuses[5] is U and statuses[6] is D  # the third failure after a pass: flapping
+    assert set(statuses[6:]) == {D}
+    state = CheckState()
+    for i, s in enumerate("++-+-+-"):
+        state = next_state(state, result(s == "+", float(i)), check(rise=2, fall=2), policy, float(i), 0.0)
+    assert state.change_reason == "flapping: 3 failures after passes within 1m; last: boom"

@@ -1,0 +1,68 @@
+"""StrictModes for root: a file the agent trusts must not be changeable by anyone but root."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from agent.config import Config, ConfigError, load_config
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _problem(path: str, st: os.stat_result, is_dir: bool) -> str | None:
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != 0:
+        return f"{path} is owned by {_owner(st.st_uid)}, not root (fix: chown root {path})"
+    if mode & 0o022 and not (is_dir and mode & stat.S_ISVTX):  # a sticky directory protects root's files
+        who = "group- and world" if mode & 0o022 == 0o022 else ("group" if mode & 0o020 else "world")
+        return f"{path} is {who}-writable (mode {mode:04o}; fix: chmod go-w {path})"
+    return None
+
+
+def untrusted(path: str | os.PathLike[str]) -> str | None:
+    """Why root must not trust `path`, or None. Like sshd's StrictModes: the file and every directory
+    above it (on the path as written and after resolving symlinks) must be owned by root and writable by
+    no one else; a sticky directory such as /tmp is fine. Raises FileNotFoundError for a missing file.
+    """
+    written = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    problem = _problem(str(real), os.stat(real), is_dir=False)
+    if problem:
+        return problem
+    seen: set[Path] = set()
+    for d in [*written.parents, *real.parents]:
+        if d in seen:
+            continue
+        seen.add(d)
+        problem = _problem(str(d), os.stat(d), is_dir=True)
+        if problem:
+            return problem
+    return None
+
+
+def check_trusted(path: str | os.PathLike[str], key: str = "(file)") -> None:
+    """As root, refuse a file others could have written (ConfigError naming it); otherwise do nothing."""
+    if os.geteuid() != 0:
+        return
+    try:
+        problem = untrusted(path)
+    except FileNotFoundError:
+        return  # reported by whoever reads it
+    except OSError as e:
+        raise ConfigError(str(path), [f"{key}: cannot check permissions: {e.strerror}"]) from None
+    if problem:
+        raise ConfigError(str(path), [f"{key}: refusing a file others can change while running as root: {problem}"])
+
+
+def load_trusted_config(path: str | os.PathLike[str]) -> Config:
+    """load_config, after refusing (as root) a config file that others could have written."""
+    check_trusted(path)
+    return load_config(path)
