@@ -11,6 +11,7 @@ from aiohttp import web
 
 from agent import logs
 from agent.config import Config, ConfigError, load_config
+from agent.fasthealth import FastHealth
 from agent.http_api import TOKENS, make_app
 from agent.metrics import make_registry
 from agent.probes.base import Context
@@ -50,6 +51,7 @@ class Agent:
         self.scheduler: Scheduler | None = None
         self._sched_task: asyncio.Task | None = None
         self._web: web.AppRunner | None = None
+        self._fast: FastHealth | None = None
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
 
@@ -65,10 +67,15 @@ class Agent:
             self._web = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
             await self._web.setup()
             host, port = self.config.server.listen
-            site = web.TCPSite(self._web, host, port, backlog=1024, reuse_address=True)
-            await site.start()
-            sock = site._server.sockets[0]  # the bound address, for port 0
-            self.address = sock.getsockname()[:2]
+            if self.config.server.fast_health:
+                server = self.config.server
+                self._fast = FastHealth(self.state, self._web.server, server.max_connections, server.read_timeout)
+                self.address = await self._fast.start(host, port, backlog=1024)
+            else:
+                site = web.TCPSite(self._web, host, port, backlog=1024, reuse_address=True)
+                await site.start()
+                sock = site._server.sockets[0]  # the bound address, for port 0
+                self.address = sock.getsockname()[:2]
         except BaseException:
             await self.stop()
             raise
@@ -129,6 +136,9 @@ class Agent:
             await asyncio.sleep(drain)
 
     async def stop(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
+            self._fast = None
         if self._web is not None:
             await self._web.cleanup()
             self._web = None

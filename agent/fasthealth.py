@@ -1,0 +1,232 @@
+"""A minimal HTTP/1.1 responder for /health, /ready and /live in front of aiohttp; aiohttp gets the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+from collections.abc import Callable
+
+from agent.http_api import current, health_status
+from agent.state import AgentState
+
+# Why this exists: load balancers and orchestrators probe /health many times a second per node, and aiohttp
+# spends ~100 us of Python per request on routing, Request/Response objects and header multidicts. This
+# responder answers the probe paths from precomputed bytes (see bench/RESULTS.md for the numbers).
+#
+# It is deliberately narrow. It answers only a request that HEAD_RE matches whole: GET or HEAD of one of
+# the three paths, HTTP/1.0 or 1.1, at most MAX_HEAD bytes, and only header names from ALLOWED with plain
+# printable values (so no body, no upgrade, no Expect), one Host (required by HTTP/1.1). Anything else
+# (other paths or methods, query strings, bodies, malformed or oversized heads, unknown headers, bare LF
+# line ends) hands the connection, from that request on, to aiohttp's own protocol, which parses, rejects
+# and answers it exactly as it would without this front. So strictness about odd input stays with aiohttp.
+
+PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live"}
+MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and partial ones) go to aiohttp
+MAX_HEADERS = 32
+SWEEP = 1.0  # seconds between refreshes of the Date header and read-timeout checks
+
+ALLOWED = (
+    "user-agent", "accept", "accept-encoding", "accept-language", "connection", "keep-alive", "cache-control",
+    "pragma", "authorization", "referer", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+    "x-real-ip", "x-request-id", "traceparent", "tracestate",
+)
+_OWS = rb"[ \t]*"
+_HOST = rb"\r\n(?i:host):" + _OWS + rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*" + _OWS
+_OTHER = rb"\r\n(?i:" + "|".join(ALLOWED).encode() + rb"):[\t\x20-\x7e]*"
+HEAD_RE = re.compile(
+    rb"(GET|HEAD) (/health|/ready|/live) HTTP/1\.([01])((?:" + _HOST + b"|" + _OTHER + rb")*)"
+)
+REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
+
+
+def parse_connection(headers: bytes) -> set[bytes]:
+    """The lower-cased tokens of every Connection header in a header block (lines led by CRLF)."""
+    tokens: set[bytes] = set()
+    for line in headers.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def render(code: int, body: bytes, head: bool, close: bool, keep_alive_header: bool, date: bytes) -> bytes:
+    """The full response bytes; HEAD gets the same headers as GET and no body."""
+    lines = [
+        b"HTTP/1.1 %d %s" % (code, REASONS[code]),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: %d" % len(body),
+        b"Cache-Control: no-store",
+        b"Date: " + date,
+    ]
+    if close:
+        lines.append(b"Connection: close")
+    elif keep_alive_header:
+        lines.append(b"Connection: keep-alive")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body)
+
+
+class FastHealth:
+    """The listening socket, its connections and the cache of response bytes.
+
+    Invariant: everything here runs on the event loop's thread; `conns` holds every connection accepted
+    and not yet lost, including those handed to aiohttp, so max_connections counts them all.
+    """
+
+    def __init__(self, state: AgentState, fallback: Callable[[], asyncio.Protocol],
+                 max_connections: int, read_timeout: float):
+        self.state = state
+        self.fallback = fallback
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.conns: set[HealthProtocol] = set()
+        self.loop = asyncio.get_running_loop()
+        self.server: asyncio.base_events.Server | None = None
+        self._cache: dict[tuple, bytes] = {}
+        self._date = b""
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep()
+
+    async def start(self, host: str, port: int, backlog: int = 1024) -> tuple[str, int]:
+        self.server = await self.loop.create_server(lambda: HealthProtocol(self), host, port, backlog=backlog,
+                                                    reuse_address=True)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        """Stop listening and close the connections aiohttp does not own (aiohttp closes its own)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self.server is not None:
+            # Not wait_closed(): on newer Pythons it waits for aiohttp's connections, which close later.
+            self.server.close()
+            self.server = None
+        for conn in list(self.conns):
+            if conn.inner is None:
+                conn.transport.close()
+
+    def _sweep(self) -> None:
+        """Once a second: a fresh Date (and so fresh cached responses); close clients past their deadline."""
+        self._date = email.utils.formatdate(usegmt=True).encode()
+        self._cache.clear()
+        now = self.loop.time()
+        for conn in list(self.conns):
+            if conn.inner is None and now > conn.deadline:
+                conn.transport.close()
+        self._sweeper = self.loop.call_later(SWEEP, self._sweep)
+
+    def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
+        """The response to one probe, from the current snapshot: the same decision as http_api's handlers."""
+        state = self.state
+        snap, fresh = current(state)
+        if kind == "health":
+            code = health_status(state, snap, fresh)
+            body = b"up\n" if code == 200 else b"down\n"
+        else:
+            ok = fresh and snap.live
+            code, body = (200, b"live\n") if ok else (503, b"stalled\n")
+        key = (code, body, head, close, http10)
+        resp = self._cache.get(key)
+        if resp is None:
+            resp = self._cache[key] = render(code, body, head, close, http10, self._date)
+        return resp
+
+
+class HealthProtocol(asyncio.Protocol):
+    """One client connection: answers probe requests itself until one is not a probe, then forwards to aiohttp.
+
+    Once `inner` (aiohttp's RequestHandler) is set, every transport event goes to it and this object only
+    relays; the connection never comes back.
+    """
+
+    __slots__ = ("front", "transport", "inner", "buf", "deadline", "closing")
+
+    def __init__(self, front: FastHealth):
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.inner: asyncio.Protocol | None = None
+        self.buf = b""
+        self.deadline = 0.0
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        front = self.front
+        self.transport = transport
+        front.conns.add(self)
+        if len(front.conns) > front.max_connections:
+            self.closing = True
+            transport.abort()
+            return
+        self.deadline = front.loop.time() + front.read_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.conns.discard(self)
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+            return
+        if self.closing:
+            return
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        out = []
+        while True:
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0:
+                break
+            if end - pos > MAX_HEAD:
+                break
+            m = HEAD_RE.fullmatch(buf, pos, end)
+            if m is None:
+                break
+            headers = m.group(4)
+            close = http10 = m.group(3) == b"0"
+            lower = headers.lower()
+            hosts = lower.count(b"\r\nhost:")
+            if hosts > 1 or (hosts == 0 and not http10) or lower.count(b"\r\n") > MAX_HEADERS:
+                break
+            if b"\r\nconnection:" in lower:
+                tokens = parse_connection(headers)
+                close = b"close" in tokens or (http10 and b"keep-alive" not in tokens)
+            out.append(self.front.answer(PATHS[m.group(2)], m.group(1) == b"HEAD", close, http10))
+            pos = end + 4
+            if close:
+                self.closing = True
+                break
+        if out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self.deadline = self.front.loop.time() + self.front.read_timeout
+        if self.closing:
+            self.transport.close()
+            return
+        rest = buf[pos:] if pos else buf
+        if rest and (end >= 0 or len(rest) > MAX_HEAD or rest.count(b"\n") != rest.count(b"\r\n")):
+            self._hand_over(rest)  # not a probe, too long, or bare LF line ends: aiohttp decides
+            return
+        self.buf = rest
+
+    def _hand_over(self, rest: bytes) -> None:
+        self.buf = b""
+        self.inner = inner = self.front.fallback()
+        inner.connection_made(self.transport)
+        inner.data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
+        return None  # every complete request was answered: close
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+        else:
+            self.transport.pause_reading()  # a client that pipelines without reading gets no more answers
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+        elif not self.closing:
+            self.transport.resume_reading()
