@@ -15,11 +15,11 @@ from prometheus_client.core import (
 
 from agent import __version__
 from agent.model import Admin
-from agent.state import BUCKETS, AgentState, CheckStats
+from agent.state import AgentState, CheckStats
 
 
 def _histogram(stats: CheckStats) -> tuple[list[tuple[str, float]], float]:
-    buckets = [("+Inf" if b == float("inf") else repr(b), float(n)) for b, n in zip(BUCKETS, stats.buckets,
+    buckets = [("+Inf" if b == float("inf") else repr(b), float(n)) for b, n in zip(stats.bounds, stats.buckets,
                                                                                     strict=True)]
     return buckets, stats.duration_sum
 

@@ -1,0 +1,106 @@
+"""Load and sampling against live processes: wrk runs, /proc footprints, metrics scrapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+from bench.parse import (
+    WrkResult,
+    parse_histogram,
+    parse_wrk,
+    proc_cpu_ticks,
+    proc_rss_bytes,
+    proc_smaps_rollup,
+)
+from bench.servers import BenchError, http_text, which
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, connections: int, duration: float, close: bool = False, threads: int = 1) -> WrkResult:
+    """One bounded wrk run (`-d`), latency percentiles on. `close` sends `Connection: close` on every request."""
+    argv = [which("wrk", "wrk"), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+            "--timeout", "2s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=duration + 30)
+    if out.returncode:
+        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
+    return parse_wrk(out.stdout)
+
+
+class Flood:
+    """wrk in the background for `duration` seconds; `result()` waits for it and parses its report."""
+
+    def __init__(self, url: str, connections: int, duration: float):
+        argv = [which("wrk", "wrk"), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+                "--timeout", "2s", url]
+        self.duration = duration
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def result(self) -> WrkResult:
+        try:
+            out, _ = self.popen.communicate(timeout=self.duration + 30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise BenchError("wrk did not finish") from None
+        return parse_wrk(out)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    cpu_percent: float  # of one core, over the window
+    rss_median: float  # bytes
+    rss_max: float
+    pss: float  # at the end of the window: RSS with shared pages divided among their users
+    uss: float  # private pages only: what ending the process would give back
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return proc_cpu_ticks(f.read())
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return proc_rss_bytes(f.read())
+
+
+def smaps(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return proc_smaps_rollup(f.read())
+
+
+def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[str, Footprint]:
+    """CPU% of a core and RSS of several processes over the same window, read from /proc."""
+    start = {name: cpu_ticks(pid) for name, pid in pids.items()}
+    t0 = time.monotonic()
+    samples: dict[str, list[int]] = {name: [] for name in pids}
+    while True:
+        for name, pid in pids.items():
+            samples[name].append(rss(pid))
+        left = t0 + window - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(every, left))
+    elapsed = time.monotonic() - t0
+    out = {}
+    for name, pid in pids.items():
+        ticks = cpu_ticks(pid) - start[name]
+        vals = sorted(samples[name])
+        roll = smaps(pid)
+        out[name] = Footprint(100.0 * ticks / CLK_TCK / elapsed, float(vals[len(vals) // 2]), float(vals[-1]),
+                              float(roll["Pss"]), float(roll["Private_Clean"] + roll["Private_Dirty"]))
+    return out
+
+
+def histogram(url: str, name: str) -> list[tuple[float, float]]:
+    return parse_histogram(http_text(url), name)
