@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import DEFAULT_PATH, Config, ConfigError, json_schema, load_config
@@ -22,8 +23,10 @@ The config file is taken from -c, else $HEALTHGATE_CONFIG, else {DEFAULT_PATH}.
 """
 
 EPILOG = """\
-exit codes: 0 ok / node up; 2 config error, or (check) node down; 1 unexpected failure.
-endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /metrics.
+exit codes: 0 ok / node up; 2 config error, or (check, status, explain) node down, draining or in
+maintenance; 3 (status, explain) state unknown: agent unreachable or details refused; 1 unexpected failure.
+endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /status/journal, /metrics, and the
+status page at /.
 signals of `run`: SIGTERM/SIGINT drain then exit 0; SIGHUP reloads the config (a bad file is refused).
 """
 
@@ -110,6 +113,50 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_once(cfg, color=args.color)
 
 
+def _agent_access(args: argparse.Namespace) -> tuple[str, str | None] | int:
+    """The agent's URL and status token, from the options, else from the config file when there is one."""
+    from agent.remote import EXIT_UNKNOWN, default_url
+
+    cfg = None
+    path = config_path(args)
+    if args.url is None or args.token_file is None:
+        explicit = bool(args.config or os.environ.get("HEALTHGATE_CONFIG"))
+        if explicit or os.path.exists(path):
+            cfg = load_or_report(path)
+            if cfg is None:
+                return EXIT_UNKNOWN
+    url = args.url or default_url(cfg)
+    token_file = args.token_file or (cfg.server.status_token_file if cfg else None)
+    token = None
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip() or None
+        except OSError as e:
+            if args.token_file:  # asked for explicitly: say so; the config's file is only a convenience
+                print(f"healthgate: --token-file {token_file}: {e.strerror}", file=sys.stderr)
+                return EXIT_UNKNOWN
+    return url, token
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.remote import run_status
+    from agent.render import use_color
+
+    access = _agent_access(args)
+    if isinstance(access, int):
+        return access
+    return run_status(*access, args.timeout, use_color(args.color, sys.stdout), args.transitions)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from agent.remote import run_explain
+
+    access = _agent_access(args)
+    if isinstance(access, int):
+        return access
+    return run_explain(*access, args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healthgate", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", "run every check once, print a table, exit 0 if the node would be up, 2 if down", cmd_check)
     with_config(p)
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the table")
+    for name, help, func in (
+        ("status", "print a running agent's verdict, checks and recent transitions; "
+                   "exit 0 up, 2 down/drain/maint, 3 unreachable", cmd_status),
+        ("explain", "say in one paragraph why the node is down, or what would take it down next; "
+                    "exit codes as status", cmd_explain),
+    ):
+        p = add(name, help, func)
+        with_config(p)
+        p.add_argument("--url", help="the agent's base URL (default: from the config's server.listen, "
+                                     "else http://127.0.0.1:8080)")
+        p.add_argument("--token-file", metavar="FILE", help="file holding the status bearer token "
+                                                            "(default: the config's server.status_token_file)")
+        p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent (default: 3)")
+        if name == "status":
+            p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the output")
+            p.add_argument("-n", "--transitions", type=int, default=10, metavar="N",
+                           help="recent transitions to print (default: 10; 0 = none)")
     p = add("validate", "validate the config file: exit 0, or 2 with one line per error", cmd_validate)
     with_config(p)
     add("schema", "print the config file's JSON Schema", cmd_schema)

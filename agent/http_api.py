@@ -97,6 +97,9 @@ def check_entry(v: CheckView) -> dict[str, Any]:
         "lastTransition": iso(s.changed_wall),
         "lastTransitionReason": s.change_reason,
         "history": "".join("+" if ok else "-" for ok in s.history),
+        "rise": s.required_rise or v.rise,
+        "fall": v.fall,
+        "intervalSeconds": v.interval,
     }
     if last is not None:
         entry["time"] = iso(last.wall)
@@ -106,9 +109,18 @@ def check_entry(v: CheckView) -> dict[str, Any]:
         entry["observedUnit"] = obs.unit
         if obs.detail:
             entry["detail"] = obs.detail
+        if obs.headroom is not None:
+            entry["headroom"] = obs.headroom
     if not v.passing:
         entry["output"] = why(v)
     return entry
+
+
+def served_state(snap: Snapshot, fresh: bool) -> str:
+    """up, down, drain or maint: what the node is, for people. Failing checks outrank drain/maint."""
+    if not fresh or not snap.verdict.up:
+        return "down"
+    return "up" if snap.admin is Admin.READY else snap.admin.value
 
 
 def status_body(state: AgentState, snap: Snapshot, fresh: bool, detailed: bool) -> dict[str, Any]:
@@ -134,6 +146,8 @@ def status_body(state: AgentState, snap: Snapshot, fresh: bool, detailed: bool) 
             "live": snap.live and fresh,
             "eventLoopLagSeconds": round(snap.loop_lag, 6),
             "failing": list(snap.verdict.failing),
+            "state": served_state(snap, fresh),
+            "time": iso(time.time()),
         },
         "checks": {f"{v.name}:{v.type}": [check_entry(v)] for v in snap.checks},
     })
@@ -141,12 +155,16 @@ def status_body(state: AgentState, snap: Snapshot, fresh: bool, detailed: bool) 
 
 
 async def status(request: web.Request) -> web.Response:
+    from agent.statuspage import page, prefers_html
+
+    if prefers_html(request.headers.get("Accept", "")):
+        return await page(request)
     state = request.app[STATE]
     snap, fresh = current(state)
     detailed = authorized(request, request.app[TOKENS].get("status"))
     body = status_body(state, snap, fresh, detailed)
     return web.json_response(body, status=200 if body["status"] == "pass" else 503, content_type=HEALTH_JSON,
-                             headers=NO_STORE, dumps=_dumps)
+                             headers={**NO_STORE, "Vary": "Accept"}, dumps=_dumps)
 
 
 def _dumps(obj: Any) -> str:
@@ -180,4 +198,7 @@ def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] 
     app.router.add_get("/live", live)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+    from agent.statuspage import add_routes
+
+    add_routes(app)
     return app

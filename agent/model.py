@@ -20,12 +20,18 @@ class Admin(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Observation:
-    """What a probe saw when it passed. `value` is the headline number shown in /status and metrics."""
+    """What a probe saw when it passed. `value` is the headline number shown in /status and metrics.
+
+    `headroom` says how far the value is from its threshold, when the probe has one (see
+    agent.probes.base.headroom): 1 = ideal, 0 = at the threshold, below 0 = past it. `healthgate explain`
+    names the check with the least headroom as the one closest to taking the node down.
+    """
 
     value: float | None = None
     unit: str = ""
     detail: str = ""
     values: tuple[tuple[str, float, str], ...] = ()  # extra (name, value, unit) series
+    headroom: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,9 @@ class CheckView:
     stale: bool
     state: CheckState
     threshold: str = ""
+    rise: int = 1  # configured; flap damping may demand more (CheckState.required_rise)
+    fall: int = 1
+    interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

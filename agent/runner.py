@@ -16,7 +16,7 @@ from agent.probes.base import CheckBase, CheckFailed, Context
 def _valid(obs: object) -> bool:
     if not isinstance(obs, Observation):
         return False
-    return obs.value is None or (isinstance(obs.value, int | float) and math.isfinite(obs.value))
+    return all(v is None or (isinstance(v, int | float) and math.isfinite(v)) for v in (obs.value, obs.headroom))
 
 
 class Runner:
@@ -35,10 +35,12 @@ class Runner:
     async def run(self, check: CheckBase) -> Result:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # Durations use perf_counter: uvloop's loop.time() ticks in whole milliseconds.
+        t0 = time.perf_counter()
 
         def result(ok: bool, reason: str, kind: str, obs: Observation | None = None) -> Result:
-            finished = loop.time()
-            return Result(ok, reason, kind, finished - started, started, finished, time.time(), obs)
+            duration = time.perf_counter() - t0
+            return Result(ok, reason, kind, duration, started, loop.time(), time.time(), obs)
 
         previous = self.hung.get(check.name)
         if previous is not None and not previous.done():

@@ -62,6 +62,7 @@ def view(check: CheckBase, state: CheckState, policy: PolicyConfig, now: float) 
     return CheckView(
         name=check.name, type=check.type, critical=check.critical,
         passing=state.status is Status.UP and not stale, stale=stale, state=state, threshold=check.threshold(),
+        rise=check.rise, fall=check.fall, interval=check.interval,
     )
 
 

@@ -45,6 +45,19 @@ class CheckBase(Strict):
         return ()
 
 
+def headroom(value: float, limit: float, best: float) -> float | None:
+    """How far `value` is from failing at `limit`, as a fraction of the way from `best` to `limit`.
+
+    1 at `best` (the ideal reading), 0 at the threshold, negative past it. One formula serves both
+    directions: an upper bound (memory used <= 95%: best 0) and a lower bound (disk free >= 5%: best 100),
+    so headrooms of different checks compare. A probe with a numeric threshold puts this in
+    `Observation.headroom`; None when the bound is degenerate (limit == best).
+    """
+    if limit == best:
+        return None
+    return round((limit - value) / (limit - best), 4)
+
+
 class CheckFailed(Exception):
     """Raised by a probe: the check failed for a reason a human can act on.
 

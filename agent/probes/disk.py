@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from agent.model import Observation
-from agent.probes.base import CheckBase, CheckFailed, Context
+from agent.probes.base import CheckBase, CheckFailed, Context, headroom
 
 
 class Config(CheckBase):
@@ -33,11 +33,19 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     total = st.f_blocks * st.f_frsize
     free = st.f_bavail * st.f_frsize
     free_pct = 100.0 * free / total if total else 0.0
+    # The tightest of the bounds in force is the one that will fail first.
+    margins = [headroom(free_pct, cfg.min_free_percent, 100.0)]
+    if cfg.min_free_bytes:
+        margins.append(headroom(free, cfg.min_free_bytes, total))
+    if cfg.min_free_inodes_percent and st.f_files:
+        margins.append(headroom(100.0 * st.f_favail / st.f_files, cfg.min_free_inodes_percent, 100.0))
+    known = [m for m in margins if m is not None]
     obs = Observation(
         value=round(free_pct, 2),
         unit="percent",
         detail=f"{free_pct:.1f}% free",
         values=(("free_bytes", float(free), "bytes"),),
+        headroom=min(known) if known else None,
     )
     if cfg.fail_read_only and st.f_flag & os.ST_RDONLY:
         raise CheckFailed(f"disk {cfg.path}: read-only filesystem", "read_only", observation=obs)

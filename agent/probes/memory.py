@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from agent.model import Observation
-from agent.probes.base import CheckBase, CheckFailed, Context
+from agent.probes.base import CheckBase, CheckFailed, Context, headroom
 
 
 class Config(CheckBase):
@@ -36,7 +36,8 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     total = info["MemTotal"]
     available = info.get("MemAvailable", info.get("MemFree", 0))
     used = 100.0 * (total - available) / total
-    obs = Observation(value=round(used, 2), unit="percent", detail=f"{used:.1f}% used")
+    obs = Observation(value=round(used, 2), unit="percent", detail=f"{used:.1f}% used",
+                      headroom=headroom(used, cfg.max_used_percent, 0.0))
     if used > cfg.max_used_percent:
         raise CheckFailed(
             f"memory: {used:.1f}% used > {cfg.max_used_percent:g}%", "threshold", observation=obs

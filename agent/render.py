@@ -1,0 +1,305 @@
+"""Terminal views of /status JSON: the status page's rows as a table, a status report and `explain`. Pure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+GREEN, RED, YELLOW, BLUE, DIM, BOLD, RESET = (
+    "\033[32m", "\033[31m", "\033[33m", "\033[34m", "\033[2m", "\033[1m", "\033[0m")
+STATE_COLOR = {"up": GREEN, "down": RED, "drain": YELLOW, "maint": BLUE}
+HEADER = ("CHECK", "TYPE", "CRIT", "STATUS", "VALUE", "THRESHOLD", "LATENCY", "OK/FAIL", "CHANGED", "HISTORY",
+          "REASON")
+STATUS_COLUMN, HISTORY_COLUMN, REASON_COLUMN = 3, 9, 10
+
+
+def use_color(choice: str, stream: TextIO) -> bool:
+    """--color always/never, or auto: a terminal, and NO_COLOR unset or empty (no-color.org)."""
+    if choice != "auto":
+        return choice == "always"
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def paint(text: str, code: str, color: bool) -> str:
+    return f"{code}{text}{RESET}" if color and text else text
+
+
+# -- values --------------------------------------------------------------------------------------
+
+
+def parse_time(iso: str | None) -> datetime | None:
+    if not iso:
+        return None
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def ago(iso: str | None, now: datetime | None) -> str:
+    t = parse_time(iso)
+    if t is None or now is None:
+        return "—"
+    return duration((now - t).total_seconds()) + " ago"
+
+
+def clock(iso: str | None, now: datetime | None) -> str:
+    """HH:MM:SS in UTC, with the date when it is not today."""
+    t = parse_time(iso)
+    if t is None:
+        return "—"
+    return t.strftime("%H:%M:%S" if now is not None and t.date() == now.date() else "%Y-%m-%d %H:%M:%S")
+
+
+def seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s <= 0:  # a millisecond clock (uvloop's loop.time) reads a sub-millisecond sample as 0
+        return "<1 ms"
+    if s < 0.001:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1000:.{2 if s < 0.01 else 1}f} ms"
+    return f"{s:.2f} s"
+
+
+def size(b: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while b >= 1024 and i < len(units) - 1:
+        b /= 1024
+        i += 1
+    return f"{b:.{1 if i else 0}f} {units[i]}"
+
+
+def value(c: dict[str, Any]) -> str:
+    """The observed value as the status page shows it."""
+    v, unit = c.get("observedValue"), c.get("observedUnit", "")
+    if v is None:
+        return c.get("detail") or "—"
+    if unit == "percent":
+        return c.get("detail") or f"{v:.1f}%"
+    if unit == "seconds":
+        return seconds(v)
+    if unit == "bytes":
+        return size(v)
+    return f"{v:g} {unit}".strip()
+
+
+def pill(c: dict[str, Any]) -> str:
+    if c.get("state") == "stale":
+        return "STALE"
+    if c.get("state") == "unknown":
+        return "UNKNOWN"
+    return "UP" if c.get("status") == "pass" else "DOWN"
+
+
+def now_of(status: dict[str, Any]) -> datetime | None:
+    return parse_time((status.get("healthgate") or {}).get("time"))
+
+
+def checks(status: dict[str, Any]) -> list[dict[str, Any]]:
+    return [entries[0] for entries in (status.get("checks") or {}).values() if entries]
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def check_rows(status: dict[str, Any], history: int = 20) -> list[tuple[str, ...]]:
+    """One row per check, with the status page's columns; `history` = how many recent results to show."""
+    now = now_of(status)
+    rows = [HEADER]
+    for c in checks(status):
+        h = c.get("history", "")
+        rows.append((
+            c.get("componentId", "?"), c.get("componentType", ""), "yes" if c.get("critical") else "no", pill(c),
+            value(c), c.get("threshold", ""), seconds(c.get("durationSeconds")),
+            f"{c.get('consecutiveSuccesses', 0)}/{c.get('consecutiveFailures', 0)}",
+            ago(c.get("lastTransition"), now) if c.get("lastTransition") else "—",
+            h[-history:] if history else "",
+            c.get("output", "") if c.get("status") != "pass" else "",
+        ))
+    return rows
+
+
+def table(rows: Sequence[Sequence[str]], color: bool) -> str:
+    """Aligned columns; the last column is not padded. Colour marks status, history and reasons."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)] + [row[-1]]
+        if n == 0:
+            cells = [paint(c, BOLD, color) for c in cells]
+        elif color:
+            status = row[STATUS_COLUMN]
+            code = GREEN if status == "UP" else RED if status == "DOWN" else YELLOW
+            cells[STATUS_COLUMN] = paint(cells[STATUS_COLUMN], code, color)
+            pad = cells[HISTORY_COLUMN][len(row[HISTORY_COLUMN]):]
+            cells[HISTORY_COLUMN] = "".join(paint(ch, GREEN if ch == "+" else RED, color)
+                                            for ch in row[HISTORY_COLUMN]) + pad
+            cells[REASON_COLUMN] = paint(cells[REASON_COLUMN], RED, color)
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def headline(status: dict[str, Any], color: bool) -> str:
+    """`DOWN  host  since ... (for ...)` and the reason, as the status page's banner says it."""
+    hg = status["healthgate"]
+    now = now_of(status)
+    state = hg.get("state") or hg.get("verdict", "down")
+    word = paint(state.upper(), BOLD + STATE_COLOR.get(state, RED), color)
+    since = hg.get("since")
+    when = f"since {clock(since, now)} UTC (for {ago(since, now).removesuffix(' ago')})" if since else ""
+    reason = "all critical checks pass" if state == "up" else status.get("output", "")
+    if state in ("drain", "maint") and hg.get("adminUntil"):
+        reason += f" (until {clock(hg['adminUntil'], now)} UTC)"
+    return f"{word}  {status.get('serviceId', '')}  {when}".rstrip() + f"\n{reason}"
+
+
+def journal_lines(journal: dict[str, Any], now: datetime | None, limit: int, color: bool) -> list[str]:
+    entries = list(journal.get("entries") or [])[-limit:][::-1] if limit else []
+    rows = [(clock(e.get("time"), now), e.get("kind", ""), e.get("name", ""), e.get("from", ""), e.get("to", ""),
+             e.get("reason", "")) for e in entries]
+    if not rows:
+        return ["(no transitions yet)"]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    out = []
+    for r in rows:
+        to = paint(r[4].ljust(max(len(x[4]) for x in rows)), STATE_COLOR.get(r[4], ""), color)
+        out.append("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)), "->", to, r[5]]).rstrip())
+    return out
+
+
+def status_report(status: dict[str, Any], journal: dict[str, Any], color: bool, transitions: int = 10) -> str:
+    now = now_of(status)
+    parts = [headline(status, color), "", table(check_rows(status), color)]
+    if transitions:
+        parts += ["", paint("RECENT TRANSITIONS (UTC, newest first)", BOLD, color),
+                  *journal_lines(journal, now, transitions, color)]
+    return "\n".join(parts)
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """0 when the node is served up; 2 when down, draining or in maintenance."""
+    return 0 if (status.get("healthgate") or {}).get("state", "down") == "up" else 2
+
+
+# -- explain -------------------------------------------------------------------------------------
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _every(c: dict[str, Any]) -> str:
+    interval = c.get("intervalSeconds")
+    return f" (sampled every {interval:g}s)" if interval else ""
+
+
+def _failing_part(c: dict[str, Any], now: datetime | None) -> str:
+    name = f"{c.get('componentId')} ({c.get('componentType')})"
+    why = c.get("output") or c.get("lastTransitionReason") or "failing"
+    ok, fail, rise = c.get("consecutiveSuccesses", 0), c.get("consecutiveFailures", 0), c.get("rise", 1)
+    if c.get("state") == "stale":
+        return f"{name} has no fresh result: its probe or scheduler is stuck"
+    if ok:
+        return (f"{name} is recovering: it passed {ok} of the {rise} samples in a row it needs"
+                f" (it had failed with: {c.get('lastTransitionReason') or why})")
+    if c.get("state") == "unknown" and not c.get("time"):
+        return f"{name} has no result yet"
+    since = f", down for {ago(c['lastTransition'], now).removesuffix(' ago')}" if c.get("lastTransition") else ""
+    return f"{name}: {why} ({_n(fail, 'failure')} in a row{since}; it needs {rise} passes in a row to rise)"
+
+
+def _next_risk(crit: list[dict[str, Any]], now: datetime | None) -> str:
+    """What would take the node down next: a check already failing, else the least headroom, else the flakiest."""
+    if not crit:
+        return ("It has no critical checks, so only drain, maintenance or the agent's own health can take it "
+                "down.")
+    wobbling = [c for c in crit if c.get("consecutiveFailures", 0) > 0]
+    if wobbling:
+        c = max(wobbling, key=lambda c: c["consecutiveFailures"] / max(1, c.get("fall", 1)))
+        fail, fall = c["consecutiveFailures"], c.get("fall", 1)
+        return (f"Closest to taking it down: {c.get('componentId')} ({c.get('componentType')}) has failed "
+                f"{fail} of the {fall} samples in a row that would take it down: {c.get('output') or 'failing'}.")
+    shakiest = min(crit, key=lambda c: (-c.get("history", "").count("-"), c.get("consecutiveSuccesses", 0)))
+    h = shakiest.get("history", "")
+    failed = h.count("-")
+    flaky = (f"{shakiest.get('componentId')} ({shakiest.get('componentType')}): {failed} of its last {len(h)} "
+             f"samples failed, the last change {ago(shakiest.get('lastTransition'), now)} "
+             f"({shakiest.get('lastTransitionReason') or 'no reason'})")
+    measured = [c for c in crit if isinstance(c.get("headroom"), int | float)]
+    if measured:
+        c = min(measured, key=lambda c: c["headroom"])
+        text = (f"Closest to its threshold: {c.get('componentId')} ({c.get('componentType')}) at {value(c)} "
+                f"against {c.get('threshold') or 'its threshold'}, {max(0.0, c['headroom']) * 100:.0f}% headroom "
+                f"left; {_n(c.get('fall', 1), 'failing sample')} in a row would take the node down.")
+        if failed and shakiest is not c:
+            text += f" Recently unsteady: {flaky}."
+        return text
+    if failed:
+        return (f"No critical check reports how close it is to a threshold; the shakiest is {flaky}; "
+                f"{_n(shakiest.get('fall', 1), 'failure')} in a row would take the node down.")
+    return (f"No critical check reports how close it is to a threshold, and none failed in its last samples; "
+            f"the one with the fewest passes in a row is {shakiest.get('componentId')} "
+            f"({shakiest.get('componentType')}, {shakiest.get('consecutiveSuccesses', 0)}).")
+
+
+def explain(status: dict[str, Any]) -> str:
+    """One paragraph: why the node is down now, or what would take it down next."""
+    hg = status["healthgate"]
+    now = now_of(status)
+    host = status.get("serviceId") or "this node"
+    state = hg.get("state") or hg.get("verdict", "down")
+    since = f" since {clock(hg['since'], now)} UTC ({ago(hg['since'], now)})" if hg.get("since") else ""
+    all_checks = checks(status)
+    crit = [c for c in all_checks if c.get("critical")]
+    minor = [c.get("componentId") for c in all_checks if not c.get("critical") and c.get("status") != "pass"]
+    aside = (f" Not critical, so not counted: {', '.join(minor)} {'is' if len(minor) == 1 else 'are'} failing."
+             if minor else "")
+
+    if state == "down":
+        failing = [c for c in crit if c.get("status") != "pass"]
+        if not failing:
+            return (f"{host} is DOWN{since}: {status.get('output') or 'the agent cannot vouch for it'}. No critical "
+                    f"check is failing: the agent itself cannot vouch for the node (it is starting, stopping or "
+                    f"its event loop is stalled), and fails closed.{aside}")
+        parts = "; ".join(_failing_part(c, now) for c in failing)
+        text = f"{host} is DOWN{since} because {_n(len(failing), 'critical check')} {'fails' if len(failing) == 1 else 'fail'}: {parts}."
+        if len(failing) == 1:
+            c = failing[0]
+            left = max(0, c.get("rise", 1) - c.get("consecutiveSuccesses", 0))
+            text += (f" It comes back UP after {_n(left, 'more passing sample')} in a row of "
+                     f"{c.get('componentId')}{_every(c)}.")
+        else:
+            text += " It comes back UP once every one of them passes its rise count in a row."
+        if hg.get("admin") not in (None, "ready"):
+            text += f" It is also set to {hg['admin'].upper()}" + (f" ({hg['adminReason']})" if hg.get("adminReason") else "") + "."
+        return text + aside
+
+    if state in ("drain", "maint"):
+        why = f" ({hg['adminReason']})" if hg.get("adminReason") else ""
+        until = f" until {clock(hg['adminUntil'], now)} UTC" if hg.get("adminUntil") else ""
+        return (f"{host} is out of the pool by an operator: {state.upper()}{why}{since}{until}. Its critical checks "
+                f"pass; it serves UP again once set back to ready. {_next_risk(crit, now)}{aside}")
+
+    verb = "passes" if len(crit) == 1 else "pass"
+    return f"{host} is UP{since}: {_n(len(crit), 'critical check')} {verb}. {_next_risk(crit, now)}{aside}"
+
+
+def unreachable(url: str, error: str) -> str:
+    return (f"UNREACHABLE  {url}\nagent unreachable ({error}): the node's state is unknown from here; a load "
+            f"balancer that cannot reach the agent either counts the node as down.")

@@ -1,0 +1,149 @@
+"""`healthgate status`, `explain` and `check` as an operator runs them, against a running agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from agent import remote, render
+from tests.helpers import ROOT, free_port, wait_for
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_drain = "0s"
+[agent]
+allow_root = true
+[[checks]]
+name = "mem"
+type = "memory"
+interval = "200ms"
+timeout = "150ms"
+rise = 1
+fall = 1
+max_used_percent = 100
+[[checks]]
+name = "db"
+type = "tcp"
+port = %d
+interval = "200ms"
+timeout = "150ms"
+rise = 1
+fall = 1
+"""
+
+
+def healthgate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=30, env=env)
+
+
+def checks_of(agent) -> dict:
+    return json.loads(agent.get("/status")[1]).get("checks", {})
+
+
+def test_status_and_explain_follow_the_agent(agent_process) -> None:
+    """status and explain say DOWN with the failing check's reason (exit 2), then UP (exit 0) once it recovers."""
+    db_port = free_port()
+    agent = agent_process(CONFIG % db_port)
+    wait_for(lambda: all("time" in c[0] for c in checks_of(agent).values()) and len(checks_of(agent)) == 2,
+             what="both checks sampled")
+
+    down = healthgate("status", "-c", str(agent.path))  # the URL comes from the config's server.listen
+    assert down.returncode == 2, down.stderr
+    lines = down.stdout.splitlines()
+    assert lines[0].startswith("DOWN  ") and lines[1] == f"db: tcp 127.0.0.1:{db_port}: connection refused"
+    assert lines[3].split() == ["CHECK", "TYPE", "CRIT", "STATUS", "VALUE", "THRESHOLD", "LATENCY", "OK/FAIL",
+                                "CHANGED", "HISTORY", "REASON"]
+    rows = {line.split()[0]: line for line in lines[4:6]}
+    assert rows["mem"].split()[3] == "UP" and "used <= 100%" in rows["mem"]
+    assert rows["db"].split()[3] == "DOWN" and rows["db"].endswith(f"tcp 127.0.0.1:{db_port}: connection refused")
+    assert "RECENT TRANSITIONS (UTC, newest first)" in down.stdout
+    assert "\033[" not in down.stdout  # not a terminal: no colour
+
+    why = healthgate("explain", "--url", agent.url)
+    assert why.returncode == 2
+    assert "is DOWN since" in why.stdout and "because 1 critical check fails: db (tcp): tcp 127.0.0.1:" in why.stdout
+    assert why.stdout.count("\n") == 1  # one paragraph
+
+    with socket.create_server(("127.0.0.1", db_port)) as listener:
+        listener.listen(64)
+        wait_for(lambda: agent.get("/health")[0] == 200, what="db recovered")
+        up = healthgate("status", "--url", agent.url + "/", "-n", "3", "--color", "always")
+        assert up.returncode == 0
+        assert up.stdout.startswith(render.BOLD + render.GREEN + "UP")
+        assert "down" in up.stdout.split("RECENT TRANSITIONS")[1] and "-> " in up.stdout
+        nxt = healthgate("explain", "--url", agent.url)
+        assert nxt.returncode == 0
+        assert "is UP since" in nxt.stdout and "Closest to its threshold: mem (memory) at " in nxt.stdout
+
+
+def test_status_unreachable_exits_3(tmp_path: Path) -> None:
+    """With no agent listening, status and explain say "agent unreachable" and exit 3."""
+    url = f"http://127.0.0.1:{free_port()}"
+    for cmd in ("status", "explain"):
+        out = healthgate(cmd, "--url", url, "--timeout", "2")
+        assert out.returncode == 3 and "agent unreachable" in out.stderr and out.stdout == ""
+
+
+def test_status_with_a_bad_config_exits_3(tmp_path: Path) -> None:
+    """An unusable config (needed for the URL) is reported with its key path, exit 3."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlisten = "nope"\n')
+    out = healthgate("status", "-c", str(bad))
+    assert out.returncode == 3 and "server.listen" in out.stderr
+
+
+async def test_details_withheld_exit_3() -> None:
+    """An agent that withholds details (no token) makes status exit 3 with a hint about --token-file."""
+    async def bare(request: web.Request) -> web.Response:
+        return web.json_response({"status": "pass"})
+
+    app = web.Application()
+    app.router.add_get("/status", bare)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        code = await asyncio.to_thread(remote.run_status, url, None, 2.0, False, 0)
+    finally:
+        await runner.cleanup()
+    assert code == remote.EXIT_UNKNOWN
+
+
+@pytest.mark.parametrize("listen, url", [
+    ("0.0.0.0:8080", "http://127.0.0.1:8080"), ("[::]:9000", "http://[::1]:9000"),
+    ("10.1.2.3:81", "http://10.1.2.3:81"), (":8080", "http://127.0.0.1:8080"),
+])
+def test_default_url_from_listen(listen: str, url: str) -> None:
+    """The default URL is the config's server.listen, with a wildcard host turned into loopback."""
+    from agent.config import parse_config
+
+    assert remote.default_url(parse_config({"server": {"listen": listen}})) == url
+
+
+def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:
+    """`healthgate check` prints the status page's rows: the same header as `status`, one row per check."""
+    port = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text((CONFIG % port).replace("{port}", str(free_port())))
+    out = healthgate("check", "-c", str(cfg))
+    assert out.returncode == 2
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["CHECK", "TYPE", "CRIT", "STATUS", "VALUE", "THRESHOLD", "LATENCY", "OK/FAIL",
+                                "CHANGED", "HISTORY", "REASON"]
+    assert lines[1].split()[:4] == ["mem", "memory", "yes", "UP"] and "used <= 100%" in lines[1]
+    assert lines[2].split()[:4] == ["db", "tcp", "yes", "DOWN"]
+    assert lines[2].endswith(f"tcp 127.0.0.1:{port}: connection refused")
+    assert "CRITICAL: node would be DOWN (db)" in out.stdout
+    coloured = healthgate("check", "-c", str(cfg), "--color", "always")
+    assert "\033[32mUP" in coloured.stdout and "\033[31mDOWN" in coloured.stdout

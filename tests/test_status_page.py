@@ -1,0 +1,191 @@
+"""The status page in real headless Chromium, its journal endpoint, content negotiation and access rule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from agent import statuspage
+from agent.http_api import TOKENS
+from agent.statuspage import add_routes, prefers_html
+from tests.browser import Browser
+from tests.helpers import ROOT, async_wait_for, free_port, require
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+ROWS = """[...document.querySelectorAll('#checks tr')].map(tr => ({
+  id: tr.dataset.check, status: tr.dataset.status, pill: tr.querySelector('.pill').textContent,
+  why: tr.querySelector('.why').textContent, value: tr.querySelector('.c-value .num').textContent,
+  threshold: tr.querySelector('.thr').textContent, streak: tr.querySelector('.c-streak').textContent,
+  strip: tr.querySelectorAll('.strip i.p, .strip i.f').length}))"""
+BANNER = """({state: document.getElementById('banner').dataset.state,
+  verdict: document.getElementById('verdict').textContent, since: document.getElementById('since').textContent,
+  reason: document.getElementById('reason').textContent, marker: window.__sameDocument || null,
+  journal: [...document.querySelectorAll('#journal li')].map(li => li.textContent)})"""
+
+
+def fast(name: str, **kw) -> dict:
+    return {"name": name, "interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 1, "jitter": 0, **kw}
+
+
+@pytest.fixture
+async def browser():
+    b = await Browser(require("chromium", "chromium")).start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def test_page_shows_checks_and_updates_in_place(start_agent, browser) -> None:
+    """In Chromium the page shows a passing and a failing row, turns UP in place when the failing check
+    recovers, says "agent unreachable" when the agent goes away, and asks nothing of any other origin."""
+    port = free_port()
+    agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100),
+                                          fast("db", type="tcp", port=port)]})
+    await async_wait_for(lambda: _down_with_results(agent), what="first results")
+
+    status, body = await agent.get("/")
+    assert status == 200 and len(body.encode()) < 50 * 1024
+
+    await browser.send("Network.enable")
+    await browser.send("Page.enable")
+    await browser.send("Page.navigate", url=agent.url + "/")
+
+    async def rows(want: dict[str, str]):
+        got = await browser.evaluate(ROWS)
+        return got if {r["id"]: r["status"] for r in got} == want else None
+
+    down = await async_wait_for(lambda: rows({"mem:memory": "pass", "db:tcp": "fail"}), timeout=20, what="rows")
+    mem, db = down
+    assert (mem["pill"], db["pill"]) == ("UP", "DOWN")
+    assert db["why"] == f"tcp 127.0.0.1:{port}: connection refused"
+    assert mem["value"].endswith("% used") and mem["threshold"] == "pass: used <= 100%"
+    assert db["streak"].startswith("✓ 0 / ✗ ") and mem["strip"] >= 1
+    banner = await browser.evaluate(BANNER)
+    assert (banner["state"], banner["verdict"]) == ("down", "DOWN")
+    assert banner["reason"].startswith("db: tcp 127.0.0.1:") and banner["since"].startswith("since ")
+    await browser.evaluate("window.__sameDocument = 'still here'")
+    await browser.screenshot(ARTIFACTS / "status-page-down.png")
+
+    listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    try:
+        await async_wait_for(lambda: rows({"mem:memory": "pass", "db:tcp": "pass"}), timeout=10, what="recovery")
+        banner = await async_wait_for(lambda: _banner(browser, "up"), timeout=10, what="banner UP")
+        assert banner["verdict"] == "UP" and banner["marker"] == "still here"  # updated in place, no reload
+        assert any("db" in j and "down → up" in j for j in banner["journal"]), banner["journal"]
+        await browser.screenshot(ARTIFACTS / "status-page-up.png")
+
+        await browser.send("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2,
+                           mobile=True)
+        await async_wait_for(lambda: browser.evaluate("innerWidth === 390"), what="phone viewport")
+        overflow = await browser.evaluate("document.documentElement.scrollWidth - innerWidth")
+        assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
+        await browser.screenshot(ARTIFACTS / "status-page-phone.png")
+        await browser.send("Emulation.clearDeviceMetricsOverride")
+        await browser.send("Emulation.setEmulatedMedia", features=[{"name": "prefers-color-scheme", "value": "dark"}])
+        await browser.screenshot(ARTIFACTS / "status-page-dark.png")
+    finally:
+        listener.close()
+
+    await agent.agent.stop()
+    banner = await async_wait_for(lambda: _banner(browser, "unreachable"), timeout=10, what="unreachable")
+    assert "agent unreachable" in banner["since"] + banner["reason"] and banner["marker"] == "still here"
+    assert banner["verdict"] != "UP"
+    await browser.screenshot(ARTIFACTS / "status-page-unreachable.png")
+
+    urls = browser.requested_urls()
+    assert urls and all(u.startswith(agent.url + "/") or u.startswith("data:") for u in urls), set(urls)
+
+
+async def _down_with_results(agent) -> bool:
+    checks = agent.state.snapshot.checks
+    return len(checks) == 2 and all(v.state.last is not None for v in checks)
+
+
+async def _banner(browser: Browser, state: str):
+    b = await browser.evaluate(BANNER)
+    return b if b["state"] == state else None
+
+
+async def test_journal_endpoint_lists_transitions(start_agent) -> None:
+    """GET /status/journal returns the verdict and check transitions with reasons, times in ISO 8601."""
+    port = free_port()
+    agent = await start_agent({"checks": [fast("db", type="tcp", port=port)]})
+    await async_wait_for(lambda: _has_entry(agent, "db"), what="a journal entry")
+    status, text = await agent.get("/status/journal")
+    entries = json.loads(text)["entries"]
+    assert status == 200
+    db = next(e for e in entries if e["name"] == "db")
+    assert (db["kind"], db["from"], db["to"]) == ("check", "unknown", "down")
+    assert db["reason"] == f"tcp 127.0.0.1:{port}: connection refused" and db["time"].endswith("Z")
+
+
+async def _has_entry(agent, name: str) -> bool:
+    return any(e["name"] == name for e in agent.state.journal)
+
+
+async def test_status_serves_the_page_to_browsers_and_json_to_the_rest(start_agent) -> None:
+    """/status answers HTML when Accept prefers text/html, JSON otherwise; / is the page; both under 50 KB."""
+    agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100)]})
+    browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
+    async with agent.session.get(agent.url + "/status", headers={"Accept": browser_accept}) as resp:
+        html = await resp.text()
+        assert resp.content_type == "text/html" and "<title>healthgate</title>" in html
+        assert "connect-src 'self'" in resp.headers["Content-Security-Policy"]
+    async with agent.session.get(agent.url + "/status", headers={"Accept": "*/*"}) as resp:
+        assert resp.content_type == "application/health+json" and "Accept" in resp.headers["Vary"]
+    async with agent.session.get(agent.url + "/") as resp:
+        assert resp.status == 200 and await resp.text() == html and len(html.encode()) < 50 * 1024
+
+
+@pytest.mark.parametrize("accept, html", [
+    ("", False),
+    ("*/*", False),
+    ("application/json", False),
+    ("text/html", True),
+    ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", True),
+    ("application/json, text/html", False),  # a tie keeps the API
+    ("text/html;q=0.5, application/json", False),
+    ("application/json;q=0.5, text/html", True),
+    ("text/html;q=0", False),
+    ("text/*", True),
+    ("text/html;q=bogus, */*", False),
+])
+def test_prefers_html(accept: str, html: bool) -> None:
+    """Content negotiation of /status: HTML only when the client ranks it above JSON."""
+    assert prefers_html(accept) is html
+
+
+@pytest.mark.parametrize("path", ["/", "/status/journal"])
+@pytest.mark.parametrize("auth, code", [(None, 401), ("Bearer wrong", 401), ("Bearer s3cret", 200)])
+async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: str | None, code: int) -> None:
+    """A non-loopback client gets the page and the journal only with the status bearer token."""
+    from agent.http_api import STATE
+
+    app = web.Application()
+    app[TOKENS] = {"status": "s3cret"}
+    app[STATE] = type("S", (), {"journal": []})()
+    add_routes(app)
+    transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 40000)})()
+    req = make_mocked_request("GET", path, headers={"Authorization": auth} if auth else {}, app=app,
+                              transport=transport)
+    match = await app.router.resolve(req)
+    resp = await match.handler(req)
+    assert resp.status == code
+    if code == 401:
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_page_is_package_data() -> None:
+    """The page ships in the wheel: pyproject's package-data covers agent/static/status.html."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["agent"]
+    rel = Path(statuspage.PAGE_FILE)
+    assert (ROOT / "agent" / rel).is_file() and any(fnmatch(str(rel), pat) for pat in data)
