@@ -11,7 +11,7 @@ from aiohttp import web
 
 from agent import logs
 from agent.config import Config, ConfigError, load_config
-from agent.fasthealth import FastHealth
+from agent.fasthealth import FastHealth, Guard
 from agent.http_api import TOKENS, make_app
 from agent.metrics import make_registry
 from agent.probes.base import Context
@@ -68,8 +68,7 @@ class Agent:
             await self._web.setup()
             host, port = self.config.server.listen
             if self.config.server.fast_health:
-                server = self.config.server
-                self._fast = FastHealth(self.state, self._web.server, server.max_connections, server.read_timeout)
+                self._fast = FastHealth(self.state, self._web.server, Guard(self.config.server))
                 self.address = await self._fast.start(host, port, backlog=1024)
             else:
                 site = web.TCPSite(self._web, host, port, backlog=1024, reuse_address=True)
@@ -99,6 +98,8 @@ class Agent:
         self.config, self.tokens = config, tokens
         if self._web is not None:
             self._web.app[TOKENS].update(tokens)
+        if self._fast is not None:
+            self._fast.guard.configure(config.server)
         changed = self.state.apply_config(config, loop.time())
         self.scheduler.reload(changed)
         self.state.reloads["success"] += 1

@@ -6,7 +6,10 @@ import asyncio
 import email.utils
 import re
 from collections.abc import Callable
+from operator import attrgetter
+from typing import Any
 
+from agent.config import ServerConfig
 from agent.http_api import current, health_status
 from agent.state import AgentState
 
@@ -66,22 +69,49 @@ def render(code: int, body: bytes, head: bool, close: bool, keep_alive_header: b
     return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body)
 
 
-class FastHealth:
-    """The listening socket, its connections and the cache of response bytes.
+class Guard:
+    """The connection cap: at `limit` open connections, a new one evicts the connection that has gone
+    longest without completing a request (idle and stuck clients first), so idle connections can never
+    lock a load balancer's probe out.
 
-    Invariant: everything here runs on the event loop's thread; `conns` holds every connection accepted
-    and not yet lost, including those handed to aiohttp, so max_connections counts them all.
+    The HTTP listener's own guard has the same members (open, limit, read_timeout, configure, admit, drop;
+    a connection has `transport` and `_due`), so the two can be one object.
     """
 
-    def __init__(self, state: AgentState, fallback: Callable[[], asyncio.Protocol],
-                 max_connections: int, read_timeout: float):
+    def __init__(self, server: ServerConfig):
+        self.open: dict[Any, None] = {}
+        self.configure(server)
+
+    def configure(self, server: ServerConfig) -> None:
+        self.limit = server.max_connections
+        self.read_timeout = server.read_timeout
+
+    def admit(self, conn: Any) -> None:
+        while len(self.open) >= self.limit:
+            self.drop(min(self.open, key=attrgetter("_due")), "capacity")
+        self.open[conn] = None
+
+    def drop(self, conn: Any, reason: str) -> None:
+        self.open.pop(conn, None)
+        if conn.transport is not None:
+            conn.transport.abort()  # not close(): that waits for a client that may never read
+
+
+class FastHealth:
+    """The listening socket, the probe connections it still owns and the cache of response bytes.
+
+    Invariant: everything here runs on the event loop's thread. `conns` holds the connections accepted and
+    not handed to aiohttp; aiohttp's server closes the others. `guard` counts a connection from accept
+    until it is lost or handed over (the handler that takes it over counts it from then on).
+    """
+
+    def __init__(self, state: AgentState, fallback: Callable[[], asyncio.Protocol], guard: Guard):
         self.state = state
         self.fallback = fallback
-        self.max_connections = max_connections
-        self.read_timeout = read_timeout
+        self.guard = guard
         self.conns: set[HealthProtocol] = set()
         self.loop = asyncio.get_running_loop()
-        self.server: asyncio.base_events.Server | None = None
+        self.server: asyncio.AbstractServer | None = None
         self._cache: dict[tuple, bytes] = {}
         self._date = b""
         self._sweeper: asyncio.TimerHandle | None = None
@@ -93,7 +123,7 @@ class FastHealth:
         return self.server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
-        """Stop listening and close the connections aiohttp does not own (aiohttp closes its own)."""
+        """Stop listening and close the connections still here (aiohttp closes those it took over)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -102,17 +132,15 @@ class FastHealth:
             self.server.close()
             self.server = None
         for conn in list(self.conns):
-            if conn.inner is None:
-                conn.transport.close()
+            conn.transport.close()
 
     def _sweep(self) -> None:
-        """Once a second: a fresh Date (and so fresh cached responses); close clients past their deadline."""
+        """Once a second: a fresh Date (so fresh cached responses); drop clients past their read deadline."""
         self._date = email.utils.formatdate(usegmt=True).encode()
         self._cache.clear()
         now = self.loop.time()
-        for conn in list(self.conns):
-            if conn.inner is None and now > conn.deadline:
-                conn.transport.close()
+        for conn in [c for c in self.conns if now > c._due]:
+            self.guard.drop(conn, "deadline")
         self._sweeper = self.loop.call_later(SWEEP, self._sweep)
 
     def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
@@ -139,28 +167,26 @@ class HealthProtocol(asyncio.Protocol):
     relays; the connection never comes back.
     """
 
-    __slots__ = ("front", "transport", "inner", "buf", "deadline", "closing")
+    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing")
 
     def __init__(self, front: FastHealth):
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.inner: asyncio.Protocol | None = None
         self.buf = b""
-        self.deadline = 0.0
+        self._due = 0.0  # the next complete request must arrive by then (read_timeout after the last answer)
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self.front
         self.transport = transport
+        self._due = front.loop.time() + front.guard.read_timeout
         front.conns.add(self)
-        if len(front.conns) > front.max_connections:
-            self.closing = True
-            transport.abort()
-            return
-        self.deadline = front.loop.time() + front.read_timeout
+        front.guard.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.conns.discard(self)
+        self.front.guard.open.pop(self, None)
         if self.inner is not None:
             self.inner.connection_lost(exc)
 
@@ -198,7 +224,7 @@ class HealthProtocol(asyncio.Protocol):
                 break
         if out:
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
-            self.deadline = self.front.loop.time() + self.front.read_timeout
+            self._due = self.front.loop.time() + self.front.guard.read_timeout
         if self.closing:
             self.transport.close()
             return
@@ -210,6 +236,8 @@ class HealthProtocol(asyncio.Protocol):
 
     def _hand_over(self, rest: bytes) -> None:
         self.buf = b""
+        self.front.conns.discard(self)
+        self.front.guard.open.pop(self, None)
         self.inner = inner = self.front.fallback()
         inner.connection_made(self.transport)
         inner.data_received(rest)

@@ -91,9 +91,9 @@ def test_schedule_lag_quantiles_from_the_agents_own_metrics() -> None:
     after = parse_histogram(render(registry).decode(), "healthgate_check_schedule_lag_seconds")
     delta = histogram_delta(after, before)
     assert delta[-1][1] == 100
-    assert 0.0001 < histogram_quantile(0.5, delta) <= 0.00025
-    # True p99 is 12 ms: the 10/15/20 ms bounds read 15 ms (with only 10 and 25 ms bounds it read 23.5 ms).
-    assert histogram_quantile(0.99, delta) == pytest.approx(0.015)
+    assert 0 < histogram_quantile(0.5, delta) <= 0.0005
+    # True p99 is 12 ms: a 20 ms bound keeps the estimate under the 20 ms target (10/25 ms bounds read 23.5).
+    assert histogram_quantile(0.99, delta) == pytest.approx(0.019)
 
 
 def test_histogram_delta_refuses_changed_buckets() -> None:
