@@ -48,8 +48,9 @@ class Section:
     plot: Callable[[Any], None] | None = None  # draws on a matplotlib Axes
 
 
-def agent_config(checks: str | None = None, server: str = "") -> str:
-    """config/healthgate.toml (the default config) on a free loopback port; `checks` replaces its checks."""
+def agent_config(checks: str | None = None, server: str = "", tables: str = "") -> str:
+    """config/healthgate.toml (the default config) on a free loopback port; `checks` replaces its checks,
+    `server` adds [server] keys and `tables` adds other tables (TOML text)."""
     text = (ROOT / "config" / "healthgate.toml").read_text()
     if checks is not None:
         text = text[:text.index("[[checks]]")] if "[[checks]]" in text else text
@@ -62,6 +63,9 @@ def agent_config(checks: str | None = None, server: str = "") -> str:
         text = text.replace("[agent]", "[agent]\nallow_root = true", 1)
     else:
         text += "\n[agent]\nallow_root = true\n"
+    if tables:  # before any [[checks]] left in the text, so they stay the last array of tables
+        i = text.find("[[checks]]")
+        text = text + "\n" + tables + "\n" if i < 0 else text[:i] + tables + "\n\n" + text[i:]
     return text + "\n" + (checks or "")
 
 

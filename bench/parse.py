@@ -109,6 +109,42 @@ def proc_smaps_rollup(text: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB", text, re.M)}
 
 
+def _number(v: str) -> float | str:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def parse_redis_info(text: str) -> dict[str, object]:
+    """Redis INFO text: `key:value` lines; `a=1,b=2` values (cmdstat_*, db0) become dicts of numbers."""
+    out: dict[str, object] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or ":" not in line:
+            continue
+        key, _, value = line.partition(":")
+        if "=" in value and key.startswith(("cmdstat_", "db", "errorstat_", "latency_percentiles_usec_")):
+            out[key] = {k: _number(v) for k, _, v in (p.partition("=") for p in value.split(","))}
+        else:
+            out[key] = _number(value)
+    return out
+
+
+def parse_haproxy_stat(text: str) -> dict[tuple[str, str], str]:
+    """HAProxy's `show stat` CSV as {(proxy, server): status} ("UP", "DOWN", "UP 1/2", "no check"...)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("# "):
+        raise ValueError("not `show stat` output")
+    header = lines[0][2:].split(",")
+    px, sv, st = header.index("pxname"), header.index("svname"), header.index("status")
+    out = {}
+    for line in lines[1:]:
+        cols = line.split(",")
+        if len(cols) > st:
+            out[(cols[px], cols[sv])] = cols[st]
+    return out
+
+
 # -- statistics ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

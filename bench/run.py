@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench import footprint, lag, profile, report, serve
+from bench import deps, detect, footprint, lag, profile, report, serve
 from bench.core import Ctx, Section
 from bench.servers import BenchError, Servers
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = {"serve": serve, "footprint": footprint, "lag": lag, "profile": profile}
+SECTIONS = {"serve": serve, "deps": deps, "detect": detect, "footprint": footprint, "lag": lag, "profile": profile}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

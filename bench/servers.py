@@ -184,10 +184,15 @@ http {{
         argv = [which("nginx", "nginx"), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")]
         return self._spawn("nginx", argv, port, lambda: http_status(f"http://127.0.0.1:{port}/health") == 200)
 
-    def redis(self, port: int | None = None) -> Proc:
+    def redis(self, port: int | None = None, wait: bool = True) -> Proc:
+        """redis-server without persistence; `wait=False` returns at once (the caller times readiness)."""
         port = port or free_port()
         argv = [which("redis-server", "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.dir)]
+        if not wait:
+            proc = Proc(f"redis-{port}", argv, self.dir, port)
+            self.procs.append(proc)
+            return proc
         return self._spawn(f"redis-{port}", argv, port, lambda: port_open(port))
 
     def postgres(self) -> Proc:

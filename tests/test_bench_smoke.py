@@ -12,11 +12,14 @@ from agent.config import parse_config
 from agent.metrics import make_registry, render
 from agent.state import AgentState
 from bench.core import agent_config, checks20
+from bench.deps import per_1000
 from bench.parse import (
     Summary,
     histogram_delta,
     histogram_quantile,
+    parse_haproxy_stat,
     parse_histogram,
+    parse_redis_info,
     parse_wrk,
     proc_cpu_ticks,
     proc_rss_bytes,
@@ -25,7 +28,8 @@ from bench.parse import (
 )
 from bench.profile import summarise
 
-WRK = Path(__file__).parent / "data" / "wrk"
+DATA = Path(__file__).parent / "data"
+WRK = DATA / "wrk"
 
 
 def test_wrk_keep_alive_output_is_parsed_with_units() -> None:
@@ -143,3 +147,28 @@ def test_bench_agent_configs_are_valid(checks: str | None) -> None:
     cfg = parse_config(tomllib.loads(agent_config(checks).replace("{port}", "18080")))
     assert cfg.server.listen == ("127.0.0.1", 18080) and cfg.server.shutdown_drain == 0
     assert len(cfg.checks) == (2 if checks is None else 20)
+
+
+def test_redis_info_is_parsed_into_command_counts() -> None:
+    """Recorded `INFO all`: counters are numbers and every cmdstat line is a dict with its calls."""
+    info = parse_redis_info((DATA / "redis-info.txt").read_text())
+    assert info["total_connections_received"] == 3
+    assert info["cmdstat_ping"]["calls"] == 1 and info["cmdstat_set"]["usec"] == 73
+    assert info["db0"] == {"keys": 1, "expires": 0, "avg_ttl": 0}
+    assert info["redis_version"] == "7.0.15"
+
+
+def test_haproxy_show_stat_is_parsed() -> None:
+    """Recorded `show stat` CSV gives each proxy/server pair its status; other text is refused."""
+    states = parse_haproxy_stat((DATA / "haproxy-show-stat.csv").read_text())
+    assert states[("be_agent", "s1")] == "DOWN" and states[("be_native", "BACKEND")] == "DOWN"
+    with pytest.raises(ValueError):
+        parse_haproxy_stat("Unknown command\n")
+
+
+def test_amplification_subtracts_the_idle_rate() -> None:
+    """Per-1000-probe work is what a flood window adds beyond the idle window's rate."""
+    idle = {"seconds": 10.0, "redis_commands": 30.0}
+    assert per_1000(idle, {"seconds": 5.0, "probes": 50000, "redis_commands": 15.0}, "redis_commands") == 0
+    assert per_1000(idle, {"seconds": 5.0, "probes": 1000, "redis_commands": 2015.0}, "redis_commands") == 2000
+    assert math.isnan(per_1000(idle, {"seconds": 5.0, "probes": 0, "redis_commands": 15.0}, "redis_commands"))
