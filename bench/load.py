@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 
 from bench.parse import (
     WrkResult,
+    parse_content_length,
     parse_histogram,
     parse_wrk,
     proc_cpu_ticks,
@@ -30,6 +32,44 @@ def wrk(url: str, connections: int, duration: float, close: bool = False, thread
     if out.returncode:
         raise BenchError(f"wrk failed ({out.returncode}): {out.stderr or out.stdout}")
     return parse_wrk(out.stdout)
+
+
+def paced_latency(port: int, rate: float, duration: float, path: str = "/health") -> list[float]:
+    """True latency of each request on one keep-alive connection, sent at a steady `rate` per second.
+
+    wrk measures at the maximum rate and then corrects for coordinated omission: one stall of a few ms
+    becomes a hundred synthetic slow samples, so its 1-connection p99 mostly shows scheduler hiccups. A
+    load balancer probes at a modest steady rate; this is what each of those probes waits (client time
+    included, the same for every server).
+    """
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    out: list[float] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        period = 1.0 / rate
+        start = time.perf_counter()
+        due = start
+        while due - start < duration:
+            while (left := due - time.perf_counter()) > 0:
+                time.sleep(left)
+            t0 = time.perf_counter()
+            sock.sendall(request)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise BenchError("server closed the keep-alive connection")
+                buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
+            need = parse_content_length(head) - len(body)
+            while need > 0:
+                chunk = sock.recv(need)
+                if not chunk:
+                    raise BenchError("server closed the connection mid-body")
+                need -= len(chunk)
+            out.append(time.perf_counter() - t0)
+            due += period
+    return out
 
 
 class Flood:

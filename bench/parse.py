@@ -170,6 +170,20 @@ class Summary:
         return f"{m}{unit} [{lo}–{hi}]" if self.n > 1 else f"{m}{unit}"
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of raw samples; NaN when there are none."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def parse_content_length(head: bytes) -> int:
+    """Content-Length of a response head (0 when absent)."""
+    m = re.search(rb"\r\ncontent-length:[ \t]*(\d+)", head, re.I)
+    return int(m.group(1)) if m else 0
+
+
 def ratios(num: list[float], den: list[float]) -> Summary:
     """Per-repetition ratios of paired measurements (same repetition, adjacent in time), summarised."""
     return Summary.of([a / b for a, b in zip(num, den, strict=True) if b])

@@ -17,10 +17,12 @@ from bench.parse import (
     Summary,
     histogram_delta,
     histogram_quantile,
+    parse_content_length,
     parse_haproxy_stat,
     parse_histogram,
     parse_redis_info,
     parse_wrk,
+    percentile,
     proc_cpu_ticks,
     proc_rss_bytes,
     proc_smaps_rollup,
@@ -172,3 +174,12 @@ def test_amplification_subtracts_the_idle_rate() -> None:
     assert per_1000(idle, {"seconds": 5.0, "probes": 50000, "redis_commands": 15.0}, "redis_commands") == 0
     assert per_1000(idle, {"seconds": 5.0, "probes": 1000, "redis_commands": 2015.0}, "redis_commands") == 2000
     assert math.isnan(per_1000(idle, {"seconds": 5.0, "probes": 0, "redis_commands": 15.0}, "redis_commands"))
+
+
+def test_nearest_rank_percentiles_and_content_length() -> None:
+    """Percentiles of raw samples are nearest-rank; Content-Length is read case-insensitively."""
+    values = [float(i) for i in range(1, 101)]
+    assert (percentile(values, 0.5), percentile(values, 0.99), percentile(values, 1.0)) == (50.0, 99.0, 100.0)
+    assert math.isnan(percentile([], 0.5))
+    assert parse_content_length(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nX: y") == 3
+    assert parse_content_length(b"HTTP/1.1 204 No Content\r\nX: y") == 0
