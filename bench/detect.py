@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.core import Ctx, Section, Target, agent_config, table
 from bench.parse import Summary, parse_haproxy_stat
-from bench.servers import BenchError, Proc, free_port, port_open, wait_until, which
+from bench.servers import BenchError, Proc, free_port, http_status, port_open, wait_until, which
 
 INTER = "250ms"
 FAST_INTERVAL = "50ms"  # healthgate's re-check after a first failure (HAProxy's fastinter idea)
@@ -72,9 +72,10 @@ defaults
 class Watch:
     """Reads every signal in one pass: HAProxy's server states from its stats socket, /health by HTTP."""
 
-    def __init__(self, sock: Path, health_port: int):
+    def __init__(self, sock: Path, health_port: int, others: tuple[int, ...] = ()):
         self.sock = sock
         self.health_port = health_port
+        self.others = others  # more agents whose /health must be up before a trial starts
         self.conn = http.client.HTTPConnection("127.0.0.1", health_port, timeout=2)
 
     def haproxy(self) -> dict[str, bool]:
@@ -106,6 +107,22 @@ class Watch:
         """
         states = {k: not v.startswith("DOWN") for k, v in self.haproxy().items()}
         return {"health": self.health_up(), **states}
+
+    def steady_up(self, seconds: float = 1.0, timeout: float = 30.0) -> None:
+        """Every signal up, and the agents' /health 200, without a break for `seconds`: a trial's start."""
+        deadline = time.monotonic() + timeout
+        since = None
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if all(self.read().values()) and all(http_status(f"http://127.0.0.1:{p}/health") == 200
+                                                 for p in self.others):
+                since = since or now
+                if now - since >= seconds:
+                    return
+            else:
+                since = None
+            time.sleep(0.01)
+        raise BenchError(f"signals not steadily up within {timeout:g} s: {self.read()}")
 
     def until(self, want: bool, since: float, timeout: float = TIMEOUT) -> dict[str, float]:
         """Seconds from `since` until each signal first reads `want` (NaN if it never did in time)."""
@@ -139,13 +156,13 @@ def run(ctx: Ctx) -> Section:
     haproxy = Proc("haproxy", [which("haproxy", "haproxy"), "-db", "-f", str(cfg)], s.dir, 0)
     s.procs.append(haproxy)
     wait_until(lambda: sock.exists(), 30, "haproxy stats socket", haproxy)
-    watch = Watch(sock, hg.port)
+    watch = Watch(sock, hg.port, (hg_nofast.port,))
     trials = 3 if ctx.quick else max(20, ctx.reps)
     down: list[dict[str, float]] = []
     up: list[dict[str, float]] = []
     try:
         for i in range(trials):
-            wait_until(lambda: all(watch.read().values()), 30, "every signal up before a trial", haproxy)
+            watch.steady_up()
             time.sleep(random.uniform(0, 0.25))  # a random phase against every check schedule
             t0 = time.monotonic()
             s.stop(redis, signal.SIGKILL)
@@ -190,7 +207,8 @@ def report(down: list[dict[str, float]], up: list[dict[str, float]], trials: int
                f"{(agent.median - native.median) * 1e3:.0f} ms slower: the agent-check poll adds up to agent-inter"),
     ]
     md = (
-        f"{trials} trials. Each: wait until every signal is up, wait a random 0–250 ms, SIGKILL Redis, time each "
+        f"{trials} trials. Each: wait until every signal has been up for 1 s, wait a random 0–250 ms, SIGKILL "
+        "Redis, time each "
         "signal until it reads down; restart Redis on the same port and time each signal from the moment Redis "
         "accepts connections until it reads up again. Signals are polled every ~2 ms (HAProxy's stats socket "
         "`show stat`, and /health). Flap damping is off in these agents (it would hold the check down after the "
