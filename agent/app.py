@@ -10,14 +10,18 @@ from pathlib import Path
 from aiohttp import web
 
 from agent import logs
+from agent.admin import AdminWatcher
 from agent.config import Config, ConfigError, load_config
 from agent.fasthealth import FastHealth, Guard
+from agent.haproxy_agent import AgentCheckServer
 from agent.http_api import TOKENS, make_app
 from agent.metrics import make_registry
 from agent.probes.base import Context
 from agent.runner import Runner
 from agent.scheduler import Scheduler
+from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
+from agent.weight import WeightTracker
 
 
 def read_tokens(config: Config) -> dict[str, str | None]:
@@ -41,7 +45,8 @@ def read_tokens(config: Config) -> dict[str, str | None]:
 class Agent:
     """One running agent. `start()` brings it up in order; `stop()` takes it down in reverse."""
 
-    def __init__(self, config: Config, config_path: str | None = None, runner: Runner | None = None):
+    def __init__(self, config: Config, config_path: str | None = None, runner: Runner | None = None,
+                 notifier: Notifier | None = None):
         self.config = config
         self.config_path = config_path
         self.tokens = read_tokens(config)
@@ -54,16 +59,25 @@ class Agent:
         self._fast: FastHealth | None = None
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
+        self.systemd = ServiceManager(notifier or Notifier(None))
+        self.admin: AdminWatcher | None = None
+        self.agent_check: AgentCheckServer | None = None
+        self.agent_check_address: tuple[str, int] | None = None
+        self._tasks: list[asyncio.Task] = []  # the admin watcher and the weight sampler
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.state = AgentState(self.config, loop.time())
         logs.set_secrets(self.config.secrets())
+        self.admin = AdminWatcher(self.state)
+        await self.admin.sync(force=True)  # before anything serves: maintenance survives a restart
+        self._tasks.append(asyncio.create_task(self.admin.run(), name="admin-watcher"))
         self.scheduler = Scheduler(self.state, self.runner)
+        self.scheduler.on_beat = self._beat
         self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         try:
             registry = make_registry(self.state, lambda: len(self.runner.hung))
-            app = make_app(self.state, registry, self.tokens)
+            app = make_app(self.state, registry, self.tokens, self.admin)
             self._web = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
             await self._web.setup()
             host, port = self.config.server.listen
@@ -75,10 +89,30 @@ class Agent:
                 await site.start()
                 sock = site._server.sockets[0]  # the bound address, for port 0
                 self.address = sock.getsockname()[:2]
+            if self.config.agent_check.listen is not None:
+                await self._start_agent_check(*self.config.agent_check.listen)
         except BaseException:
             await self.stop()
             raise
-        logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks))
+        logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks),
+                   agent_check=None if self.agent_check_address is None else
+                   f"{self.agent_check_address[0]}:{self.agent_check_address[1]}")
+
+    async def _start_agent_check(self, host: str, port: int) -> None:
+        assert self.state is not None
+        weights = WeightTracker(self.state, self.ctx.proc)
+        await weights.sample()  # a first reading, so the first reply already has a weight to ramp to
+        self._tasks.append(asyncio.create_task(weights.run(), name="weight"))
+        self.agent_check = AgentCheckServer(self.state, weights)
+        try:
+            self.agent_check_address = await self.agent_check.start(host, port)
+        except OSError as e:
+            raise ConfigError(self.config_path or "(config)", [
+                f"agent_check.listen: cannot listen on {host}:{port}: {e.strerror or e}"]) from None
+
+    def _beat(self, now: float) -> None:
+        assert self.state is not None and self.scheduler is not None
+        self.systemd.beat(now, self.state.snapshot, self.scheduler.ready.is_set())
 
     def reload(self) -> bool:
         """Re-read the config file. A bad file changes nothing: the old config keeps serving."""
@@ -95,6 +129,8 @@ class Agent:
             return False
         if config.server.listen != self.config.server.listen:
             logs.event("reload_listen_ignored", logging.WARNING, detail="server.listen changes need a restart")
+        if config.agent_check.listen != self.config.agent_check.listen:
+            logs.event("reload_listen_ignored", logging.WARNING, detail="agent_check.listen changes need a restart")
         self.config, self.tokens = config, tokens
         if self._web is not None:
             self._web.app[TOKENS].update(tokens)
@@ -132,11 +168,16 @@ class Agent:
         loop = asyncio.get_running_loop()
         self.state.set_stopping(loop.time())
         drain = self.config.server.shutdown_drain
+        self.systemd.stopping(drain)
         logs.event("draining", seconds=drain)
         if drain:
             await asyncio.sleep(drain)
 
     async def stop(self) -> None:
+        # Reverse of start: the agent-check listener, the HTTP server, then the background loops.
+        if self.agent_check is not None:
+            await self.agent_check.close()
+            self.agent_check = None
         if self._fast is not None:
             await self._fast.close()
             self._fast = None
@@ -152,5 +193,16 @@ class Agent:
             except Exception as e:
                 logs.event("scheduler_failed", logging.ERROR, error=repr(e))
             self._sched_task = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as e:
+                logs.event("task_failed", logging.ERROR, task=task.get_name(), error=repr(e))
+        self._tasks.clear()
         await self.ctx.close()
+        self.systemd.close()
         logs.event("stopped")

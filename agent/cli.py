@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,9 +25,11 @@ The config file is taken from -c, else $HEALTHGATE_CONFIG, else {DEFAULT_PATH}.
 
 EPILOG = """\
 exit codes: 0 ok / node up; 2 config error, or (check, status, explain) node down, draining or in
-maintenance; 3 (status, explain) state unknown: agent unreachable or details refused; 1 unexpected failure.
+maintenance, or (drain/maint/ready) state not written; 3 (status, explain) state unknown: agent
+unreachable or details refused; 1 unexpected failure.
 endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /status/journal, /metrics, and the
 status page at /.
+drain/maint/ready write the state file in [agent] state_dir; the running agent applies it within 200 ms.
 signals of `run`: SIGTERM/SIGINT drain then exit 0; SIGHUP reloads the config (a bad file is refused).
 """
 
@@ -44,11 +47,18 @@ def load_or_report(path: str) -> Config | None:
         return None
 
 
+def preflight(cfg: Config) -> list[str]:
+    """What this host will refuse (no PSI, a missing command): warnings, since the config itself is valid."""
+    return [f"checks[{i}] ({c.name}): {w}" for i, c in enumerate(cfg.checks) for w in c.preflight()]
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     path = config_path(args)
     cfg = load_or_report(path)
     if cfg is None:
         return EXIT_CONFIG
+    for line in preflight(cfg):
+        print(f"{path}: warning: {line}", file=sys.stderr)
     print(f"{path}: ok, {len(cfg.checks)} check(s)")
     return EXIT_OK
 
@@ -81,12 +91,17 @@ def cmd_run(args: argparse.Namespace) -> int:
               "or set allow_root = true in [agent]", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.agent.log_level, cfg.secrets())
+    for line in preflight(cfg):
+        logs.event("config_warning", logging.WARNING, warning=line)
     _use_loop(args.loop)
 
     from agent.app import Agent
+    from agent.sdnotify import Notifier
+
+    notifier = Notifier.from_env()  # under systemd: READY/WATCHDOG/STOPPING; otherwise a no-op
 
     async def main() -> None:
-        agent = Agent(cfg, path)
+        agent = Agent(cfg, path, notifier=notifier)
         await agent.start()
         await agent.serve()
 
@@ -157,6 +172,39 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return run_explain(*access, args.timeout)
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    from agent.admin import confirm, set_admin_cli
+
+    if args.state_dir:
+        state_dir, cfg = args.state_dir, None
+    else:
+        cfg = load_or_report(config_path(args))
+        if cfg is None:
+            return EXIT_CONFIG
+        state_dir = cfg.agent.state_dir
+    ok, message = set_admin_cli(state_dir, args.command, args.reason, args.duration)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    if not ok:
+        return EXIT_CONFIG
+    if cfg is not None and not args.no_wait:
+        warning = confirm(cfg, args.command)
+        if warning:
+            print(f"healthgate: warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _duration_arg(text: str) -> float:
+    from agent.fields import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be a positive duration such as 10m")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healthgate", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", "validate the config file: exit 0, or 2 with one line per error", cmd_validate)
     with_config(p)
     add("schema", "print the config file's JSON Schema", cmd_schema)
+    for name, help in (("drain", "drain this node: /health answers 503 (or drain_status), HAProxy stops new sessions"),
+                       ("maint", "put this node in maintenance: /health 503, HAProxy MAINT; survives restarts"),
+                       ("ready", "end drain or maintenance")):
+        p = add(name, help, cmd_admin)
+        with_config(p)
+        p.add_argument("--state-dir", metavar="DIR", help="state directory (default: [agent] state_dir of the config)")
+        if name != "ready":
+            p.add_argument("--for", dest="duration", type=_duration_arg, metavar="DURATION",
+                           help="end by itself after this long (10m, 2h); survives agent restarts")
+        else:
+            p.set_defaults(duration=None)
+        p.add_argument("--reason", default="", metavar="TEXT", help="shown in /status, logs and HAProxy")
+        p.add_argument("--no-wait", action="store_true", help="don't wait for the running agent to confirm")
     return parser
 
 

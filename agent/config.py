@@ -49,6 +49,15 @@ class ServerConfig(Strict):
 
 class AgentCheckConfig(Strict):
     listen: Listen | None = Field(default=None, description="HAProxy agent-check TCP listener; off when unset")
+    weight_source: Literal["cpu", "pressure", "load", "off"] = Field(
+        default="cpu", description="load headroom the weight follows: cpu busy, PSI cpu avg10, load per CPU; off = 100%"
+    )
+    weight_floor: int = Field(default=10, ge=1, le=100, description="the weight never goes below this (percent)")
+    weight_smoothing: Duration = Field(default=10.0, ge=0, description="EWMA time constant of the headroom; 0 = raw")
+    slow_start: Duration = Field(
+        default=30.0, ge=0, description="after a recovery the weight ramps from weight_floor over this long"
+    )
+    max_connections: int = Field(default=64, ge=1, le=4096, description="agent-check connections beyond this are closed")
 
 
 class PolicyConfig(Strict):

@@ -1,4 +1,4 @@
-"""Shared config field types: strict models, durations, listen addresses."""
+"""Shared config field types: strict models, durations, sizes, listen addresses, paths, regexes."""
 
 from __future__ import annotations
 
@@ -6,28 +6,60 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGTP]i?)?B?\s*$")
+_SIZE_UNIT = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5,
+              "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5}
+
+
+def _quantity(value: Any, pattern: re.Pattern[str], units: dict[str | None, float], what: str, unit: str,
+              hint: str) -> float:
+    """A number of `unit`, or a string of a number and a unit known to `units`; a ValueError in the user's words."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a {what} such as {hint}, not a boolean")
+    if isinstance(value, int | float):
+        amount = float(value)
+    elif isinstance(value, str):
+        m = pattern.match(value)
+        if not m or m.group(2) not in units:
+            raise ValueError(f"{value!r} is not a {what}: use a number of {unit} or {hint}")
+        amount = float(m.group(1)) * units[m.group(2)]
+    else:
+        raise ValueError(f"must be a {what} such as {hint}")
+    if not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"must be a non-negative {what}")
+    return amount
+
+
+def _with_units(base: type, parse: Any, render: Any, pattern: re.Pattern[str], description: str) -> Any:
+    """A config field type read from a number or a string with a unit, and written back as a string."""
+    return Annotated[
+        base,
+        BeforeValidator(parse),
+        PlainSerializer(render, return_type=str),
+        WithJsonSchema(
+            {
+                "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": pattern.pattern}],
+                "description": description,
+            }
+        ),
+    ]
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as "500ms", "1.5s", "2m", "1h"."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 500ms, 2s or 1m, not a boolean")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a duration: use a number of seconds or 500ms, 2s, 1m, 1h")
-        seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    else:
-        raise ValueError("must be a duration such as 500ms, 2s or 1m")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError("must be a non-negative duration")
-    return seconds
+    """Seconds from a number (of seconds) or a string such as "500ms", "1.5s", "2m", "1h"."""
+    return _quantity(value, _DURATION, _UNIT, "duration", "seconds", "500ms, 2s, 1m, 1h")
 
 
 def format_duration(seconds: float) -> str:
@@ -42,20 +74,52 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 60:g}m"
 
 
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": _DURATION.pattern},
-            ],
-            "description": "seconds, or a string with ms / s / m / h",
-        }
-    ),
-]
+Duration = _with_units(float, parse_duration, format_duration, _DURATION, "seconds, or a string with ms / s / m / h")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number (of bytes) or a string such as "512MiB", "512Mi", "1.5GB", "10G" (G = 10^9, Gi = 2^30)."""
+    return int(_quantity(value, _SIZE, _SIZE_UNIT, "size", "bytes", "512MiB, 2GiB, 500MB, 1GB"))
+
+
+def format_size(size: int) -> str:
+    exact = []
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB", "PB", "TB", "GB", "MB", "kB"):
+        scale = _SIZE_UNIT[unit.removesuffix("B")]
+        if size >= scale and size % scale == 0:
+            exact.append(f"{size // scale}{unit}")
+    return min(exact, key=len, default=str(size))
+
+
+def human_size(size: float) -> str:
+    """A size for people: 1.5 GiB, 12 MiB, 512 B."""
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
+        scale = _SIZE_UNIT[unit[:2]]
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
+ByteSize = _with_units(int, parse_size, format_size, _SIZE,
+                       "bytes, or a string with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)")
+
+
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must be an absolute path")
+    return value
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"not a regular expression: {e}") from None
+    return value
+
+
+AbsolutePath = Annotated[str, Field(min_length=1), AfterValidator(_absolute)]
+Regex = Annotated[str, Field(min_length=1), AfterValidator(_regex)]
 
 
 def parse_listen(value: Any) -> tuple[str, int]:

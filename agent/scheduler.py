@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 from agent import logs
 from agent.probes.base import CheckBase
@@ -27,6 +28,7 @@ class Scheduler:
         self.loops: dict[str, asyncio.Task] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()  # set once every check has reported at least once
+        self.on_beat: Callable[[float], None] | None = None  # called after each heartbeat (systemd watchdog)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -83,5 +85,7 @@ class Scheduler:
         while True:
             now = loop.time()
             self.state.tick(now, max(0.0, now - due))
+            if self.on_beat is not None:
+                self.on_beat(now)
             due = now + BEAT
             await asyncio.sleep(BEAT)

@@ -13,7 +13,7 @@ import pytest
 from agent.app import Agent
 from agent.config import parse_config
 from agent.runner import Runner
-from tests.helpers import AgentProcess
+from tests.helpers import AgentProcess, Dependency
 
 
 class RunningAgent:
@@ -33,13 +33,15 @@ class RunningAgent:
 
 
 @pytest.fixture
-async def start_agent() -> AsyncIterator[Callable[..., Any]]:
-    """Start an Agent in this event loop from a config dict; listen is forced to 127.0.0.1:0."""
+async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start an Agent in this event loop from a config dict; listen is forced to 127.0.0.1:0 and the
+    state directory defaults to the test's own."""
     started: list[RunningAgent] = []
     session = aiohttp.ClientSession()
 
     async def start(data: dict[str, Any], probes: dict | None = None) -> RunningAgent:
-        data = {**data, "server": {**data.get("server", {}), "listen": "127.0.0.1:0"}}
+        data = {**data, "server": {**data.get("server", {}), "listen": "127.0.0.1:0"},
+                "agent": {"state_dir": str(tmp_path / "state"), **data.get("agent", {})}}
         cfg = parse_config(data)
         agent = Agent(cfg)
         if probes is not None:
@@ -69,3 +71,12 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     yield start
     for p in procs:
         p.stop()
+
+
+@pytest.fixture
+def dependency() -> Iterator[Dependency]:
+    """A TCP server for a check to depend on; `dependency.close()` makes the check fail."""
+    dep = Dependency()
+    yield dep
+    if dep.thread.is_alive():
+        dep.close()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -89,7 +90,10 @@ class AgentProcess:
         self.path = tmp / "healthgate.toml"
         self.path.write_text(config.replace("{port}", str(self.port)))
         self.log = tmp / "agent.log"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        # The default state directory follows XDG_STATE_HOME: keep it inside the test's own directory.
+        inherited = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+        self.env = {**inherited, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(tmp / "xdg-state"),
+                    **(extra_env or {})}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -121,3 +125,26 @@ class AgentProcess:
             self.proc.wait(5)
         if getattr(self, "_log", None):
             self._log.close()
+
+
+class Dependency:
+    """A TCP server a check depends on: accepts and closes every connection until `close()`."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(2)

@@ -44,6 +44,11 @@ class CheckBase(Strict):
         """Strings that must never leave the agent (passwords, tokens)."""
         return ()
 
+    def preflight(self, proc: Path = Path("/proc")) -> tuple[str, ...]:
+        """Problems this host shows with the check (no PSI, a missing command): warnings, not config errors,
+        since a config is often validated on another machine than the one that runs it."""
+        return ()
+
 
 def headroom(value: float, limit: float, best: float) -> float | None:
     """How far `value` is from failing at `limit`, as a fraction of the way from `best` to `limit`.

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from agent.fields import ByteSize, format_size, human_size
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context, headroom
+from agent.probes.blocking import blocking
 
 
 class Config(CheckBase):
     type: Literal["memory"]
     max_used_percent: float = Field(default=95.0, gt=0, le=100)
+    min_available: ByteSize = Field(default=0, description="MemAvailable below this fails; 0 = off")
 
     def threshold(self) -> str:
-        return f"used <= {self.max_used_percent:g}%"
+        extra = f", available >= {format_size(self.min_available)}" if self.min_available else ""
+        return f"used <= {self.max_used_percent:g}%{extra}"
 
 
 def read_meminfo(proc: Path) -> dict[str, int]:
@@ -32,14 +35,22 @@ def read_meminfo(proc: Path) -> dict[str, int]:
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
-    info = await asyncio.to_thread(read_meminfo, ctx.proc)
+    info = await blocking(ctx, cfg.name, "memory", read_meminfo, ctx.proc)
     total = info["MemTotal"]
-    available = info.get("MemAvailable", info.get("MemFree", 0))
+    available = info.get("MemAvailable", info.get("MemFree", 0))  # MemAvailable exists since Linux 3.14
     used = 100.0 * (total - available) / total
-    obs = Observation(value=round(used, 2), unit="percent", detail=f"{used:.1f}% used",
-                      headroom=headroom(used, cfg.max_used_percent, 0.0))
+    obs = Observation(
+        value=round(used, 2),
+        unit="percent",
+        detail=f"{used:.1f}% used, {human_size(available)} available of {human_size(total)}",
+        values=(("available", float(available), "bytes"), ("total", float(total), "bytes")),
+        headroom=headroom(used, cfg.max_used_percent, 0.0),
+    )
     if used > cfg.max_used_percent:
         raise CheckFailed(
             f"memory: {used:.1f}% used > {cfg.max_used_percent:g}%", "threshold", observation=obs
         )
+    if available < cfg.min_available:
+        raise CheckFailed(f"memory: {human_size(available)} available < {human_size(cfg.min_available)}",
+                          "threshold", observation=obs)
     return obs

@@ -1,0 +1,109 @@
+"""HAProxy agent-check: format_reply(snapshot, weight) -> str (pure) and the asyncio TCP server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agent import logs
+from agent.admin import sanitize
+from agent.http_api import current
+from agent.model import Admin, Snapshot
+from agent.state import AgentState
+from agent.weight import WeightTracker
+
+REASON_MAX = 120  # HAProxy shows the text after '#' in its stats and logs; keep it short
+READ_WAIT = 0.1  # after replying, how long we read what HAProxy sent before closing
+READ_CAP = 4096  # bytes of agent-send we are willing to read per connection
+CONN_DEADLINE = 1.0  # no connection lives longer than this, whatever the client does
+
+
+def format_reply(snap: Snapshot, weight: int | None, fresh: bool = True) -> str:
+    """One line in HAProxy's agent-check grammar carrying the FULL state: health word, admin word, weight.
+
+    HAProxy keeps whatever a reply leaves out (a bare `up` does not clear DRAIN or MAINT, and an
+    empty or unknown reply changes nothing), so every reply says all three. The weight is sent only
+    when up. The description after ` #` is one sanitised line: the admin reason, then why down.
+    """
+    up = fresh and snap.verdict.up
+    words = ["up" if up else "down", snap.admin.value]
+    if up:
+        words.append(f"{max(1, min(100, weight if weight is not None else 100))}%")
+    why = []
+    if snap.admin is not Admin.READY:
+        why.append(snap.admin_reason or snap.admin.value)
+    if not fresh:
+        why.append("agent stalled: no fresh verdict")
+    elif not up:
+        why.append(snap.verdict.reason or "down")
+    text = sanitize("; ".join(why), REASON_MAX)
+    return " ".join(words) + (f" #{text}" if text else "") + "\n"
+
+
+class AgentCheckServer:
+    """Answers each connection with one line and closes it. Reads only the snapshot and a precomputed
+    weight: an agent-check never runs a probe and never reads a file.
+
+    Containment: at most `max_connections` at once (more are closed unanswered: HAProxy then keeps
+    its last state and its httpchk still decides), and none lives past CONN_DEADLINE.
+    """
+
+    def __init__(self, state: AgentState, weights: WeightTracker):
+        self.state = state
+        self.weights = weights
+        self.active = 0
+        self.refused = 0  # connections closed unanswered because of the cap
+        self._server: asyncio.Server | None = None
+
+    def reply(self) -> str:
+        snap, fresh = current(self.state)
+        up = fresh and snap.verdict.up
+        weight = self.weights.weight(asyncio.get_running_loop().time()) if up else None
+        return format_reply(snap, weight, fresh)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._handle, host, port, backlog=256, reuse_address=True)
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            try:
+                async with asyncio.timeout(CONN_DEADLINE + 0.5):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                logs.event("agent_check_close_slow", logging.WARNING)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.state.config.agent_check.max_connections:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        self.active += 1
+        try:
+            async with asyncio.timeout(CONN_DEADLINE):
+                # Reply first: what agent-send says doesn't change the answer, so nobody waits for it.
+                writer.write(self.reply().encode("ascii"))
+                await writer.drain()
+                await self._drain_input(reader)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self.active -= 1
+            writer.close()
+
+    @staticmethod
+    async def _drain_input(reader: asyncio.StreamReader) -> None:
+        """Read what HAProxy sent (agent-send) until it closes, briefly and boundedly. Closing with
+        unread input would make the kernel answer with a RST, which can cost HAProxy the reply."""
+        got = 0
+        try:
+            async with asyncio.timeout(READ_WAIT):
+                while got < READ_CAP:
+                    chunk = await reader.read(READ_CAP - got)
+                    if not chunk:
+                        return
+                    got += len(chunk)
+        except TimeoutError:
+            pass

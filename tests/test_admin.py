@@ -1,0 +1,353 @@
+"""Drain and maintenance: the state file, the CLI against a running agent, expiry, restarts, the admin endpoints."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import admin as admin_mod
+from agent.admin import (
+    AdminRecord,
+    AdminWriteError,
+    make_record,
+    read_record,
+    sanitize,
+    state_path,
+    write_record,
+)
+from agent.cli import main as cli_main
+from agent.model import Admin
+from tests.helpers import ROOT, async_wait_for, wait_for
+from tests.test_haproxy_agent import MEM
+from tests.test_lifecycle import MEM as TOML_MEM
+
+# -- the state file ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, limit, expected", [
+    ("deploy 42", 200, "deploy 42"),
+    ("  two\n lines\t here ", 200, "two lines here"),
+    ("bell\x07 esc\x1b[0m", 200, "bell? esc?[0m"),
+    ("café", 200, "caf?"),
+    ("x" * 50, 20, "x" * 17 + "..."),
+])
+def test_sanitize(text: str, limit: int, expected: str) -> None:
+    """Reasons become one bounded line of printable ASCII."""
+    assert sanitize(text, limit) == expected
+
+
+@pytest.mark.parametrize("content, admin, reason_part", [
+    (None, Admin.READY, ""),  # no file: ready
+    (b'{"admin": "drain", "reason": "deploy", "until": null}', Admin.DRAIN, "deploy"),
+    (b'{"admin": "maint", "reason": "x\\ny", "until": 1e12, "set_at": 1.0, "source": "cli"}', Admin.MAINT, "x y"),
+    (b"", Admin.MAINT, "invalid: not JSON"),  # anything unusable: maintenance (fail closed)
+    (b"\xff\xfe", Admin.MAINT, "invalid: not JSON"),
+    (b"[1, 2]", Admin.MAINT, "invalid: not a JSON object"),
+    (b'{"admin": "vacation"}', Admin.MAINT, "invalid: admin: 'vacation' is not one of ready, drain, maint"),
+    (b'{"admin": "drain", "until": "tomorrow"}', Admin.MAINT, "invalid: until: not a number"),
+    (b'{"admin": "drain", "reason": 7}', Admin.MAINT, "invalid: reason: not a string"),
+])
+def test_read_record_fails_closed(tmp_path: Path, content: bytes | None, admin: Admin, reason_part: str) -> None:
+    """A missing file is ready; a file that can't be parsed puts the node in maintenance, saying why."""
+    path = state_path(tmp_path)
+    if content is not None:
+        path.write_bytes(content)
+    record = read_record(path)
+    assert record.admin is admin
+    assert reason_part in record.reason
+
+
+def test_unreadable_state_file_is_maintenance(tmp_path: Path) -> None:
+    """A state file that can't be read at all (here: a directory in its place) is maintenance too."""
+    state_path(tmp_path).mkdir()
+    record = read_record(state_path(tmp_path))
+    assert record.admin is Admin.MAINT and "unreadable: Is a directory" in record.reason
+
+
+def test_write_is_atomic_and_round_trips(tmp_path: Path) -> None:
+    """A written record reads back equal, with no temporary file left, creating the directory if needed."""
+    d = tmp_path / "new" / "dir"
+    record = make_record(Admin.DRAIN, "deploy 42", 600, source="cli", wall=1000.0)
+    assert record.until == 1600.0
+    path = write_record(d, record)
+    assert read_record(path) == record
+    assert sorted(p.name for p in d.iterdir()) == ["admin.json"]
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_disk_full_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed write (disk full at fsync) raises a clear error, leaves the old file whole and no temporary."""
+    old = make_record(Admin.MAINT, "kernel update", source="cli")
+    write_record(tmp_path, old)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(admin_mod.os, "fsync", full)
+    with pytest.raises(AdminWriteError, match=r"cannot write .*admin.json: No space left on device"):
+        write_record(tmp_path, make_record(Admin.READY, source="cli"))
+    monkeypatch.undo()
+    assert read_record(state_path(tmp_path)) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["admin.json"]
+
+
+def test_cli_disk_full_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`healthgate drain` on a full disk exits 2 with the file and the system's reason."""
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(admin_mod.os, "fsync", full)
+    assert cli_main(["drain", "--state-dir", str(tmp_path), "--no-wait"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path}/admin.json: No space left on device" in err
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=30)
+
+
+def test_cli_unwritable_state_dir_exits_2(tmp_path: Path) -> None:
+    """A state directory that can't be created or written is a clear error and exit 2, never a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run_cli("maint", "--state-dir", str(blocker / "state"), "--reason", "x")
+    assert proc.returncode == 2
+    assert f"healthgate: cannot write {blocker}/state/admin.json: Not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_for_must_be_a_positive_duration(tmp_path: Path) -> None:
+    """--for takes a duration; a bad one exits 2 before anything is written."""
+    proc = run_cli("drain", "--state-dir", str(tmp_path), "--for", "soon")
+    assert proc.returncode == 2 and "is not a duration" in proc.stderr
+    proc = run_cli("drain", "--state-dir", str(tmp_path), "--for", "0")
+    assert proc.returncode == 2 and "must be a positive duration" in proc.stderr
+    assert not state_path(tmp_path).exists()
+
+
+# -- the CLI against a running agent --------------------------------------------------------------------
+
+AGENT = """
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_drain = "0s"
+drain_status = %s
+[agent]
+allow_root = true
+state_dir = "%s"
+""" + TOML_MEM % "mem"
+
+
+def status(agent) -> dict:
+    return json.loads(agent.get("/status")[1])["healthgate"]
+
+
+def test_cli_drain_maint_ready_against_running_agent(agent_process, tmp_path: Path) -> None:
+    """drain, maint and ready change /health, /status and the log of a running agent within a poll, and the
+    command confirms it; drain answers drain_status (404 here, for disable-on-404)."""
+    state_dir = tmp_path / "state"
+    agent = agent_process(AGENT % (404, state_dir))
+    cfg = str(agent.path)
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+
+    proc = run_cli("drain", "-c", cfg, "--reason", "deploy 42")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("drain: deploy 42 (") and proc.stderr == ""  # confirmed by the agent
+    assert agent.get("/health")[0] == 404
+    s = status(agent)
+    assert (s["admin"], s["adminReason"], s["adminUntil"]) == ("drain", "deploy 42", None)
+
+    proc = run_cli("maint", "-c", cfg, "--reason", "kernel update")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert agent.get("/health")[0] == 503
+    assert status(agent)["admin"] == "maint"
+
+    proc = run_cli("ready", "-c", cfg)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert agent.get("/health")[0] == 200
+    log = agent.logs()
+    for change in ('"from": "ready", "to": "drain", "reason": "deploy 42"',
+                   '"from": "drain", "to": "maint", "reason": "kernel update"',
+                   '"from": "maint", "to": "ready", "reason": "ready by '):
+        assert change in log
+
+
+def test_drain_for_expires_by_itself(agent_process, tmp_path: Path) -> None:
+    """`drain --for` ends on its own: 503 while it lasts, then 200, and the expiry is logged."""
+    agent = agent_process(AGENT % (503, tmp_path / "state"))
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    proc = run_cli("drain", "-c", str(agent.path), "--for", "1500ms", "--reason", "short")
+    assert proc.returncode == 0 and " until " in proc.stdout, proc.stdout + proc.stderr
+    assert agent.get("/health")[0] == 503
+    assert status(agent)["adminUntil"] is not None
+    wait_for(lambda: agent.get("/health")[0] == 200, timeout=5, what="expiry")
+    assert '"from": "drain", "to": "ready", "reason": "drain expired after 1.5s"' in agent.logs()
+
+
+def test_maintenance_survives_restart(agent_process, tmp_path: Path) -> None:
+    """A node in maintenance is still in maintenance from the first answer of a restarted agent."""
+    state_dir = tmp_path / "state"
+    first = agent_process(AGENT % (503, state_dir))
+    assert run_cli("maint", "-c", str(first.path), "--reason", "disk swap").returncode == 0
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(5)
+    second = agent_process(AGENT % (503, state_dir), port=first.port)
+    s = status(second)
+    assert (s["admin"], s["adminReason"]) == ("maint", "disk swap")
+    wait_for(lambda: json.loads(second.get("/status")[1])["checks"]["mem:memory"][0]["status"] == "pass",
+             what="the check passes")
+    assert second.get("/health")[0] == 503  # and maintenance still holds
+    assert run_cli("ready", "-c", str(second.path)).returncode == 0
+    assert second.get("/health")[0] == 200
+
+
+def test_unparseable_state_file_fails_closed_until_ready(agent_process, tmp_path: Path) -> None:
+    """A state file the agent can't parse puts the node in maintenance with the reason; `ready` ends it."""
+    state_dir = tmp_path / "state"
+    agent = agent_process(AGENT % (503, state_dir))
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    state_path(state_dir).parent.mkdir(parents=True, exist_ok=True)
+    state_path(state_dir).write_text("{half a file")
+    wait_for(lambda: agent.get("/health")[0] == 503, timeout=3, what="maint")
+    s = status(agent)
+    assert s["admin"] == "maint" and "invalid: not JSON" in s["adminReason"]
+    assert '"event": "admin_state_unusable"' in agent.logs()
+    assert run_cli("ready", "-c", str(agent.path)).returncode == 0
+    assert agent.get("/health")[0] == 200
+
+
+def test_cli_warns_when_no_agent_runs(tmp_path: Path) -> None:
+    """With no agent running, the state is still written (exit 0) and a warning says when it applies."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n')
+    proc = run_cli("maint", "-c", str(cfg))
+    assert proc.returncode == 0
+    assert "no agent answers at http://127.0.0.1:1/status; it will apply the state when it starts" in proc.stderr
+    assert read_record(state_path(tmp_path / "s")).admin is Admin.MAINT
+
+
+# -- the admin endpoints ----------------------------------------------------------------------------------
+
+async def post(agent, path: str, token: str | None = None, method: str = "POST", **kw) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with agent.session.request(method, agent.url + path, headers=headers, **kw) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_admin_paths_do_not_exist_without_a_token(start_agent) -> None:
+    """Without admin_token_file, /admin/* answers 404 to every method, loopback included."""
+    agent = await start_agent({"checks": [MEM]})
+    for method in ("POST", "GET", "PUT"):
+        assert (await post(agent, "/admin/drain", "anything", method))[0] == 404
+    assert (await post(agent, "/admin/maint?for=1m"))[0] == 404
+    assert agent.state.admin is Admin.READY
+
+
+async def test_admin_endpoints_with_a_token(start_agent, tmp_path: Path) -> None:
+    """With a token: POST with the bearer token drains, maintains and readies through the state file;
+    no token 401, a wrong one 403, other methods 405, bodies 413, bad parameters 400."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("s3cret-token\n")
+    agent = await start_agent({"server": {"admin_token_file": str(token_file)}, "checks": [MEM]})
+    state_dir = Path(agent.state.config.agent.state_dir)
+    await async_wait_for(lambda: _ok(agent), what="up")
+
+    status, body = await post(agent, "/admin/drain")
+    assert status == 401 and "bearer token is required" in body
+    assert (await post(agent, "/admin/drain", "wrong"))[0] == 403
+    assert (await post(agent, "/admin/drain", "s3cret-token", "GET"))[0] == 405
+    assert (await post(agent, "/admin/drain", "s3cret-token", data=b"x"))[0] == 413
+    assert (await post(agent, "/admin/drain?for=soon", "s3cret-token"))[0] == 400
+    assert (await post(agent, "/admin/drain?weight=3", "s3cret-token"))[0] == 400
+    assert (await post(agent, "/admin/ready?for=1m", "s3cret-token"))[0] == 400
+    assert (await post(agent, "/admin/reboot", "s3cret-token"))[0] == 404
+    assert agent.state.admin is Admin.READY and not state_path(state_dir).exists()
+
+    status, body = await post(agent, "/admin/drain?for=10m&reason=deploy%2042", "s3cret-token")
+    assert status == 200, body
+    reply = json.loads(body)
+    assert (reply["admin"], reply["reason"]) == ("drain", "deploy 42") and reply["until"]
+    assert (agent.state.admin, agent.state.admin_reason) == (Admin.DRAIN, "deploy 42")
+    assert (await agent.get("/health"))[0] == 503
+    on_disk = read_record(state_path(state_dir))  # the same file the CLI writes
+    assert (on_disk.admin, on_disk.source) == (Admin.DRAIN, "http")
+
+    assert (await post(agent, "/admin/maint?reason=rack%20move", "s3cret-token"))[0] == 200
+    assert agent.state.admin is Admin.MAINT
+    assert (await post(agent, "/admin/ready", "s3cret-token"))[0] == 200
+    assert agent.state.admin is Admin.READY
+    assert (await agent.get("/health"))[0] == 200
+
+
+async def test_admin_endpoint_reports_a_failed_write(start_agent, tmp_path: Path) -> None:
+    """When the state file can't be written, the endpoint answers 500 with the reason and nothing changes."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("t0ken")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    agent = await start_agent({"server": {"admin_token_file": str(token_file)},
+                               "agent": {"state_dir": str(blocker / "state")}, "checks": [MEM]})
+    status, body = await post(agent, "/admin/maint", "t0ken")
+    assert status == 500 and "Not a directory" in json.loads(body)["error"]
+    assert agent.state.admin is Admin.READY
+
+
+async def test_cli_and_http_agree(start_agent, tmp_path: Path) -> None:
+    """A state written by the CLI is what the agent serves, and the HTTP endpoint then overrides it."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("t0ken")
+    agent = await start_agent({"server": {"admin_token_file": str(token_file)}, "checks": [MEM]})
+    state_dir = agent.state.config.agent.state_dir
+    assert cli_main(["maint", "--state-dir", state_dir, "--reason", "from cli", "--no-wait"]) == 0
+    await async_wait_for(lambda: _admin(agent, Admin.MAINT), timeout=3, what="maint from the CLI")
+    assert agent.state.admin_reason == "from cli"
+    assert (await post(agent, "/admin/ready", "t0ken"))[0] == 200
+    assert read_record(state_path(state_dir)).admin is Admin.READY
+
+
+async def _ok(agent) -> bool:
+    return (await agent.get("/health"))[0] == 200
+
+
+async def _admin(agent, admin: Admin) -> bool:
+    return agent.state.admin is admin
+
+
+def test_record_expiry_is_wall_clock() -> None:
+    """Expiry compares wall-clock time, so it survives restarts (and follows clock changes)."""
+    r = AdminRecord(Admin.DRAIN, "x", until=100.0, set_at=40.0)
+    assert not r.expired(99.9) and r.expired(100.0)
+    assert not AdminRecord(Admin.MAINT).expired(1e12)
+
+
+async def test_state_dir_that_hangs_at_startup_is_maintenance(tmp_path: Path, monkeypatch) -> None:
+    """If the state file can't be read at startup in time (a hung mount), the node is in maintenance until
+    a read succeeds: the agent can't tell whether an operator asked for it."""
+    import asyncio
+    import threading
+
+    from agent.admin import AdminWatcher
+    from agent.config import parse_config
+    from agent.state import AgentState
+
+    release = threading.Event()
+    monkeypatch.setattr(admin_mod, "READ_TIMEOUT", 0.1)
+    state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}}), asyncio.get_running_loop().time())
+    watcher = AdminWatcher(state)
+    real_poll = watcher.poll
+    monkeypatch.setattr(watcher, "poll", lambda force=False: (release.wait(5), real_poll(force))[1])
+    try:
+        assert await watcher.sync(force=True) is False
+        assert state.admin is Admin.MAINT and "not readable within 0.1s" in state.admin_reason
+    finally:
+        release.set()
+    await async_wait_for(lambda: watcher.sync(), timeout=3, what="a read that completes")
+    assert state.admin is Admin.READY
