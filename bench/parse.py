@@ -166,7 +166,8 @@ class Summary:
     def fmt(self, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
         if self.n == 0:
             return "n/a"
-        m, lo, hi = (f"{v * scale:,.{digits}f}" for v in (self.median, self.lo, self.hi))
+        # + 0.0 and the rounding keep a tiny negative (noise around zero) from printing as "-0.00"
+        m, lo, hi = (f"{round(v * scale, digits) + 0.0:,.{digits}f}" for v in (self.median, self.lo, self.hi))
         return f"{m}{unit} [{lo}–{hi}]" if self.n > 1 else f"{m}{unit}"
 
 
