@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from bench.parse import (
     parse_histogram,
     parse_wrk,
     proc_cpu_ticks,
+    proc_ctxt_switches,
     proc_rss_bytes,
     proc_smaps_rollup,
 )
@@ -102,6 +104,7 @@ class Footprint:
     rss_max: float
     pss: float  # at the end of the window: RSS with shared pages divided among their users
     uss: float  # private pages only: what ending the process would give back
+    wakeups: float  # per second: context switches of the main thread (for the agent, its event loop)
 
 
 def cpu_ticks(pid: int) -> int:
@@ -114,6 +117,11 @@ def rss(pid: int) -> int:
         return proc_rss_bytes(f.read())
 
 
+def switches(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return proc_ctxt_switches(f.read())
+
+
 def smaps(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         return proc_smaps_rollup(f.read())
@@ -122,6 +130,7 @@ def smaps(pid: int) -> dict[str, int]:
 def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[str, Footprint]:
     """CPU% of a core and RSS of several processes over the same window, read from /proc."""
     start = {name: cpu_ticks(pid) for name, pid in pids.items()}
+    sw = {name: switches(pid) for name, pid in pids.items()}
     t0 = time.monotonic()
     samples: dict[str, list[int]] = {name: [] for name in pids}
     while True:
@@ -138,8 +147,42 @@ def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[
         vals = sorted(samples[name])
         roll = smaps(pid)
         out[name] = Footprint(100.0 * ticks / CLK_TCK / elapsed, float(vals[len(vals) // 2]), float(vals[-1]),
-                              float(roll["Pss"]), float(roll["Private_Clean"] + roll["Private_Dirty"]))
+                              float(roll["Pss"]), float(roll["Private_Clean"] + roll["Private_Dirty"]),
+                              (switches(pid) - sw[name]) / elapsed)
     return out
+
+
+IMPORT_STAGES = ["asyncio", "uvloop", "aiohttp.web", "pydantic", "prometheus_client", "agent.config", "agent.app"]
+HEAVY = ["redis", "asyncpg", "dns", "cryptography", "psutil"]
+_STAGES_SCRIPT = """
+import importlib, re, sys
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+print("python", rss())
+for m in sys.argv[1].split(","):
+    try:
+        importlib.import_module(m)
+    except ImportError:
+        continue
+    print(m, rss())
+print("heavy", ",".join(h for h in sys.argv[2].split(",") if h in sys.modules))
+"""
+
+
+def import_costs(root: str) -> tuple[list[tuple[str, float]], list[str]]:
+    """RSS added by each stage of the agent's imports, in a fresh interpreter; and which heavy client
+    libraries the agent imports at startup."""
+    out = subprocess.run([sys.executable, "-c", _STAGES_SCRIPT, ",".join(IMPORT_STAGES), ",".join(HEAVY)],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    stages, heavy, prev = [], [], 0.0
+    for line in out.stdout.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "heavy":
+            heavy = [h for h in value.split(",") if h]
+            continue
+        stages.append((name, float(value) - prev))
+        prev = float(value)
+    return stages, heavy
 
 
 def histogram(url: str, name: str) -> list[tuple[float, float]]:

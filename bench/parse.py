@@ -104,6 +104,11 @@ def proc_rss_bytes(status: str) -> int:
     return int(m.group(1)) * 1024
 
 
+def proc_ctxt_switches(status: str) -> int:
+    """Voluntary + involuntary context switches from a /proc/.../status text: how often the thread slept."""
+    return sum(int(n) for n in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", status, re.M))
+
+
 def proc_smaps_rollup(text: str) -> dict[str, int]:
     """/proc/PID/smaps_rollup as {field: bytes}: Rss, Pss, Private_Clean, Private_Dirty..."""
     return {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB", text, re.M)}

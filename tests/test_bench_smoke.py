@@ -24,6 +24,7 @@ from bench.parse import (
     parse_wrk,
     percentile,
     proc_cpu_ticks,
+    proc_ctxt_switches,
     proc_rss_bytes,
     proc_smaps_rollup,
     ratios,
@@ -183,3 +184,9 @@ def test_nearest_rank_percentiles_and_content_length() -> None:
     assert math.isnan(percentile([], 0.5))
     assert parse_content_length(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nX: y") == 3
     assert parse_content_length(b"HTTP/1.1 204 No Content\r\nX: y") == 0
+
+
+def test_context_switches_are_summed() -> None:
+    """Voluntary and involuntary context switches add up to the thread's wake-ups."""
+    status = "Name:\tpython\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n"
+    assert proc_ctxt_switches(status) == 127
