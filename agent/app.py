@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -67,6 +68,10 @@ class Agent:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Drivers (aiohttp, asyncpg, redis-py) resolve host names in the default executor, and a hung
+        # resolver holds a worker per lookup. The default pool (cores + 4) would drain within seconds and
+        # queue the admin watcher and weight sampler behind it; a larger pool buys minutes.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="healthgate"))
         self.state = AgentState(self.config, loop.time())
         logs.set_secrets(self.config.secrets())
         self.admin = AdminWatcher(self.state)

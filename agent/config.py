@@ -141,13 +141,33 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
+def _node(loc: tuple[Any, ...], data: Any) -> Any:
+    """The part of the user's data at `loc`, stepping over union tags as _path does."""
+    node = data
+    for part in loc:
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        elif not (isinstance(node, dict) and node.get("type") == part):
+            return None
+    return node
+
+
 def errors_of(exc: ValidationError, data: Any) -> list[str]:
     out = []
     for err in exc.errors(include_url=False):
         loc = err["loc"]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = (*loc, "type")
-        out.append(f"{_path(loc, data)}: {_message(err)}")
+        message = _message(err)
+        # A rule spanning several keys (a model validator) names its key as "key: message"; when the
+        # user wrote that key, the error points at it.
+        key, sep, rest = message.partition(": ")
+        node = _node(loc, data) if err["type"] == "value_error" and sep and key.isidentifier() else None
+        if isinstance(node, dict) and key in node:
+            loc, message = (*loc, key), rest
+        out.append(f"{_path(loc, data)}: {message}")
     return out
 
 

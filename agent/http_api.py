@@ -16,6 +16,7 @@ from aiohttp import web
 from agent import __version__
 from agent.admin import AdminWatcher, AdminWriteError, make_record, write_record
 from agent.fields import parse_duration
+from agent.logs import mask
 from agent.model import Admin, CheckView, Snapshot
 from agent.state import AgentState
 from agent.verdict import aggregate, why
@@ -245,8 +246,9 @@ async def status(request: web.Request) -> web.Response:
     snap, fresh = current(state)
     detailed = authorized(request, request.app[TOKENS].get("status"))
     body = status_body(state, snap, fresh, detailed)
+    secrets = state.config.secrets()  # results are masked already; this also covers thresholds and journals
     return web.json_response(body, status=200 if body["status"] == "pass" else 503, content_type=HEALTH_JSON,
-                             headers={**NO_STORE, "Vary": "Accept"}, dumps=_dumps)
+                             headers={**NO_STORE, "Vary": "Accept"}, dumps=lambda obj: mask(_dumps(obj), secrets))
 
 
 def _dumps(obj: Any) -> str:

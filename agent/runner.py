@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
 from types import ModuleType
 
+from agent.logs import mask
 from agent.model import Observation, Result
 from agent.probes import PROBES
 from agent.probes.base import CheckBase, CheckFailed, Context
@@ -38,8 +40,14 @@ class Runner:
         # Durations use perf_counter: uvloop's loop.time() ticks in whole milliseconds.
         t0 = time.perf_counter()
 
+        secrets = check.secrets()
+
         def result(ok: bool, reason: str, kind: str, obs: Observation | None = None) -> Result:
             duration = time.perf_counter() - t0
+            if secrets:  # a driver's error text may quote a URL or DSN: nothing leaves with a secret in it
+                reason = mask(reason, secrets)
+                if obs is not None and obs.detail:
+                    obs = dataclasses.replace(obs, detail=mask(obs.detail, secrets))
             return Result(ok, reason, kind, duration, started, loop.time(), time.time(), obs)
 
         previous = self.hung.get(check.name)

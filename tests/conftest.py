@@ -15,6 +15,8 @@ from agent.config import parse_config
 from agent.runner import Runner
 from tests.helpers import AgentProcess, Dependency
 
+pytest_plugins = ["tests.servers"]  # real servers (redis, PostgreSQL, TLS, DNS, blackhole) as fixtures
+
 
 class RunningAgent:
     def __init__(self, agent: Agent, session: aiohttp.ClientSession):

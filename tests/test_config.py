@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from agent import cli
 from agent.config import ConfigError, load_config, parse_config
 from agent.fields import format_duration, parse_duration
 from tests.helpers import ROOT
@@ -34,13 +35,14 @@ def test_invalid_file_names_the_key(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
-def test_validate_cli_exits_2_with_key_path(path: Path) -> None:
+def test_validate_cli_exits_2_with_key_path(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`healthgate validate` on a bad file exits 2 and prints the key path, never a traceback."""
-    proc = subprocess.run([sys.executable, "-m", "agent", "validate", "-c", str(path)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=30)
-    assert proc.returncode == 2
-    assert expected(path) in proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    # In-process through the same entry point as the console script (a process per file costs ~1 s);
+    # test_several_errors_one_line_each and test_run_* cover the real process and its exit status.
+    assert cli.main(["validate", "-c", str(path)]) == 2
+    out = capsys.readouterr()
+    assert expected(path) in out.err
+    assert "Traceback" not in out.err + out.out
 
 
 def test_several_errors_one_line_each(tmp_path: Path) -> None:

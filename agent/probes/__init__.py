@@ -7,6 +7,7 @@ from types import ModuleType
 from agent.probes import (
     cpu,
     disk,
+    dns,
     exec,
     fds,
     file,
@@ -14,10 +15,13 @@ from agent.probes import (
     listen_queue,
     load,
     memory,
+    postgres,
     pressure,
     process,
+    redis,
     swap,
     tcp,
+    tls,
 )
 
 PROBES: dict[str, ModuleType] = {
@@ -34,4 +38,8 @@ PROBES: dict[str, ModuleType] = {
     "process": process,
     "exec": exec,
     "file": file,
+    "tls": tls,
+    "dns": dns,
+    "redis": redis,
+    "postgres": postgres,
 }

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 from pydantic import Field, ValidationInfo, field_validator
 
+from agent import __version__
 from agent.fields import Duration, Strict, format_duration
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -88,7 +89,10 @@ class Context:
         """One shared client session with bounded connections, created on first use."""
         if self._http is None or self._http.closed:
             connector = aiohttp.TCPConnector(limit=64, limit_per_host=8, force_close=True)
-            self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+            # No cookie jar: a check is stateless, and one check's cookies must never reach another's server.
+            self._http = aiohttp.ClientSession(connector=connector, trust_env=False,
+                                               cookie_jar=aiohttp.DummyCookieJar(),
+                                               headers={"User-Agent": f"healthgate/{__version__}"})
         return self._http
 
     async def close(self) -> None:

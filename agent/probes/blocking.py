@@ -13,8 +13,12 @@ from agent.probes.base import CheckFailed, Context
 T = TypeVar("T")
 
 
-async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *args: Any) -> T:
+async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *args: Any,
+                   busy: str | None = None) -> T:
     """Run fn(*args) in its own daemon thread and await it; `label` leads the failure reason.
+
+    `check` names the slot: a probe with two kinds of blocking call uses "name/what" for the second.
+    `busy` replaces the default reason given while the previous call is still stuck.
 
     A call that hangs in the kernel (statvfs on a dead NFS mount, a /proc/PID/cmdline read of a process
     stuck in mmap_sem) cannot be interrupted: the runner's timeout cancels the await, the thread stays.
@@ -26,7 +30,7 @@ async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *
     previous = ctx.memo.get(slot)
     if previous is not None and not previous[0].is_set():
         stuck = time.monotonic() - previous[1]
-        raise CheckFailed(f"{label}: the read started {stuck:.0f}s ago is still blocked "
+        raise CheckFailed(busy or f"{label}: the read started {stuck:.0f}s ago is still blocked "
                           "(hung mount, stuck process or name service?)", "hung")
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()

@@ -1,0 +1,134 @@
+"""redis: a fresh connection authenticates and answers PING; optionally the server has the expected role."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ssl
+from typing import Any, Literal
+
+import redis.asyncio
+import redis.exceptions
+from pydantic import Field, model_validator
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from agent.model import Observation
+from agent.probes.base import CheckBase, CheckFailed, Context
+from agent.probes.common import TLS_KEYS, TLSOptions, address, secret_forms, unique
+
+ROLES = {"master": "master", "replica": "slave"}  # our word -> INFO replication's
+# No CLIENT SETINFO on connect (a round trip per sample for nothing); redis-py 8 renamed the switch.
+NO_SETINFO: dict[str, Any] = (
+    {"driver_info": None} if "driver_info" in inspect.signature(redis.asyncio.Redis.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
+
+class Config(TLSOptions, CheckBase):
+    type: Literal["redis"]
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=6379, ge=1, le=65535)
+    path: str | None = Field(default=None, min_length=1, description="unix socket, instead of host/port")
+    db: int = Field(default=0, ge=0, le=1_000_000)
+    username: str | None = Field(default=None, min_length=1, description="ACL user (Redis 6+)")
+    password: str | None = Field(default=None, min_length=1, repr=False)
+    tls: bool = False
+    role: Literal["master", "replica"] | None = Field(
+        default=None, description="fail unless INFO replication reports this role (a replica's link must be up)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.path is not None and ({"host", "port"} & self.model_fields_set or self.tls):
+            raise ValueError("path: set either host/port (optionally with tls) or path (a unix socket), not both")
+        tls_keys = [k for k in TLS_KEYS if k in self.model_fields_set]
+        if tls_keys and not self.tls:
+            raise ValueError(f"{tls_keys[0]}: needs tls = true")
+        if self.username and not self.password:
+            raise ValueError("username: needs password")
+        return self
+
+    @property
+    def target(self) -> str:
+        return self.path if self.path is not None else address(self.host, self.port)
+
+    def threshold(self) -> str:
+        out = "PING answered, not loading"
+        return out + (f", role {self.role}" if self.role else "")
+
+    def secrets(self) -> tuple[str, ...]:
+        return unique(secret_forms(self.password))
+
+
+def _client(cfg: Config) -> redis.asyncio.Redis:
+    kw: dict[str, Any] = {}
+    if cfg.path is not None:
+        kw["unix_socket_path"] = cfg.path
+    else:
+        kw.update(host=cfg.host, port=cfg.port)
+    if cfg.tls:
+        kw.update(ssl=True, ssl_cert_reqs="required" if cfg.tls_verify else "none", ssl_check_hostname=cfg.tls_verify,
+                  ssl_ca_certs=cfg.ca_file, ssl_certfile=cfg.cert_file, ssl_keyfile=cfg.key_file)
+    # One connection per sample, no retries, no client-side timeouts: one sample is one honest attempt,
+    # the runner owns the timeout, and hysteresis (fall/rise) absorbs a single blip.
+    return redis.asyncio.Redis(
+        **kw, db=cfg.db, username=cfg.username, password=cfg.password, single_connection_client=True,
+        retry=Retry(NoBackoff(), 0), socket_timeout=None, socket_connect_timeout=None, socket_keepalive=False,
+        decode_responses=True, protocol=2, **NO_SETINFO,
+    )
+
+
+def _failure(cfg: Config, e: redis.exceptions.RedisError) -> CheckFailed:
+    text = str(e).strip().rstrip(".")
+    if isinstance(e, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
+        return CheckFailed(f"redis {cfg.target}: authentication failed: {text}", "auth")
+    if isinstance(e, redis.exceptions.BusyLoadingError):
+        return CheckFailed(f"redis {cfg.target}: loading the dataset into memory", "loading")
+    if isinstance(e, redis.exceptions.ConnectionError):
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return CheckFailed(f"redis {cfg.target}: TLS certificate not accepted: {cause.verify_message}", "tls")
+        if isinstance(cause, ssl.SSLError):
+            return CheckFailed(f"redis {cfg.target}: TLS handshake failed: {cause.reason or cause}", "tls")
+        if isinstance(cause, ConnectionRefusedError) or "refused" in text.lower():
+            return CheckFailed(f"redis {cfg.target}: connection refused", "refused")
+        if isinstance(cause, FileNotFoundError):
+            return CheckFailed(f"redis {cfg.target}: no such socket", "refused")
+        return CheckFailed(f"redis {cfg.target}: {text}", "connection")
+    if isinstance(e, redis.exceptions.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        return CheckFailed(f"redis {cfg.target}: authentication failed: {text}", "auth")
+    return CheckFailed(f"redis {cfg.target}: {type(e).__name__}: {text}", "error")
+
+
+async def probe(cfg: Config, ctx: Context) -> Observation:
+    loop = asyncio.get_running_loop()
+    client = _client(cfg)
+    t0 = loop.time()
+    try:
+        # One round trip for all three: PING proves it answers, INFO tells loading and role.
+        pipe = client.pipeline(transaction=False)
+        pipe.ping().info("persistence")
+        if cfg.role:
+            pipe.info("replication")
+        replies = await pipe.execute()
+    except redis.exceptions.RedisError as e:
+        raise _failure(cfg, e) from None
+    finally:
+        await client.aclose()
+    elapsed = loop.time() - t0
+    persistence = replies[1]
+    role_info = replies[2] if cfg.role else {}
+    role = "replica" if role_info.get("role") == ROLES["replica"] else role_info.get("role", "")
+    detail = f"PONG in {elapsed * 1000:.1f} ms" + (f", role {role}" if role else "")
+    obs = Observation(value=elapsed, unit="seconds", detail=detail)
+    if str(persistence.get("loading", 0)) == "1":
+        raise CheckFailed(f"redis {cfg.target}: loading the dataset into memory", "loading", observation=obs)
+    if cfg.role and role != cfg.role:
+        raise CheckFailed(f"redis {cfg.target}: role is {role or 'unknown'}, expected {cfg.role}", "role",
+                          observation=obs)
+    if cfg.role == "replica" and role_info.get("master_link_status") != "up":
+        raise CheckFailed(f"redis {cfg.target}: replica's link to its master "
+                          f"{role_info.get('master_host', '?')}:{role_info.get('master_port', '?')} is "
+                          f"{role_info.get('master_link_status', 'unknown')}", "replication", observation=obs)
+    return obs
