@@ -16,10 +16,13 @@ from bench.servers import http_status, wait_until
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
-def summarise(raw: str, top: int = 12) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
-    """From py-spy's raw (collapsed) output: total samples, top functions by self and by inclusive samples."""
+def summarise(raw: str, top: int = 12) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]],
+                                                list[tuple[str, int]]]:
+    """From py-spy's raw (collapsed) output: total samples, the top functions by self and by inclusive
+    samples, and the top source lines by self samples (where a function's own time goes)."""
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
+    lines: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -32,11 +35,13 @@ def summarise(raw: str, top: int = 12) -> tuple[int, list[tuple[str, int]], list
             m = _FRAME.match(frame)
             names.append(f"{m['func']} ({m['file']})" if m else frame)
         own[names[-1]] += n
+        leaf = _FRAME.match(stack.split(";")[-1])
+        lines[f"{leaf['file']}:{leaf['line']} ({leaf['func']})" if leaf and leaf["line"] else names[-1]] += n
         # Frames up to the event loop's run() are in every sample of the main thread: leave them out.
         runs = [i for i, name in enumerate(names) if name.startswith("Runner.run ")]
         for name in set(names[runs[-1] + 1:] if runs else names):
             incl[name] += n
-    return total, own.most_common(top), incl.most_common(top)
+    return total, own.most_common(top), incl.most_common(top), lines.most_common(top // 2)
 
 
 def py_spy() -> str | None:
@@ -80,8 +85,9 @@ def run(ctx: Ctx) -> Section:
         finally:
             flood.stop()
         ctx.servers.stop(proc)
-        total, own, incl = summarise(raw)
-        data[name] = {"samples": total, "rps_under_profiler": load.rps, "self": own, "inclusive": incl}
+        total, own, incl, lines = summarise(raw)
+        data[name] = {"samples": total, "rps_under_profiler": load.rps, "self": own, "inclusive": incl,
+                      "lines": lines}
 
         def pct(n: int, total: int = total) -> str:
             return f"{100 * n / total:.1f}%" if total else "-"
@@ -89,10 +95,13 @@ def run(ctx: Ctx) -> Section:
         parts.append(
             f"### {name}\n\n{total} samples at 250 Hz over {seconds} s of a 50-connection keep-alive flood "
             f"({load.rps:,.0f} requests/s while sampled).\n\n"
-            + table(["function (self)", "share"], [[f"`{f}`", pct(n)] for f, n in own]) + "\n\n"
-            + table(["function (inclusive)", "share"], [[f"`{f}`", pct(n)] for f, n in incl])
+            + table(["function (self)", "share"], [[f"`{f}`", pct(n)] for f, n in own if n * 1000 >= total]) + "\n\n"
+            + table(["function (inclusive, below the event loop)", "share"],
+                    [[f"`{f}`", pct(n)] for f, n in incl if n * 1000 >= total]) + "\n\n"
+            + table(["source line (self)", "share"], [[f"`{f}`", pct(n)] for f, n in lines if n * 1000 >= total])
         )
     md = ("py-spy `record --nonblocking` of the agent process while wrk floods /health. Time spent in C "
-          "(uvloop, the HTTP parser) shows under the Python frame that called it, e.g. `Runner.run` for the "
-          "event loop itself.\n\n" + "\n\n".join(parts))
+          "(uvloop, the HTTP parser, the send() system call) shows under the Python line that called it, "
+          "e.g. `Runner.run` for the event loop itself and the `transport.write` line of the fast responder "
+          "for sending. Rows under 0.1% are left out.\n\n" + "\n\n".join(parts))
     return Section("Profile of the hot path", md, data={"profile": data})

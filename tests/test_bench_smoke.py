@@ -137,8 +137,9 @@ def test_py_spy_raw_output_is_summarised() -> None:
            "(agent/fasthealth.py:200) 50\n"
            "main (agent/cli.py:1);Runner.run (asyncio/runners.py:118);HealthProtocol.data_received "
            "(agent/fasthealth.py:182);FastHealth.answer (agent/fasthealth.py:132) 10\n")
-    total, own, incl = summarise(raw)
+    total, own, incl, lines = summarise(raw)
     assert total == 100
+    assert lines[0] == ("agent/fasthealth.py:200 (HealthProtocol.data_received)", 50)
     assert own[0] == ("HealthProtocol.data_received (agent/fasthealth.py)", 50)
     assert dict(incl) == {"HealthProtocol.data_received (agent/fasthealth.py)": 60,
                           "FastHealth.answer (agent/fasthealth.py)": 10}
