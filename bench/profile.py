@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.core import Ctx, Section, agent_config, table
 from bench.load import Flood
-from bench.servers import http_status, wait_until
+from bench.servers import BenchError, http_status, wait_until
 
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -58,8 +58,8 @@ def record(pid: int, seconds: float, rate: int = 250) -> str:
         res = subprocess.run([spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", str(rate),
                               "-f", "raw", "-o", str(out), "--nonblocking"], capture_output=True, text=True,
                              timeout=seconds + 60)
-        if res.returncode:
-            raise RuntimeError(f"py-spy failed: {res.stderr[-1000:]}")
+        if res.returncode:  # e.g. no ptrace permission in a container
+            raise BenchError(f"py-spy could not sample the agent: {res.stderr.strip()[-300:]}")
         return out.read_text()
     finally:
         out.unlink(missing_ok=True)

@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             ctx.postgres = servers.postgres()
             for name in chosen:
                 ctx.log(f"section {name}")
-                sections.append(SECTIONS[name].run(ctx))
+                try:
+                    sections.append(SECTIONS[name].run(ctx))
+                except BenchError as e:  # a missing tool or a server that won't start: the others still run
+                    ctx.log(f"section {name} not run: {e}")
+                    sections.append(Section(name, f"Not run: {e}"))
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
