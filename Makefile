@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/healthgate.toml
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test soak lint bench venv clean
 
@@ -29,8 +30,12 @@ soak: venv
 lint: venv
 	$(BIN)/ruff check agent tests bench
 
-bench: venv
-	$(BIN)/python -m bench.run
+bench: venv $(VENV)/.bench-installed
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast,bench]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

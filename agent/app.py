@@ -82,7 +82,7 @@ class Agent:
         try:
             registry = make_registry(self.state, lambda: len(self.runner.hung))
             app = make_app(self.state, registry, self.tokens, self.admin)
-            self._web = Listener(self.config.server)
+            self._web = Listener(self.config.server, self.state)
             registry.register(self._web.guard)
             self.address = await self._web.start(app, *self.config.server.listen)
             if self.config.agent_check.listen is not None:

@@ -36,6 +36,9 @@ class ServerConfig(Strict):
     )
     max_connections: int = Field(default=512, ge=1, le=65535, description="open connections beyond this are closed")
     read_timeout: Duration = Field(default=5.0, gt=0, description="a client must send its request within this")
+    fast_health: bool = Field(
+        default=True, description="answer /health /ready /live with a minimal responder; false = aiohttp only"
+    )
     status_token_file: str | None = Field(
         default=None, description="bearer token that unlocks /status details for non-loopback clients"
     )

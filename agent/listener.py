@@ -15,6 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from agent import logs
 from agent.config import ServerConfig
+from agent.fasthealth import FastHealth
+from agent.state import AgentState
 
 # A load balancer's probe is one short line and a handful of headers; anything near these is hostile.
 MAX_LINE = 4096  # the request line
@@ -138,8 +140,11 @@ class Handler(web.RequestHandler):
 class Listener:
     """The HTTP server of one agent: aiohttp's runner for the app, our own protocol factory for the socket."""
 
-    def __init__(self, server: ServerConfig):
+    def __init__(self, server: ServerConfig, state: AgentState):
         self.guard = Guard(server)
+        self.state = state
+        self.fast_health = server.fast_health
+        self._fast: FastHealth | None = None
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -158,8 +163,12 @@ class Listener:
                            lingering_time=0, max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
                            max_headers=MAX_HEADERS)
 
+        protocol: Any = factory
+        if self.fast_health:  # probes answered from precomputed bytes; anything else goes on to aiohttp
+            self._fast = FastHealth(self.state, factory, guard)
+            protocol = self._fast.protocol
         try:
-            self._server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True)
+            self._server = await loop.create_server(protocol, host, port, backlog=1024, reuse_address=True)
         except BaseException:
             await self.stop()
             raise
@@ -169,6 +178,9 @@ class Listener:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._fast is not None:
+            self._fast.close()  # its own connections; aiohttp's runner closes those handed over
+            self._fast = None
         if self._runner is not None:
             await self._runner.cleanup()  # closes idle connections, lets in-flight requests finish
             self._runner = None

@@ -7,10 +7,6 @@ import ipaddress
 import socket
 from typing import Literal
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 from pydantic import Field, field_validator, model_validator
 
 from agent.model import Observation
@@ -74,6 +70,10 @@ class Config(CheckBase):
             raise ValueError(f"expect_addresses: {', '.join(wrong)} cannot answer an {self.record_type} query")
         return self
 
+    def model_post_init(self, _context: object) -> None:
+        if self.server is not None:
+            _dnspython()  # now, with the config that needs it: not on the loop at the first sample
+
     def threshold(self) -> str:
         out = f"{self.query_name} {self.record_type} resolves"
         if self.expect_addresses:
@@ -92,7 +92,18 @@ async def _system(cfg: Config, ctx: Context) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def _dnspython() -> None:
+    """dnspython, imported only for checks that ask a given server (the system resolver needs none)."""
+    import dns.asyncresolver  # noqa: F401
+    import dns.nameserver  # noqa: F401
+
+
 async def _server(cfg: Config, ip: str, port: int) -> list[str]:
+    import dns.asyncresolver
+    import dns.exception
+    import dns.nameserver
+    import dns.resolver
+
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port)]
     resolver.cache = None

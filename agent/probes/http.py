@@ -7,10 +7,9 @@ import errno
 import re
 import socket
 import ssl
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import aiohttp
-import regex
 from pydantic import AnyHttpUrl, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from agent.fields import Duration, format_duration
@@ -25,6 +24,9 @@ from agent.probes.common import (
     unique,
     url_secrets,
 )
+
+if TYPE_CHECKING:
+    import regex
 
 _RANGE = re.compile(r"^([1-5])xx$|^(\d{3})\s*-\s*(\d{3})$")
 
@@ -83,6 +85,8 @@ class Config(TLSOptions, CheckBase):
     @classmethod
     def _regex_compiles(cls, v: str | None) -> str | None:
         if v is not None:
+            import regex  # the regex module (~1.4 MB) loads only for configs that use body_regex
+
             try:
                 regex.compile(v)
             except regex.error as e:
@@ -111,7 +115,10 @@ class Config(TLSOptions, CheckBase):
 
     def model_post_init(self, _context: object) -> None:
         self._ranges = tuple(parse_status(s) for s in self.expect_status)
-        self._regex = regex.compile(self.body_regex) if self.body_regex else None
+        if self.body_regex:
+            import regex
+
+            self._regex = regex.compile(self.body_regex)
 
     def threshold(self) -> str:
         out = f"status in {format_ranges(self._ranges)}"

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import asyncpg
 from pydantic import Field, field_validator, model_validator
 
 from agent.fields import Duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.common import TLSOptions, address, client_context, secret_forms, unique, url_secrets
+
+if TYPE_CHECKING:
+    import asyncpg
 
 # On a standby, lag is the age of the last replayed transaction while received WAL waits to be
 # replayed; a standby that has replayed all it received has no lag (an idle primary writes nothing).
@@ -71,6 +74,9 @@ class Config(CheckBase):
             return "(dsn)"
         return self.host if self.host.startswith("/") else address(self.host, self.port)
 
+    def model_post_init(self, _context: object) -> None:
+        server_errors()  # loads asyncpg now, with the config that needs it: not on the loop at the first sample
+
     def threshold(self) -> str:
         out = f"{self.query!r} succeeds"
         if self.role:
@@ -104,22 +110,30 @@ async def _connect(cfg: Config, ctx: Context) -> asyncpg.Connection:
     # The server ends a query of ours that outlives the sample: an abandoned sample leaves no backend
     # behind running it. Timing the sample is still the runner's job.
     settings = {"application_name": "healthgate", "statement_timeout": str(max(1, int(cfg.timeout * 1000)))}
+    import asyncpg
+
     return await asyncpg.connect(cfg.dsn, **kw, statement_cache_size=0, server_settings=settings)
 
 
-# Server errors worth their own words and metric kind; the first matching class wins.
-SERVER_ERRORS: tuple[tuple[type[BaseException], str, str], ...] = (
-    (asyncpg.InvalidPasswordError, "authentication failed", "auth"),
-    (asyncpg.InvalidAuthorizationSpecificationError, "authentication failed", "auth"),
-    (asyncpg.TooManyConnectionsError, "no connection slot left", "capacity"),
-    (asyncpg.CannotConnectNowError, "not accepting connections", "unavailable"),
-    (asyncpg.QueryCanceledError, "query cancelled", "timeout"),
-)
+@functools.cache
+def server_errors() -> tuple[tuple[type[BaseException], str, str], ...]:
+    """Server errors worth their own words and metric kind; the first matching class wins."""
+    import asyncpg
+
+    return (
+        (asyncpg.InvalidPasswordError, "authentication failed", "auth"),
+        (asyncpg.InvalidAuthorizationSpecificationError, "authentication failed", "auth"),
+        (asyncpg.TooManyConnectionsError, "no connection slot left", "capacity"),
+        (asyncpg.CannotConnectNowError, "not accepting connections", "unavailable"),
+        (asyncpg.QueryCanceledError, "query cancelled", "timeout"),
+    )
 
 
 def _failure(cfg: Config, e: BaseException) -> CheckFailed:
+    import asyncpg
+
     where = f"postgres {cfg.target}"
-    for cls, words, kind in SERVER_ERRORS:
+    for cls, words, kind in server_errors():
         if isinstance(e, cls):
             return CheckFailed(f"{where}: {words}: {e}", kind)
     if isinstance(e, asyncpg.PostgresError):
@@ -138,6 +152,8 @@ def _failure(cfg: Config, e: BaseException) -> CheckFailed:
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
+    import asyncpg
+
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     conn = None

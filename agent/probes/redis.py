@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import ssl
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import redis.asyncio
-import redis.exceptions
 from pydantic import Field, model_validator
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.common import TLS_KEYS, TLSOptions, address, secret_forms, unique
 
+if TYPE_CHECKING:
+    import redis.asyncio
+    import redis.exceptions
+
 ROLES = {"master": "master", "replica": "slave"}  # our word -> INFO replication's
-# No CLIENT SETINFO on connect (a round trip per sample for nothing); redis-py 8 renamed the switch.
-NO_SETINFO: dict[str, Any] = (
-    {"driver_info": None} if "driver_info" in inspect.signature(redis.asyncio.Redis.__init__).parameters
-    else {"lib_name": None, "lib_version": None}
-)
+
+
+@functools.cache
+def no_setinfo() -> dict[str, Any]:
+    """No CLIENT SETINFO on connect (a round trip per sample for nothing); redis-py 8 renamed the switch."""
+    import redis.asyncio
+
+    params = inspect.signature(redis.asyncio.Redis.__init__).parameters
+    return {"driver_info": None} if "driver_info" in params else {"lib_name": None, "lib_version": None}
 
 
 class Config(TLSOptions, CheckBase):
@@ -53,6 +58,9 @@ class Config(TLSOptions, CheckBase):
     def target(self) -> str:
         return self.path if self.path is not None else address(self.host, self.port)
 
+    def model_post_init(self, _context: object) -> None:
+        no_setinfo()  # loads redis-py now, with the config that needs it: not on the loop at the first sample
+
     def threshold(self) -> str:
         out = "PING answered, not loading"
         return out + (f", role {self.role}" if self.role else "")
@@ -62,6 +70,10 @@ class Config(TLSOptions, CheckBase):
 
 
 def _client(cfg: Config) -> redis.asyncio.Redis:
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     kw: dict[str, Any] = {}
     if cfg.path is not None:
         kw["unix_socket_path"] = cfg.path
@@ -75,11 +87,13 @@ def _client(cfg: Config) -> redis.asyncio.Redis:
     return redis.asyncio.Redis(
         **kw, db=cfg.db, username=cfg.username, password=cfg.password, single_connection_client=True,
         retry=Retry(NoBackoff(), 0), socket_timeout=None, socket_connect_timeout=None, socket_keepalive=False,
-        decode_responses=True, protocol=2, **NO_SETINFO,
+        decode_responses=True, protocol=2, **no_setinfo(),
     )
 
 
 def _failure(cfg: Config, e: redis.exceptions.RedisError) -> CheckFailed:
+    import redis.exceptions
+
     text = str(e).strip().rstrip(".")
     if isinstance(e, redis.exceptions.AuthenticationError | redis.exceptions.AuthorizationError):
         return CheckFailed(f"redis {cfg.target}: authentication failed: {text}", "auth")
@@ -102,6 +116,8 @@ def _failure(cfg: Config, e: redis.exceptions.RedisError) -> CheckFailed:
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
+    import redis.exceptions
+
     loop = asyncio.get_running_loop()
     client = _client(cfg)
     t0 = loop.time()

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from cryptography import x509
 from pydantic import Field
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.common import TLSOptions, address, client_context
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # OpenSSL verify codes worth their own metric label; any other verification failure is `untrusted`.
 VERIFY_KINDS = {10: "expired", 9: "not_yet_valid", 62: "hostname"}
@@ -26,12 +28,17 @@ class Config(TLSOptions, CheckBase):
                                     description="SNI and the name the certificate must match; default: host")
     min_days_left: float = Field(default=0, ge=0, le=3650, description="fail when the leaf expires sooner")
 
+    def model_post_init(self, _context: object) -> None:
+        from cryptography import x509  # noqa: F401 - loaded with the config that needs it, not at agent start
+
     def threshold(self) -> str:
         checks = "valid chain and name, " if self.tls_verify else ""
         return f"{checks}expires in >= {self.min_days_left:g} days"
 
 
 def _leaf(writer: asyncio.StreamWriter) -> x509.Certificate:
+    from cryptography import x509
+
     sslobj = writer.get_extra_info("ssl_object")
     der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
     if not der:

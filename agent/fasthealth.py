@@ -1,0 +1,228 @@
+"""A minimal HTTP/1.1 responder for /health, /ready and /live in front of aiohttp; aiohttp gets the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from agent.http_api import current, health_status
+from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.listener import Guard
+
+# Why this exists: load balancers and orchestrators probe /health many times a second per node, and aiohttp
+# spends ~100 us of Python per request on routing, Request/Response objects and header multidicts. This
+# responder answers the probe paths from precomputed bytes (see bench/RESULTS.md for the numbers).
+#
+# It is deliberately narrow. It answers only a request that HEAD_RE matches whole: GET or HEAD of one of
+# the three paths, HTTP/1.0 or 1.1, at most MAX_HEAD bytes, and only header names from ALLOWED with plain
+# printable values (so no body, no upgrade, no Expect), one Host (required by HTTP/1.1). Anything else
+# (other paths or methods, query strings, bodies, malformed or oversized heads, unknown headers, bare LF
+# line ends) hands the connection, from that request on, to aiohttp's own protocol, which parses, rejects
+# and answers it exactly as it would without this front. So strictness about odd input stays with aiohttp.
+
+PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live"}
+MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and partial ones) go to aiohttp
+MAX_HEADERS = 32
+SWEEP = 1.0  # seconds between refreshes of the Date header and read-timeout checks
+
+ALLOWED = (
+    "user-agent", "accept", "accept-encoding", "accept-language", "connection", "keep-alive", "cache-control",
+    "pragma", "authorization", "referer", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+    "x-real-ip", "x-request-id", "traceparent", "tracestate",
+)
+_OWS = rb"[ \t]*"
+_HOST = rb"\r\n(?i:host):" + _OWS + rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*" + _OWS
+_OTHER = rb"\r\n(?i:" + "|".join(ALLOWED).encode() + rb"):[\t\x20-\x7e]*"
+HEAD_RE = re.compile(
+    rb"(GET|HEAD) (/health|/ready|/live) HTTP/1\.([01])((?:" + _HOST + b"|" + _OTHER + rb")*)"
+)
+REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
+
+
+def parse_connection(headers: bytes) -> set[bytes]:
+    """The lower-cased tokens of every Connection header in a header block (lines led by CRLF)."""
+    tokens: set[bytes] = set()
+    for line in headers.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def render(code: int, body: bytes, head: bool, close: bool, keep_alive_header: bool, date: bytes) -> bytes:
+    """The full response bytes; HEAD gets the same headers as GET and no body."""
+    lines = [
+        b"HTTP/1.1 %d %s" % (code, REASONS[code]),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: %d" % len(body),
+        b"Cache-Control: no-store",
+        b"Date: " + date,
+    ]
+    if close:
+        lines.append(b"Connection: close")
+    elif keep_alive_header:
+        lines.append(b"Connection: keep-alive")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body)
+
+
+class FastHealth:
+    """The listening socket, the probe connections it still owns and the cache of response bytes.
+
+    Invariant: everything here runs on the event loop's thread. `conns` holds the connections accepted and
+    not handed to aiohttp; aiohttp's server closes the others. `guard` counts a connection from accept
+    until it is lost or handed over (the handler that takes it over counts it from then on).
+    """
+
+    def __init__(self, state: AgentState, fallback: Callable[[], asyncio.Protocol], guard: Guard):
+        """`guard` is the HTTP listener's: one connection cap and deadline for both front and aiohttp."""
+        self.state = state
+        self.fallback = fallback
+        self.guard = guard
+        self.conns: set[HealthProtocol] = set()
+        self.loop = asyncio.get_running_loop()
+        self._cache: dict[tuple, bytes] = {}
+        self._date = b""
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep()
+
+    def protocol(self) -> HealthProtocol:
+        """The protocol factory for the listening socket."""
+        return HealthProtocol(self)
+
+    def close(self) -> None:
+        """Close the connections still here (aiohttp closes those it took over)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self.conns):
+            conn.transport.close()
+
+    def _sweep(self) -> None:
+        """Once a second: a fresh Date (so fresh cached responses); drop clients past their read deadline."""
+        self._date = email.utils.formatdate(usegmt=True).encode()
+        self._cache.clear()
+        now = self.loop.time()
+        for conn in [c for c in self.conns if now > c._due]:
+            self.guard.drop(conn, "deadline")
+        self._sweeper = self.loop.call_later(SWEEP, self._sweep)
+
+    def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
+        """The response to one probe, from the current snapshot: the same decision as http_api's handlers."""
+        state = self.state
+        snap, fresh = current(state)
+        if kind == "health":
+            code = health_status(state, snap, fresh)
+            body = b"up\n" if code == 200 else b"down\n"
+        else:
+            ok = fresh and snap.live
+            code, body = (200, b"live\n") if ok else (503, b"stalled\n")
+        key = (code, body, head, close, http10)
+        resp = self._cache.get(key)
+        if resp is None:
+            resp = self._cache[key] = render(code, body, head, close, http10, self._date)
+        return resp
+
+
+class HealthProtocol(asyncio.Protocol):
+    """One client connection: answers probe requests itself until one is not a probe, then forwards to aiohttp.
+
+    Once `inner` (aiohttp's RequestHandler) is set, every transport event goes to it and this object only
+    relays; the connection never comes back.
+    """
+
+    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing")
+
+    def __init__(self, front: FastHealth):
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.inner: asyncio.Protocol | None = None
+        self.buf = b""
+        self._due = 0.0  # the next complete request must arrive by then (read_timeout after the last answer)
+        self.closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        front = self.front
+        self.transport = transport
+        self._due = front.loop.time() + front.guard.read_timeout
+        front.conns.add(self)
+        front.guard.admit(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.conns.discard(self)
+        self.front.guard.open.pop(self, None)
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+            return
+        if self.closing:
+            return
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        out = []
+        while True:
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0:
+                break
+            if end - pos > MAX_HEAD:
+                break
+            m = HEAD_RE.fullmatch(buf, pos, end)
+            if m is None:
+                break
+            headers = m.group(4)
+            close = http10 = m.group(3) == b"0"
+            lower = headers.lower()
+            hosts = lower.count(b"\r\nhost:")
+            if hosts > 1 or (hosts == 0 and not http10) or lower.count(b"\r\n") > MAX_HEADERS:
+                break
+            if b"\r\nconnection:" in lower:
+                tokens = parse_connection(headers)
+                close = b"close" in tokens or (http10 and b"keep-alive" not in tokens)
+            out.append(self.front.answer(PATHS[m.group(2)], m.group(1) == b"HEAD", close, http10))
+            pos = end + 4
+            if close:
+                self.closing = True
+                break
+        if out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self._due = self.front.loop.time() + self.front.guard.read_timeout
+        if self.closing:
+            self.transport.close()
+            return
+        rest = buf[pos:] if pos else buf
+        if rest and (end >= 0 or len(rest) > MAX_HEAD or rest.count(b"\n") != rest.count(b"\r\n")):
+            self._hand_over(rest)  # not a probe, too long, or bare LF line ends: aiohttp decides
+            return
+        self.buf = rest
+
+    def _hand_over(self, rest: bytes) -> None:
+        self.buf = b""
+        self.front.conns.discard(self)
+        self.front.guard.open.pop(self, None)
+        self.inner = inner = self.front.fallback()
+        inner.connection_made(self.transport)
+        inner.data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
+        return None  # every complete request was answered: close
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+        else:
+            self.transport.pause_reading()  # a client that pipelines without reading gets no more answers
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+        elif not self.closing:
+            self.transport.resume_reading()

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of healthgate against nginx, a naive health endpoint and node-exporter."""

@@ -1,0 +1,97 @@
+"""`python -m bench.run`: every benchmark in one run, side by side; prints the table, writes RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from bench import deps, detect, footprint, lag, profile, report, serve
+from bench.core import Ctx, Section
+from bench.servers import BenchError, Servers
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = {"serve": serve, "deps": deps, "detect": detect, "footprint": footprint, "lag": lag, "profile": profile}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="a short smoke run: 1 repetition, short windows")
+    p.add_argument("--only", action="append", choices=list(SECTIONS), help="run only these sections (repeatable)")
+    p.add_argument("--reps", type=int, help="repetitions (default 3; --quick 1)")
+    p.add_argument("--duration", type=float, help="seconds of each wrk run (default 5; --quick 1)")
+    p.add_argument("--window", type=float, help="seconds of each footprint/lag window (default 20; --quick 3)")
+    p.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md, results.json and results.png go")
+    p.add_argument("--keep", action="store_true", help="keep the servers' temporary directory (logs)")
+    return p.parse_args(argv)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through Servers, which stops every server it started
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)  # also when started in the background, where SIGINT is ignored
+    reps = args.reps or (1 if args.quick else 3)
+    duration = args.duration or (1.0 if args.quick else 5.0)
+    window = args.window or (3.0 if args.quick else 20.0)
+    chosen = args.only or list(SECTIONS)
+    meta = {"started": report.stamp(), "mode": "quick (smoke run, not for quoting)" if args.quick else "full",
+            "repetitions": str(reps), "wrk run": f"{duration:g} s", "window": f"{window:g} s",
+            "load average before": report.loadavg()}
+    sections: list[Section] = []
+    t0 = time.monotonic()
+    try:
+        with Servers(keep=args.keep) as servers:
+            ctx = Ctx(servers, args.quick, reps, duration, window)
+            ctx.log(f"servers in {servers.dir}")
+            ctx.nginx = servers.nginx(workers=1)
+            ctx.redis = servers.redis()
+            ctx.postgres = servers.postgres()
+            for name in chosen:
+                ctx.log(f"section {name}")
+                try:
+                    sections.append(SECTIONS[name].run(ctx))
+                except BenchError as e:  # a missing tool or a server that won't start: the others still run
+                    ctx.log(f"section {name} not run: {e}")
+                    sections.append(Section(name, f"Not run: {e}"))
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    meta["load average after"] = report.loadavg()
+    meta["took"] = f"{time.monotonic() - t0:.0f} s"
+    info = report.machine()
+    args.out.mkdir(parents=True, exist_ok=True)
+    why_no_plot = report.plot(sections, args.out / "results.png")
+    notes = NOTES + ("\n\n![benchmarks](results.png)" if why_no_plot is None else f"\n\n(No plot: {why_no_plot}.)")
+    text = report.render(sections, info, meta, notes)
+    (args.out / "RESULTS.md").write_text(text)
+    report.write_json(sections, info, meta, args.out / "results.json")
+    print(text)
+    return 0
+
+
+NOTES = """\
+How the servers are set up, and why:
+
+- **nginx** runs `worker_processes 1`: healthgate serves from one event-loop thread, so one nginx worker is
+  the like-for-like ceiling on this machine (more workers would measure core count, not the server).
+  Its answer is `return 200 "up\\n"`, access log off.
+- **healthgate** runs its default config (`config/healthgate.toml`: a memory and a disk check) with
+  `--loop uvloop` (what `auto` picks when uvloop is installed), and again with `--loop asyncio`, and
+  again with `fast_health = false` (every request through aiohttp) to show what the fast responder buys.
+- **naive** is `bench/naive.py`: an aiohttp `/health` that pings the same Redis and PostgreSQL inline on
+  every request (redis-py and an asyncpg pool of 10), as many services do.
+- wrk uses one thread, so the client needs one core and the server gets the other. Processes are not
+  pinned: pinning client and server to different cores raised 1-connection p99 for every server alike on
+  this virtual machine (cross-core wake-ups).
+- Numbers from a machine that runs other work at the same time are noisy: compare ratios and look at the
+  load average above before trusting an absolute figure."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Memory footprint: client libraries of dependency checks load only with a config that uses them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+LIBS = ("redis", "asyncpg", "dns", "cryptography", "regex")
+SCRIPT = """
+import sys, tomllib
+import agent.app, agent.cli
+from agent.config import parse_config
+parse_config(tomllib.loads(sys.argv[1]))
+print(",".join(m for m in sys.argv[2].split(",") if m in sys.modules))
+"""
+
+
+def loaded(config: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, config, ",".join(LIBS)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return set(filter(None, out.stdout.strip().split(",")))
+
+
+def test_node_checks_load_no_client_library() -> None:
+    """The default config (node checks) imports none of redis-py, asyncpg, dnspython, cryptography, regex."""
+    config = (ROOT / "config" / "healthgate.toml").read_text()
+    assert loaded(config) == set()
+
+
+def test_each_dependency_check_loads_its_library_with_the_config() -> None:
+    """A redis, postgres, tls, server-asking dns or body_regex http check loads its library with the config."""
+    config = """
+[[checks]]
+name = "r"
+type = "redis"
+[[checks]]
+name = "p"
+type = "postgres"
+[[checks]]
+name = "t"
+type = "tls"
+[[checks]]
+name = "d"
+type = "dns"
+query_name = "example.test"
+server = "127.0.0.1"
+[[checks]]
+name = "h"
+type = "http"
+url = "http://127.0.0.1:1/"
+body_regex = "ok+"
+"""
+    assert loaded(config) == set(LIBS)
+    assert loaded('[[checks]]\nname = "d"\ntype = "dns"\nquery_name = "example.test"\n') == set()
