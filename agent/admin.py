@@ -19,7 +19,7 @@ from agent.model import Admin
 from agent.state import AgentState
 
 STATE_FILE = "admin.json"
-POLL = 0.2  # seconds between looks at the state file: one stat(), a read only when it changed
+POLL = 0.5  # seconds between looks at the state file: one stat(), a read only when it changed
 READ_TIMEOUT = 1.0  # a state directory that hangs (dead network mount) is given up on for this round
 REASON_MAX = 200
 _SPACE = re.compile(r"\s+")

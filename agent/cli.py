@@ -32,7 +32,7 @@ maintenance, or (drain/maint/ready) state not written; 3 (status, explain) state
 unreachable or details refused; 1 unexpected failure.
 endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /status/journal, /metrics, and the
 status page at /.
-drain/maint/ready write the state file in [agent] state_dir; the running agent applies it within 200 ms.
+drain/maint/ready write the state file in [agent] state_dir; the running agent applies it within 500 ms.
 signals of `run`: SIGTERM/SIGINT drain then exit 0; SIGHUP reloads the config (a bad file is refused).
 """
 

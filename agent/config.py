@@ -72,7 +72,7 @@ class PolicyConfig(Strict):
     )
     flap_window: Duration = Field(default=60.0, gt=0, description="window in which flaps (failures after a pass) are counted")
     flap_threshold: int = Field(
-        default=3, ge=0, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
+        default=5, ge=0, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
     )
     flap_hold: Duration = Field(
         default=30.0, ge=0, description="a flapping check must pass for this long before it rises again"
