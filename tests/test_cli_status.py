@@ -13,14 +13,9 @@ import pytest
 from aiohttp import web
 
 from agent import remote, render
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, agent_toml, free_port, wait_for
 
-CONFIG = """
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_drain = "0s"
-[agent]
-allow_root = true
+CONFIG = agent_toml() + """
 [[checks]]
 name = "mem"
 type = "memory"

@@ -11,7 +11,7 @@ from pathlib import Path
 import crossplane
 import pytest
 
-from tests.helpers import ROOT, AgentProcess, free_port, http_get, require, wait_for
+from tests.helpers import ROOT, AgentProcess, agent_toml, free_port, http_get, require, wait_for
 
 DEPLOY = ROOT / "deploy" / "nginx"
 PROXY = DEPLOY / "healthgate-proxy.conf"
@@ -22,12 +22,7 @@ HEALTH_CHECK_PARAMS = {"interval", "jitter", "fails", "passes", "uri", "mandator
                        "type", "grpc_service", "grpc_status", "keepalive_time"}
 MATCH_TESTS = {"status", "header", "body", "require"}
 
-AGENT = """
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_drain = "0s"
-[agent]
-allow_root = true
+AGENT = agent_toml() + """
 [[checks]]
 name = "dep"
 type = "tcp"

@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, free_port, http_get, require, wait_for
+from tests.helpers import ROOT, agent_toml, free_port, http_get, require, wait_for
 
 DEPLOY = ROOT / "deploy" / "prometheus"
 
-AGENT = """
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_drain = "0s"
-[agent]
-allow_root = true
+AGENT = agent_toml() + """
 [[checks]]
 name = "mem"
 type = "memory"
