@@ -114,7 +114,8 @@ class AgentState:
             return
         self._journal("admin", "node", self.admin.value, admin.value, reason)
         self.admin, self.admin_reason, self.admin_until = admin, reason, until
-        self.refresh(self.heartbeat if self.heartbeat > self.snapshot.computed_at else self.snapshot.computed_at)
+        # No clock is passed in: the latest time the state has seen is at most one heartbeat old.
+        self.refresh(max(self.heartbeat, self.snapshot.computed_at))
 
     def set_stopping(self, now: float) -> None:
         self.stopping = True
