@@ -16,7 +16,7 @@ from agent import __version__, logs
 from agent.config import DEFAULT_PATH, Config, ConfigError, json_schema, load_config
 from agent.trust import load_trusted_config
 
-EXIT_OK, EXIT_DOWN, EXIT_CONFIG = 0, 2, 2
+EXIT_OK, EXIT_CONFIG = 0, 2
 
 DESCRIPTION = f"""\
 healthgate samples this node's load and the health of what it depends on, and publishes ONE

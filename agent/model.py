@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Status(enum.StrEnum):
@@ -100,7 +100,6 @@ class Snapshot:
     since_wall: float
     loop_lag: float
     live: bool
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def serving_up(self) -> bool:

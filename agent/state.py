@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from agent import logs
 from agent.config import Config
-from agent.model import Admin, CheckState, Result, Snapshot, Status, Verdict
+from agent.model import Admin, CheckState, Result, Snapshot, Verdict
 from agent.probes.base import CheckBase
 from agent.verdict import aggregate, next_state, view
 
@@ -166,6 +166,3 @@ class AgentState:
         self.journal.append(entry)
         logs.event(f"{kind}_transition", logging.INFO if new in ("up", "ready") else logging.WARNING,
                    **{k: v for k, v in entry.items() if k != "time"})
-
-    def status_of(self, name: str) -> Status:
-        return self.states[name].status
