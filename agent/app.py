@@ -108,7 +108,7 @@ class Agent:
 
     def _beat(self, now: float) -> None:
         assert self.state is not None and self.scheduler is not None
-        self.systemd.beat(now, self.state.snapshot, self.scheduler.ready.is_set())
+        self.systemd.beat(now, self.state.answer(now), self.scheduler.ready.is_set())
 
     def reload(self) -> bool:
         """Re-read the config file. A bad file changes nothing: the old config keeps serving."""

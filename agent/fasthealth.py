@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.http_api import current, health_status
+from agent.serving import health_response, live_response
 from agent.state import AgentState
 
 if TYPE_CHECKING:
@@ -112,15 +112,10 @@ class FastHealth:
         self._sweeper = self.loop.call_later(SWEEP, self._sweep)
 
     def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
-        """The response to one probe, from the current snapshot: the same decision as http_api's handlers."""
-        state = self.state
-        snap, fresh = current(state)
-        if kind == "health":
-            code = health_status(state, snap, fresh)
-            body = b"up\n" if code == 200 else b"down\n"
-        else:
-            ok = fresh and snap.live
-            code, body = (200, b"live\n") if ok else (503, b"stalled\n")
+        """The response to one probe: agent.serving's answer, as http_api's handlers give it."""
+        answer = self.state.answer(self.loop.time())
+        code, text = health_response(answer) if kind == "health" else live_response(answer)
+        body = text.encode()
         key = (code, body, head, close, http10)
         resp = self._cache.get(key)
         if resp is None:

@@ -1,4 +1,4 @@
-"""HAProxy agent-check: format_reply(snapshot, weight) -> str (pure) and the asyncio TCP server."""
+"""HAProxy agent-check: format_reply(answer, weight) -> str (pure) and the asyncio TCP server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import logging
 
 from agent import logs
 from agent.admin import sanitize
-from agent.http_api import current
-from agent.model import Admin, Snapshot
+from agent.serving import Answer, agent_check_reason, agent_check_words
 from agent.state import AgentState
 from agent.weight import WeightTracker
 
@@ -18,25 +17,17 @@ READ_CAP = 4096  # bytes of agent-send we are willing to read per connection
 CONN_DEADLINE = 1.0  # no connection lives longer than this, whatever the client does
 
 
-def format_reply(snap: Snapshot, weight: int | None, fresh: bool = True) -> str:
+def format_reply(answer: Answer, weight: int | None) -> str:
     """One line in HAProxy's agent-check grammar carrying the FULL state: health word, admin word, weight.
 
     HAProxy keeps whatever a reply leaves out (a bare `up` does not clear DRAIN or MAINT, and an
     empty or unknown reply changes nothing), so every reply says all three. The weight is sent only
     when up. The description after ` #` is one sanitised line: the admin reason, then why down.
     """
-    up = fresh and snap.verdict.up
-    words = ["up" if up else "down", snap.admin.value]
-    if up:
+    words = list(agent_check_words(answer))
+    if answer.healthy:
         words.append(f"{max(1, min(100, weight if weight is not None else 100))}%")
-    why = []
-    if snap.admin is not Admin.READY:
-        why.append(snap.admin_reason or snap.admin.value)
-    if not fresh:
-        why.append("agent stalled: no fresh verdict")
-    elif not up:
-        why.append(snap.verdict.reason or "down")
-    text = sanitize("; ".join(why), REASON_MAX)
+    text = sanitize(agent_check_reason(answer), REASON_MAX)
     return " ".join(words) + (f" #{text}" if text else "") + "\n"
 
 
@@ -56,10 +47,9 @@ class AgentCheckServer:
         self._server: asyncio.Server | None = None
 
     def reply(self) -> str:
-        snap, fresh = current(self.state)
-        up = fresh and snap.verdict.up
-        weight = self.weights.weight(asyncio.get_running_loop().time()) if up else None
-        return format_reply(snap, weight, fresh)
+        now = asyncio.get_running_loop().time()
+        answer = self.state.answer(now)
+        return format_reply(answer, self.weights.weight(now) if answer.healthy else None)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._handle, host, port, backlog=256, reuse_address=True)

@@ -8,7 +8,6 @@ import ipaddress
 import json
 import socket
 import time
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -18,8 +17,18 @@ from agent.admin import AdminWatcher, AdminWriteError, make_record, write_record
 from agent.fields import parse_duration
 from agent.logs import mask
 from agent.model import Admin, CheckView, Snapshot
+from agent.serving import (
+    Answer,
+    admin_text,
+    check_reason,
+    check_state,
+    check_up,
+    decide,
+    excluding,
+    health_response,
+    live_response,
+)
 from agent.state import AgentState
-from agent.verdict import aggregate, why
 
 STATE = web.AppKey("state", AgentState)
 REGISTRY = web.AppKey("registry", object)
@@ -36,35 +45,21 @@ def iso(wall: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
 
 
-def current(state: AgentState) -> tuple[Snapshot, bool]:
-    """The snapshot and whether it is fresh. A stale snapshot means the loop was stalled: fail closed."""
-    snap = state.snapshot
-    age = asyncio.get_running_loop().time() - snap.computed_at
-    return snap, age <= state.config.policy.max_loop_lag
-
-
-def health_status(state: AgentState, snap: Snapshot, fresh: bool) -> int:
-    if not fresh:
-        return 503
-    if snap.admin is Admin.DRAIN and snap.verdict.up:
-        return state.config.server.drain_status
-    return 200 if snap.serving_up else 503
+def now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    snap, fresh = current(state)
     if request.query_string:  # ?verbose, ?exclude=: off the hot path, still no probing
-        return health_detail(request, state, snap, fresh)
-    code = health_status(state, snap, fresh)
-    return web.Response(status=code, text="up\n" if code == 200 else "down\n", headers=NO_STORE)
+        return health_detail(request, state)
+    code, text = health_response(state.answer(now()))
+    return web.Response(status=code, text=text, headers=NO_STORE)
 
 
 async def live(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    snap, fresh = current(state)
-    ok = fresh and snap.live
-    return web.Response(status=200 if ok else 503, text="live\n" if ok else "stalled\n", headers=NO_STORE)
+    code, text = live_response(request.app[STATE].answer(now()))
+    return web.Response(status=code, text=text, headers=NO_STORE)
 
 
 def _loopback(request: web.Request) -> bool:
@@ -92,18 +87,7 @@ def bearer(request: web.Request, token: str | None) -> bool | None:
     return hmac.compare_digest(got[7:].strip().encode(), token.encode())
 
 
-def excluding(snap: Snapshot, excluded: frozenset[str]) -> Snapshot:
-    """The snapshot as if the excluded checks did not count: the verdict re-aggregated from the check views.
-
-    aggregate() names failing checks only when the loop is healthy and the agent is not stopping, so a
-    verdict without failing checks is down for the agent's own reasons, which no exclusion can lift.
-    """
-    if not excluded or snap.verdict.up or not snap.verdict.failing:
-        return snap
-    return replace(snap, verdict=aggregate(v for v in snap.checks if v.name not in excluded))
-
-
-def verbose_lines(snap: Snapshot, fresh: bool, excluded: frozenset[str], reasons: bool) -> list[str]:
+def verbose_lines(snap: Snapshot, answer: Answer, t: float, excluded: frozenset[str], reasons: bool) -> list[str]:
     """One line per check as kube-apiserver's /readyz?verbose, then the agent's own conditions."""
 
     def failed(text: str) -> str:
@@ -113,23 +97,22 @@ def verbose_lines(snap: Snapshot, fresh: bool, excluded: frozenset[str], reasons
     for v in snap.checks:
         if v.name in excluded:
             lines.append(f"[+]{v.name} excluded: ok")
-        elif v.passing:
+        elif check_up(answer.fresh, v, t):
             lines.append(f"[+]{v.name} ok")
         else:
             note = "" if v.critical else " (not critical)"
-            lines.append(f"[-]{v.name} failed{note}: {failed(why(v))}")
+            lines.append(f"[-]{v.name} failed{note}: {failed(check_reason(answer.fresh, v, t))}")
     # Names with ':' cannot clash with a check's name, and cannot be excluded.
-    if not fresh:
-        lines.append(f"[-]agent:serving failed: {failed('agent stalled: no fresh verdict')}")
-    elif not snap.verdict.up and not snap.verdict.failing:
-        lines.append(f"[-]agent:serving failed: {failed(snap.verdict.reason)}")
+    if answer.agent_reason:
+        lines.append(f"[-]agent:serving failed: {failed(answer.agent_reason)}")
+    elif not answer.healthy and not answer.failing:
+        lines.append(f"[-]agent:serving failed: {failed(answer.down_reason)}")
     else:
         lines.append("[+]agent:serving ok")
-    if snap.admin is Admin.READY:
+    if answer.admin is Admin.READY:
         lines.append("[+]agent:admin ok")
     else:
-        admin = f"{snap.admin.value}: {snap.admin_reason}" if snap.admin_reason else snap.admin.value
-        lines.append(f"[-]agent:admin failed: {failed(admin)}")
+        lines.append(f"[-]agent:admin failed: {failed(admin_text(answer.admin, answer.admin_reason))}")
     unknown = sorted(excluded - {v.name for v in snap.checks})
     if unknown:  # quoted: a name from the query string must not be able to forge a line
         names = ", ".join(json.dumps(n) for n in unknown)
@@ -137,13 +120,16 @@ def verbose_lines(snap: Snapshot, fresh: bool, excluded: frozenset[str], reasons
     return lines
 
 
-def health_detail(request: web.Request, state: AgentState, snap: Snapshot, fresh: bool) -> web.Response:
+def health_detail(request: web.Request, state: AgentState) -> web.Response:
     excluded = frozenset(name for name in request.query.getall("exclude", ()) if name)
-    code = health_status(state, excluding(snap, excluded), fresh)
+    t = now()
+    snap = state.snapshot
+    answer = decide(excluding(snap, excluded, t), state.condition, t)
+    code, text = health_response(answer)
     if "verbose" not in request.query:
-        return web.Response(status=code, text="up\n" if code == 200 else "down\n", headers=NO_STORE)
+        return web.Response(status=code, text=text, headers=NO_STORE)
     reasons = authorized(request, request.app[TOKENS].get("status"))
-    lines = verbose_lines(snap, fresh, excluded, reasons)
+    lines = verbose_lines(snap, answer, t, excluded, reasons)
     lines.append("healthz check passed" if code == 200 else "healthz check failed")
     return web.Response(status=code, text="\n".join(lines) + "\n", headers=NO_STORE)
 
@@ -151,29 +137,32 @@ def health_detail(request: web.Request, state: AgentState, snap: Snapshot, fresh
 async def one_check(request: web.Request) -> web.Response:
     """/health/<check>: one check's own state, whatever the others and the admin state say."""
     state = request.app[STATE]
-    snap, fresh = current(state)
+    t = now()
+    snap, answer = state.snapshot, state.answer(t)
     name = request.match_info["check"]
     v = next((v for v in snap.checks if v.name == name), None)
     if v is None:
         return web.Response(status=404, text=f"unknown check: {json.dumps(name)}\n", headers=NO_STORE)
-    if fresh and v.passing:
+    if check_up(answer.fresh, v, t):
         return web.Response(text="up\n", headers=NO_STORE)
     text = "down\n"
     if authorized(request, request.app[TOKENS].get("status")):
-        text = f"down: {why(v) if fresh else 'agent stalled: no fresh verdict'}\n"
+        text = f"down: {check_reason(answer.fresh, v, t)}\n"
     return web.Response(status=503, text=text, headers=NO_STORE)
 
 
-def check_entry(v: CheckView) -> dict[str, Any]:
+def check_entry(v: CheckView, t: float, fresh: bool = True) -> dict[str, Any]:
+    """One check's entry in /status at `t`; `fresh` is whether the agent can vouch (agent.serving.Answer.fresh)."""
     s = v.state
     last = s.last
     obs = last.observation if last else None
+    up = check_up(fresh, v, t)
     entry: dict[str, Any] = {
         "componentId": v.name,
         "componentType": v.type,
-        "status": "pass" if v.passing else "fail",
+        "status": "pass" if up else "fail",
         "critical": v.critical,
-        "state": "stale" if v.stale else s.status.value,
+        "state": check_state(v, t),
         "threshold": v.threshold,
         "consecutiveSuccesses": s.consecutive_ok,
         "consecutiveFailures": s.consecutive_fail,
@@ -194,45 +183,34 @@ def check_entry(v: CheckView) -> dict[str, Any]:
             entry["detail"] = obs.detail
         if obs.headroom is not None:
             entry["headroom"] = obs.headroom
-    if not v.passing:
-        entry["output"] = why(v)
+    if not up:
+        entry["output"] = check_reason(fresh, v, t)
     return entry
 
 
-def served_state(snap: Snapshot, fresh: bool) -> str:
-    """up, down, drain or maint: what the node is, for people. Failing checks outrank drain/maint."""
-    if not fresh or not snap.verdict.up:
-        return "down"
-    return "up" if snap.admin is Admin.READY else snap.admin.value
-
-
-def status_body(state: AgentState, snap: Snapshot, fresh: bool, detailed: bool) -> dict[str, Any]:
-    up = fresh and snap.serving_up
-    body: dict[str, Any] = {"status": "pass" if up else "fail"}
+def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, detailed: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"status": "pass" if answer.up else "fail"}
     if not detailed:
         return body
-    reason = snap.verdict.reason if fresh else "agent stalled: no fresh verdict"
-    if fresh and snap.verdict.up and snap.admin is not Admin.READY:
-        reason = f"{snap.admin.value}: {snap.admin_reason}" if snap.admin_reason else snap.admin.value
     body.update({
         "version": "1",
         "releaseId": __version__,
         "serviceId": socket.gethostname(),
         "description": "healthgate node verdict",
-        "output": reason,
+        "output": answer.reason,
         "healthgate": {
-            "verdict": ("up" if up else "down"),
-            "admin": snap.admin.value,
-            "adminReason": snap.admin_reason,
+            "verdict": "up" if answer.up else "down",
+            "admin": answer.admin.value,
+            "adminReason": answer.admin_reason,
             "adminUntil": iso(state.admin_until),
             "since": iso(snap.since_wall),
-            "live": snap.live and fresh,
+            "live": answer.live,
             "eventLoopLagSeconds": round(snap.loop_lag, 6),
-            "failing": list(snap.verdict.failing),
-            "state": served_state(snap, fresh),
+            "failing": list(answer.failing),
+            "state": answer.state,
             "time": iso(time.time()),
         },
-        "checks": {f"{v.name}:{v.type}": [check_entry(v)] for v in snap.checks},
+        "checks": {f"{v.name}:{v.type}": [check_entry(v, t, answer.fresh)] for v in snap.checks},
     })
     return body
 
@@ -240,14 +218,16 @@ def status_body(state: AgentState, snap: Snapshot, fresh: bool, detailed: bool) 
 async def status(request: web.Request) -> web.Response:
     from agent.statuspage import page, prefers_html
 
-    if prefers_html(request.headers.get("Accept", "")):
-        return await page(request)
     state = request.app[STATE]
-    snap, fresh = current(state)
+    t = now()
+    snap, answer = state.snapshot, state.answer(t)
+    code = 200 if answer.up else 503
+    if prefers_html(request.headers.get("Accept", "")):
+        return await page(request, code)
     detailed = authorized(request, request.app[TOKENS].get("status"))
-    body = status_body(state, snap, fresh, detailed)
+    body = status_body(state, snap, answer, t, detailed)
     secrets = state.config.secrets()  # results are masked already; this also covers thresholds and journals
-    return web.json_response(body, status=200 if body["status"] == "pass" else 503, content_type=HEALTH_JSON,
+    return web.json_response(body, status=code, content_type=HEALTH_JSON,
                              headers={**NO_STORE, "Vary": "Accept"}, dumps=lambda obj: mask(_dumps(obj), secrets))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -16,6 +17,7 @@ from prometheus_client.core import (
 
 from agent import __version__
 from agent.model import Admin
+from agent.serving import check_up
 from agent.state import AgentState, CheckStats
 
 
@@ -35,19 +37,23 @@ class StateCollector:
 
     def collect(self) -> Iterator[Metric]:
         state = self.state
-        snap = state.snapshot
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # rendered outside the agent's loop (tests): the loop clock is the monotonic one
+            now = time.monotonic()
+        snap, answer = state.snapshot, state.answer(now)
         info = InfoMetricFamily("healthgate_build", "healthgate version")
         info.add_metric([], {"version": __version__})
         yield info
         yield GaugeMetricFamily("healthgate_up", "1 when the node is served as up (/health answers 200)",
-                                value=1.0 if snap.serving_up else 0.0)
+                                value=1.0 if answer.up else 0.0)
         yield GaugeMetricFamily("healthgate_verdict_up", "1 when every critical check passes, ignoring drain/maint",
-                                value=1.0 if snap.verdict.up else 0.0)
+                                value=1.0 if answer.healthy else 0.0)
         yield GaugeMetricFamily("healthgate_live", "1 while the agent's own loop is healthy (/live answers 200)",
-                                value=1.0 if snap.live else 0.0)
+                                value=1.0 if answer.live else 0.0)
         admin = GaugeMetricFamily("healthgate_admin_state", "1 for the admin state in force", labels=["state"])
         for a in Admin:
-            admin.add_metric([a.value], 1.0 if snap.admin is a else 0.0)
+            admin.add_metric([a.value], 1.0 if answer.admin is a else 0.0)
         yield admin
         yield GaugeMetricFamily("healthgate_event_loop_lag_seconds", "event-loop lag at the last heartbeat",
                                 value=state.loop_lag)
@@ -83,7 +89,7 @@ class StateCollector:
         errors = CounterMetricFamily("healthgate_check_failures", "failed samples by reason",
                                      labels=["check", "reason"])
         for v in snap.checks:
-            up.add_metric([v.name, v.type, str(v.critical).lower()], 1.0 if v.passing else 0.0)
+            up.add_metric([v.name, v.type, str(v.critical).lower()], 1.0 if check_up(answer.fresh, v, now) else 0.0)
             fails.add_metric([v.name], float(v.state.consecutive_fail))
             last = v.state.last
             obs = last.observation if last else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 
@@ -71,13 +72,12 @@ class CheckView:
     name: str
     type: str
     critical: bool
-    passing: bool  # UP and fresh
-    stale: bool
     state: CheckState
     threshold: str = ""
     rise: int = 1  # configured; flap damping may demand more (CheckState.required_rise)
     fall: int = 1
     interval: float = 0.0
+    fresh_until: float = math.inf  # monotonic: past this the last result is stale (see agent.verdict.stale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +85,12 @@ class Verdict:
     up: bool
     reason: str  # why down ("" when up)
     failing: tuple[str, ...] = ()  # names of critical checks holding the node down
+    until: float = math.inf  # monotonic: an UP verdict holds until then without a new result
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything a request needs, swapped atomically; requests never compute or probe."""
+    """Everything a request needs, swapped atomically; agent.serving.decide() turns it into an answer."""
 
     verdict: Verdict
     admin: Admin
@@ -98,9 +99,4 @@ class Snapshot:
     computed_at: float  # monotonic
     since: float  # monotonic time the served up/down last changed
     since_wall: float
-    loop_lag: float
-    live: bool
-
-    @property
-    def serving_up(self) -> bool:
-        return self.verdict.up and self.admin is Admin.READY
+    loop_lag: float  # at the last heartbeat, for display; agent.serving decides what it means

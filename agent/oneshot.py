@@ -30,7 +30,7 @@ def status_of(cfg: Config, results: list[Result]) -> dict[str, Any]:
     for check, r in zip(cfg.checks, results, strict=True):
         state = CheckState(status=Status.UP if r.ok else Status.DOWN, consecutive_ok=int(r.ok),
                            consecutive_fail=int(not r.ok), last=r, history=(r.ok,))
-        out[f"{check.name}:{check.type}"] = [check_entry(view(check, state, cfg.policy, r.finished))]
+        out[f"{check.name}:{check.type}"] = [check_entry(view(check, state, cfg.policy), r.finished)]
     return {"checks": out}
 
 

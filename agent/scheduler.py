@@ -10,9 +10,8 @@ from collections.abc import Callable
 from agent import logs
 from agent.probes.base import CheckBase
 from agent.runner import Runner
+from agent.serving import beat
 from agent.state import AgentState
-
-BEAT = 0.1  # seconds between heartbeats; also how often staleness and loop lag are re-evaluated
 
 
 class Scheduler:
@@ -87,5 +86,6 @@ class Scheduler:
             self.state.tick(now, max(0.0, now - due))
             if self.on_beat is not None:
                 self.on_beat(now)
-            due = now + BEAT
-            await asyncio.sleep(BEAT)
+            period = beat(self.state.config.policy.max_loop_lag)  # a reload may change the limit
+            due = now + period
+            await asyncio.sleep(period)

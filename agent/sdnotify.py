@@ -8,7 +8,7 @@ import socket
 from collections.abc import MutableMapping
 
 from agent import logs
-from agent.model import Snapshot
+from agent.serving import Answer, describe
 
 
 def socket_address(value: str | None) -> str | None:
@@ -100,21 +100,21 @@ class ServiceManager:
         self.notifier = notifier
         self.ready_sent = False
         self._next_ping = float("-inf")
-        self._status: tuple[object, ...] | None = None
+        self._status: str | None = None
 
-    def beat(self, now: float, snap: Snapshot, ready: bool) -> None:
+    def beat(self, now: float, answer: Answer, ready: bool) -> None:
         if not self.notifier.enabled:
             return
         fields = []
         if ready and not self.ready_sent:
             self.ready_sent = True
             fields.append("READY=1")
-        key = (snap.serving_up, snap.verdict.reason, snap.admin, snap.admin_reason)
-        if ready and key != self._status:
-            self._status = key
-            fields.append(f"STATUS={describe(snap)}")
+        text = describe(answer)
+        if ready and text != self._status:
+            self._status = text
+            fields.append(f"STATUS={text}")
         interval = self.notifier.watchdog
-        if interval is not None and snap.live and now >= self._next_ping:
+        if interval is not None and answer.live and now >= self._next_ping:
             self._next_ping = now + interval
             fields.append("WATCHDOG=1")
         if fields:
@@ -126,13 +126,3 @@ class ServiceManager:
     def close(self) -> None:
         self.notifier.close()
 
-
-def describe(snap: Snapshot) -> str:
-    """One line for `systemctl status`; a newline would start another notification field."""
-    if snap.serving_up:
-        text = "up"
-    elif snap.verdict.up:
-        text = f"{snap.admin.value}: {snap.admin_reason}" if snap.admin_reason else snap.admin.value
-    else:
-        text = f"down: {snap.verdict.reason}"
-    return " ".join(text.split())

@@ -5,12 +5,13 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent import logs
 from agent.config import Config
 from agent.model import Admin, CheckState, Result, Snapshot, Verdict
 from agent.probes.base import CheckBase
+from agent.serving import Answer, Condition, decide
 from agent.verdict import aggregate, next_state, view
 
 # Histogram buckets for check durations, in seconds.
@@ -50,8 +51,12 @@ class CheckStats:
 class AgentState:
     """Written only by the event loop's own tasks (scheduler, heartbeat, signal and admin handlers).
 
-    Readers (HTTP, agent-check, metrics) take `snapshot`, an immutable value replaced whole: a request
-    never sees a half-updated state and never waits for a check.
+    Readers (HTTP, agent-check, metrics, systemd) call `answer(now)`: agent.serving.decide() over
+    `snapshot` and `condition`, immutable values replaced whole, so a request never sees a half-updated
+    state and never waits for a check. The snapshot is what the checks say; the condition is what the
+    heartbeat and the lifecycle say about the agent itself. Only the heartbeat moves `condition.heartbeat`,
+    so a refresh that runs after a stall (a result or a reload landing before the heartbeat has measured
+    the lag) cannot make the agent look fresh.
     """
 
     def __init__(self, config: Config, now: float):
@@ -70,13 +75,27 @@ class AgentState:
         self.loop_lag = 0.0
         self.loop_bad_until = now  # the loop must be healthy past this before the verdict can be UP
         self.loop_reason = ""
+        self.condition = self._condition()
         self.journal: collections.deque[dict] = collections.deque(maxlen=JOURNAL)
         self.started_wall = time.time()
         self.snapshot = Snapshot(
             verdict=Verdict(False, "starting"), admin=Admin.READY, admin_reason="", checks=(),
-            computed_at=now, since=now, since_wall=time.time(), loop_lag=0.0, live=True,
+            computed_at=now, since=now, since_wall=time.time(), loop_lag=0.0,
         )
+        self._answer = decide(self.snapshot, self.condition, now)
         self.refresh(now)
+
+    # -- readers -------------------------------------------------------------------------------
+
+    def answer(self, now: float) -> Answer:
+        """What every consumer says at `now`: the one serving decision."""
+        return decide(self.snapshot, self.condition, now)
+
+    def _condition(self) -> Condition:
+        policy = self.config.policy
+        return Condition(heartbeat=self.heartbeat, loop_ok_at=self.loop_bad_until, loop_reason=self.loop_reason,
+                         stopping=self.stopping, max_age=policy.max_loop_lag,
+                         drain_status=self.config.server.drain_status)
 
     # -- writers -------------------------------------------------------------------------------
 
@@ -107,6 +126,7 @@ class AgentState:
                 logs.event("loop_stalled", logging.WARNING, lag_seconds=round(lag, 3), limit_seconds=limit)
             self.loop_bad_until = now + self.config.policy.loop_recovery
             self.loop_reason = f"event loop lag {lag * 1000:.0f} ms > {limit * 1000:.0f} ms"
+        self.condition = self._condition()
         self.refresh(now)
 
     def set_admin(self, admin: Admin, reason: str = "", until: float | None = None) -> None:
@@ -119,6 +139,7 @@ class AgentState:
 
     def set_stopping(self, now: float) -> None:
         self.stopping = True
+        self.condition = self._condition()
         self.refresh(now)
 
     def apply_config(self, config: Config, now: float) -> set[str]:
@@ -133,32 +154,28 @@ class AgentState:
         self.states = {n: (CheckState() if n in changed else self.states[n]) for n in self.checks}
         self.stats = {n: self.stats.get(n) or CheckStats() for n in self.checks}
         logs.set_secrets(config.secrets())
+        self.condition = self._condition()
         self.refresh(now)
         return changed
 
     # -- the snapshot --------------------------------------------------------------------------
 
-    def loop_ok(self, now: float) -> bool:
-        return now >= self.loop_bad_until
-
     def refresh(self, now: float) -> None:
         policy = self.config.policy
-        views = tuple(view(self.checks[n], self.states[n], policy, now) for n in self.checks)
-        loop_ok = self.loop_ok(now)
-        verdict = aggregate(views, loop_ok=loop_ok, loop_reason=self.loop_reason, stopping=self.stopping)
+        views = tuple(view(self.checks[n], self.states[n], policy) for n in self.checks)
         old = self.snapshot
-        since, since_wall = old.since, old.since_wall
-        up = verdict.up and self.admin is Admin.READY
-        if up != old.serving_up or self.admin is not old.admin:
-            since, since_wall = now, time.time()
-        if verdict.up != old.verdict.up:
-            self.transitions["up" if verdict.up else "down"] += 1
-            self._journal("verdict", "node", "up" if old.verdict.up else "down",
-                          "up" if verdict.up else "down", verdict.reason or "all critical checks pass")
-        self.snapshot = Snapshot(
-            verdict=verdict, admin=self.admin, admin_reason=self.admin_reason, checks=views,
-            computed_at=now, since=since, since_wall=since_wall, loop_lag=self.loop_lag, live=loop_ok,
+        snap = Snapshot(
+            verdict=aggregate(views, now), admin=self.admin, admin_reason=self.admin_reason, checks=views,
+            computed_at=now, since=old.since, since_wall=old.since_wall, loop_lag=self.loop_lag,
         )
+        was, ans = self._answer, decide(snap, self.condition, now)
+        if ans.up != was.up or ans.admin is not was.admin:
+            snap = replace(snap, since=now, since_wall=time.time())
+        if ans.healthy != was.healthy:
+            self.transitions["up" if ans.healthy else "down"] += 1
+            self._journal("verdict", "node", "up" if was.healthy else "down",
+                          "up" if ans.healthy else "down", ans.down_reason or "all critical checks pass")
+        self.snapshot, self._answer = snap, ans
 
     def _journal(self, kind: str, name: str, old: str, new: str, reason: str, **extra: object) -> None:
         entry = {"time": time.time(), "kind": kind, "name": name, "from": old, "to": new, "reason": reason,

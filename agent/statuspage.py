@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -80,13 +81,16 @@ def _denied() -> web.Response:
     return web.Response(status=401, text=DENIED, headers={**NO_STORE, "WWW-Authenticate": 'Bearer realm="healthgate"'})
 
 
-async def page(request: web.Request) -> web.Response:
+async def page(request: web.Request, code: int | None = None) -> web.Response:
+    """The page, with the status code /status would give: 200 only while the node is served UP."""
     if not authorized(request, request.app[TOKENS].get("status")):
         return _denied()
     p = request.app[PAGE]
     if not p.body:
         return web.Response(status=500, text="the status page is missing from this installation\n", headers=NO_STORE)
-    return web.Response(body=p.body, headers=p.headers)
+    if code is None:
+        code = 200 if request.app[STATE].answer(asyncio.get_running_loop().time()).up else 503
+    return web.Response(status=code, body=p.body, headers=p.headers)
 
 
 def journal_body(entries: Any) -> dict[str, Any]:

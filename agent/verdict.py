@@ -59,26 +59,39 @@ def next_state(state: CheckState, result: Result, check: CheckBase, policy: Poli
     return replace(new, required_rise=hold)
 
 
-def is_stale(state: CheckState, check: CheckBase, policy: PolicyConfig, now: float) -> bool:
-    """True when the last result is too old to vouch for the check: its loop has stalled."""
-    if state.last is None:
-        return False
-    return now - state.last.finished > check.interval + check.timeout + policy.stale_grace
+def stale_limit(check: CheckBase, policy: PolicyConfig) -> float:
+    """How old a check's last result may be before it cannot vouch for the check any more.
+
+    The scheduler may start the next sample up to interval * (1 + jitter) after the last one started, and
+    that sample may take its whole timeout: a healthy check's results are at most that far apart.
+    `stale_grace` adds room for the loop's own scheduling.
+    """
+    return check.interval * (1 + check.jitter) + check.timeout + policy.stale_grace
 
 
-def view(check: CheckBase, state: CheckState, policy: PolicyConfig, now: float) -> CheckView:
-    stale = is_stale(state, check, policy, now)
+def view(check: CheckBase, state: CheckState, policy: PolicyConfig) -> CheckView:
+    last = state.last
     return CheckView(
-        name=check.name, type=check.type, critical=check.critical,
-        passing=state.status is Status.UP and not stale, stale=stale, state=state, threshold=check.threshold(),
+        name=check.name, type=check.type, critical=check.critical, state=state, threshold=check.threshold(),
         rise=check.rise, fall=check.fall, interval=check.interval,
+        fresh_until=math.inf if last is None else last.finished + stale_limit(check, policy),
     )
 
 
-def why(v: CheckView) -> str:
+def stale(v: CheckView, now: float) -> bool:
+    """True when the last result is too old to vouch for the check: its loop has stalled."""
+    return now > v.fresh_until
+
+
+def passing(v: CheckView, now: float) -> bool:
+    """UP and fresh."""
+    return v.state.status is Status.UP and now <= v.fresh_until
+
+
+def why(v: CheckView, now: float) -> str:
     """One short phrase: why this check is not passing."""
     s = v.state
-    if v.stale:
+    if stale(v, now):
         return "stale: no fresh result"
     if s.status is Status.UNKNOWN:
         return "no result yet" if s.last is None else f"rising: {s.consecutive_ok} pass(es) so far"
@@ -89,16 +102,33 @@ def why(v: CheckView) -> str:
     return s.last.reason if s.last is not None and s.last.reason else s.change_reason
 
 
-def aggregate(views: Iterable[CheckView], *, loop_ok: bool = True, loop_reason: str = "",
-              stopping: bool = False) -> Verdict:
-    """UP iff every critical check passes, the event loop is healthy and the agent isn't stopping."""
-    if stopping:
-        return Verdict(False, "shutting down")
-    if not loop_ok:
-        return Verdict(False, loop_reason or "event loop stalled")
-    failing = [v for v in views if v.critical and not v.passing]
+NOTHING_CRITICAL = "no critical check: nothing to vouch for the node"
+
+
+def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] = frozenset()) -> Verdict:
+    """UP iff at least one critical check exists and every critical one passes at `now`.
+
+    Excluded checks (?exclude=) count as passing. `until` is when this verdict stops holding without a new
+    result: the earliest moment a passing critical check goes stale. The agent's own condition (its loop,
+    shutdown) is not part of it: agent.serving.decide() adds that.
+    """
+    failing = []
+    critical = 0
+    until = math.inf
+    for v in views:
+        if not v.critical:
+            continue
+        critical += 1
+        if v.name in excluded:
+            continue
+        if passing(v, now):
+            until = min(until, v.fresh_until)
+        else:
+            failing.append(v)
+    if not critical:
+        return Verdict(False, NOTHING_CRITICAL)
     if not failing:
-        return Verdict(True, "")
+        return Verdict(True, "", until=until)
     first = failing[0]
     more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
-    return Verdict(False, f"{first.name}: {why(first)}{more}", tuple(v.name for v in failing))
+    return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(v.name for v in failing))

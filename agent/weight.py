@@ -166,8 +166,8 @@ class WeightTracker:
 
     def observe(self, now: float) -> None:
         """Note whether the node can serve now: verdict up and not in maintenance (leaving either ramps)."""
-        snap = self.state.snapshot
-        self.model = track(self.model, snap.verdict.up and snap.admin is not Admin.MAINT, now)
+        answer = self.state.answer(now)
+        self.model = track(self.model, answer.healthy and answer.admin is not Admin.MAINT, now)
 
     async def sample(self) -> None:
         cfg = self.state.config.agent_check

@@ -194,3 +194,16 @@ def memory_check(name: str = "mem", **keys: object) -> str:
     """A memory check that always passes, sampled every 200 ms unless told otherwise."""
     return toml_table("[[checks]]", **{"name": name, "type": "memory", "interval": "200ms", "timeout": "100ms",
                                        "rise": 1, "max_used_percent": 100, **keys})
+
+
+def answer_for(up: bool = True, reason: str = "", admin=None, admin_reason: str = "", fresh: bool = True,
+               stopping: bool = False, loop_ok: bool = True, drain_status: int = 503):
+    """agent.serving's answer for a snapshot whose checks verdict is `up` (with `reason`), as a table row."""
+    from agent.model import Admin, Snapshot, Verdict
+    from agent.serving import Condition, decide
+
+    snap = Snapshot(verdict=Verdict(up, reason), admin=admin or Admin.READY, admin_reason=admin_reason, checks=(),
+                    computed_at=0.0, since=0.0, since_wall=0.0, loop_lag=0.0)
+    cond = Condition(heartbeat=0.0, loop_ok_at=0.0 if loop_ok else 5.0, loop_reason="event loop lag 900 ms > 500 ms",
+                     stopping=stopping, max_age=0.5, drain_status=drain_status)
+    return decide(snap, cond, 0.1 if fresh else 10.0)

@@ -11,39 +11,35 @@ from hypothesis import strategies as st
 
 from agent import haproxy_agent
 from agent.haproxy_agent import format_reply
-from agent.model import Admin, Snapshot, Verdict
-from tests.helpers import async_wait_for
+from agent.model import Admin
+from tests.helpers import answer_for, async_wait_for
 
 
-def snap(up: bool = True, reason: str = "", admin: Admin = Admin.READY, admin_reason: str = "") -> Snapshot:
-    return Snapshot(verdict=Verdict(up, reason), admin=admin, admin_reason=admin_reason, checks=(), computed_at=0.0,
-                    since=0.0, since_wall=0.0, loop_lag=0.0, live=True)
-
-
-@pytest.mark.parametrize("snapshot, weight, fresh, expected", [
-    (snap(), 80, True, "up ready 80%\n"),
-    (snap(), None, True, "up ready 100%\n"),  # nothing measured: full weight
-    (snap(), 0, True, "up ready 1%\n"),  # never 0% (HAProxy would show that as DRAIN)
-    (snap(), 250, True, "up ready 100%\n"),
-    (snap(False, "db: tcp 127.0.0.1:6379: connection refused"), 80, True,
+@pytest.mark.parametrize("answer, weight, expected", [
+    (answer_for(), 80, "up ready 80%\n"),
+    (answer_for(), None, "up ready 100%\n"),  # nothing measured: full weight
+    (answer_for(), 0, "up ready 1%\n"),  # never 0% (HAProxy would show that as DRAIN)
+    (answer_for(), 250, "up ready 100%\n"),
+    (answer_for(False, "db: tcp 127.0.0.1:6379: connection refused"), 80,
      "down ready #db: tcp 127.0.0.1:6379: connection refused\n"),
-    (snap(False, ""), None, True, "down ready #down\n"),
-    (snap(admin=Admin.DRAIN, admin_reason="deploy 42"), 70, True, "up drain 70% #deploy 42\n"),
-    (snap(admin=Admin.DRAIN), 70, True, "up drain 70% #drain\n"),
-    (snap(False, "db: timeout after 500 ms", Admin.DRAIN, "deploy 42"), 70, True,
+    (answer_for(False, ""), None, "down ready #down\n"),
+    (answer_for(admin=Admin.DRAIN, admin_reason="deploy 42"), 70, "up drain 70% #deploy 42\n"),
+    (answer_for(admin=Admin.DRAIN), 70, "up drain 70% #drain\n"),
+    (answer_for(False, "db: timeout after 500 ms", Admin.DRAIN, "deploy 42"), 70,
      "down drain #deploy 42; db: timeout after 500 ms\n"),
-    (snap(admin=Admin.MAINT, admin_reason="kernel update"), 50, True, "up maint 50% #kernel update\n"),
-    (snap(False, "shutting down", Admin.MAINT, "kernel update"), None, True,
+    (answer_for(admin=Admin.MAINT, admin_reason="kernel update"), 50, "up maint 50% #kernel update\n"),
+    (answer_for(admin=Admin.MAINT, admin_reason="kernel update", stopping=True), None,
      "down maint #kernel update; shutting down\n"),
-    (snap(False, "shutting down"), 90, True, "down ready #shutting down\n"),
-    (snap(), 80, False, "down ready #agent stalled: no fresh verdict\n"),  # a stale snapshot can't vouch
-    (snap(False, "db: bad\r\nup ready 100%\x00\x1b[31m é"), None, True,
+    (answer_for(stopping=True), 90, "down ready #shutting down\n"),
+    (answer_for(loop_ok=False), 90, "down ready #event loop lag 900 ms > 500 ms\n"),
+    (answer_for(fresh=False), 80, "down ready #agent stalled: no fresh verdict\n"),  # a stale snapshot can't vouch
+    (answer_for(False, "db: bad\r\nup ready 100%\x00\x1b[31m é"), None,
      "down ready #db: bad up ready 100%??[31m ?\n"),  # one line, printable ASCII only
-    (snap(False, "disk: " + "x" * 300), None, True, "down ready #disk: " + "x" * 111 + "...\n"),
+    (answer_for(False, "disk: " + "x" * 300), None, "down ready #disk: " + "x" * 111 + "...\n"),
 ])
-def test_format_reply(snapshot: Snapshot, weight: int | None, fresh: bool, expected: str) -> None:
+def test_format_reply(answer, weight: int | None, expected: str) -> None:
     """Every reply carries the health word, the admin word, the weight when up, and one sanitised reason."""
-    assert format_reply(snapshot, weight, fresh) == expected
+    assert format_reply(answer, weight) == expected
 
 
 def haproxy_parse(line: str) -> dict[str, str]:
@@ -83,7 +79,7 @@ def haproxy_parse(line: str) -> dict[str, str]:
 def test_reply_is_always_one_line_haproxy_accepts(up, fresh, admin, reason, admin_reason, weight) -> None:
     """For any state and any reason text, the reply is one ASCII line whose words HAProxy reads as
     exactly the health, admin state and weight we meant, with no word it would reject."""
-    line = format_reply(snap(up, reason, admin, admin_reason), weight, fresh)
+    line = format_reply(answer_for(up, reason, admin, admin_reason, fresh), weight)
     assert line.isascii() and len(line) < 200
     assert re.fullmatch(r"(up|down) (ready|drain|maint)( \d{1,3}%)?( #[ -~]*)?\n", line), line
     parsed = haproxy_parse(line)

@@ -140,11 +140,15 @@ async def test_verbose_reasons_need_loopback_or_token() -> None:
     """A client that may not see /status details gets `reason withheld`, as kube-apiserver does."""
     from agent.http_api import verbose_lines
     from agent.model import CheckState, CheckView, Snapshot, Status, Verdict
+    from agent.serving import Condition, decide
 
-    down = CheckView("db", "tcp", True, False, False, CheckState(status=Status.DOWN, change_reason="refused"))
+    down = CheckView("db", "tcp", True, CheckState(status=Status.DOWN, change_reason="refused"))
     snap = Snapshot(verdict=Verdict(False, "db: refused", ("db",)), admin=Admin.MAINT, admin_reason="disk swap",
-                    checks=(down,), computed_at=0.0, since=0.0, since_wall=0.0, loop_lag=0.0, live=True)
-    assert verbose_lines(snap, True, frozenset(), reasons=False) == [
+                    checks=(down,), computed_at=0.0, since=0.0, since_wall=0.0, loop_lag=0.0)
+    cond = Condition(heartbeat=0.0, loop_ok_at=0.0, loop_reason="", stopping=False, max_age=0.5, drain_status=503)
+    fresh, stalled = decide(snap, cond, 0.1), decide(snap, cond, 5.0)
+    assert verbose_lines(snap, fresh, 0.1, frozenset(), reasons=False) == [
         "[-]db failed: reason withheld", "[+]agent:serving ok", "[-]agent:admin failed: reason withheld"]
-    assert verbose_lines(snap, False, frozenset(), reasons=True)[1] == (
-        "[-]agent:serving failed: agent stalled: no fresh verdict")
+    assert verbose_lines(snap, stalled, 5.0, frozenset(), reasons=True) == [
+        "[-]db failed: agent stalled: no fresh verdict",
+        "[-]agent:serving failed: agent stalled: no fresh verdict", "[-]agent:admin failed: maint: disk swap"]

@@ -53,7 +53,7 @@ async def test_page_shows_checks_and_updates_in_place(start_agent, browser) -> N
     await async_wait_for(lambda: _down_with_results(agent), what="first results")
 
     status, body = await agent.get("/")
-    assert status == 200 and len(body.encode()) < 50 * 1024
+    assert status == 503 and len(body.encode()) < 50 * 1024  # the page carries the verdict's code
 
     await browser.send("Network.enable")
     await browser.send("Page.enable")
@@ -105,9 +105,13 @@ async def test_page_shows_checks_and_updates_in_place(start_agent, browser) -> N
     assert urls and all(u.startswith(agent.url + "/") or u.startswith("data:") for u in urls), set(urls)
 
 
-async def _down_with_results(agent) -> bool:
+async def _down_with_results(agent, n: int = 2) -> bool:
     checks = agent.state.snapshot.checks
-    return len(checks) == 2 and all(v.state.last is not None for v in checks)
+    return len(checks) == n and all(v.state.last is not None for v in checks)
+
+
+async def _is_up(agent) -> bool:
+    return (await agent.get("/health"))[0] == 200
 
 
 async def _banner(browser: Browser, state: str):
@@ -135,8 +139,10 @@ async def _has_entry(agent, name: str) -> bool:
 async def test_status_serves_the_page_to_browsers_and_json_to_the_rest(start_agent) -> None:
     """/status answers HTML when Accept prefers text/html, JSON otherwise; / is the page; both under 50 KB."""
     agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100)]})
+    await async_wait_for(lambda: _is_up(agent), what="up")
     browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
     async with agent.session.get(agent.url + "/status", headers={"Accept": browser_accept}) as resp:
+        assert resp.status == 200
         html = await resp.text()
         assert resp.content_type == "text/html" and "<title>healthgate</title>" in html
         assert "connect-src 'self'" in resp.headers["Content-Security-Policy"]
@@ -144,6 +150,20 @@ async def test_status_serves_the_page_to_browsers_and_json_to_the_rest(start_age
         assert resp.content_type == "application/health+json" and "Accept" in resp.headers["Vary"]
     async with agent.session.get(agent.url + "/") as resp:
         assert resp.status == 200 and await resp.text() == html and len(html.encode()) < 50 * 1024
+
+
+async def test_the_page_carries_the_verdicts_status_code(start_agent) -> None:
+    """A browser's GET /status (and /) answers 503 while the node is down, as the JSON answer does: a monitor
+    pointed at the page with a browser's Accept header never reads a down node as 200."""
+    port = free_port()
+    agent = await start_agent({"checks": [fast("db", type="tcp", port=port)]})
+    await async_wait_for(lambda: _down_with_results(agent, 1), what="first results")
+    browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
+    for headers in ({"Accept": browser_accept}, {"Accept": "application/json"}):
+        async with agent.session.get(agent.url + "/status", headers=headers) as resp:
+            assert resp.status == 503, headers
+    async with agent.session.get(agent.url + "/") as resp:
+        assert resp.status == 503
 
 
 @pytest.mark.parametrize("accept, html", [
@@ -172,7 +192,7 @@ async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: s
 
     app = web.Application()
     app[TOKENS] = {"status": "s3cret"}
-    app[STATE] = type("S", (), {"journal": []})()
+    app[STATE] = type("S", (), {"journal": [], "answer": lambda self, now: type("A", (), {"up": True})()})()
     add_routes(app)
     transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 40000)})()
     req = make_mocked_request("GET", path, headers={"Authorization": auth} if auth else {}, app=app,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from agent.config import PolicyConfig
-from agent.model import Admin, CheckState, Result, Status
+from agent.model import CheckState, Result, Status
 from agent.probes.tcp import Config as TcpConfig
-from agent.verdict import aggregate, is_stale, next_state, view
+from agent.verdict import aggregate, next_state, stale, stale_limit, view
 
 POLICY = PolicyConfig(flap_threshold=0)
 
@@ -65,13 +65,13 @@ def test_counts_and_transition_reason() -> None:
     assert state.history == (True, True, True, False, False)
 
 
-def _views(*pairs: tuple[TcpConfig, str], now: float | None = None, policy: PolicyConfig = POLICY):
+def _views(*pairs: tuple[TcpConfig, str], policy: PolicyConfig = POLICY):
     out = []
     for chk, samples in pairs:
         state = CheckState()
         for i, s in enumerate(samples):
             state = next_state(state, result(s == "+", float(i)), chk, policy, float(i), 0.0)
-        out.append(view(chk, state, policy, float(len(samples) - 1) if now is None else now))
+        out.append(view(chk, state, policy))
     return out
 
 
@@ -89,63 +89,68 @@ def _views(*pairs: tuple[TcpConfig, str], now: float | None = None, policy: Poli
 )
 def test_aggregate_critical_and_unknown(a: str, b: str, b_critical: bool, up: bool) -> None:
     """The node is UP iff every critical check is up."""
-    views = _views((check("a"), a), (check("b", critical=b_critical), b), now=2.0)
-    assert aggregate(views).up is up
+    views = _views((check("a"), a), (check("b", critical=b_critical), b))
+    assert aggregate(views, 4.0).up is up
 
 
-def test_no_checks_is_up() -> None:
-    """A config with no critical checks vouches for the agent alone."""
-    assert aggregate([]).up
+@pytest.mark.parametrize("critical", [(), (False,), (False, False)])
+def test_nothing_critical_is_down(critical: tuple[bool, ...]) -> None:
+    """No checks, or only non-critical ones, vouch for nothing: the verdict is DOWN and says why."""
+    views = _views(*((check(f"c{i}", critical=c), "+++") for i, c in enumerate(critical)))
+    v = aggregate(views, 2.0)
+    assert not v.up and v.reason == "no critical check: nothing to vouch for the node"
+
+
+def test_excluded_checks_count_as_passing() -> None:
+    """?exclude= names count as passing, but an exclusion never creates a critical check."""
+    views = _views((check("db"), "---"), (check("api"), "+++"))
+    assert aggregate(views, 2.0, excluded=frozenset({"db"})).up
+    assert not aggregate(views, 2.0, excluded=frozenset({"api"})).up
 
 
 def test_down_reason_names_the_check() -> None:
     """The reason of a DOWN verdict names the first failing critical check and why."""
-    v = aggregate(_views((check("db"), "---"), (check("api"), "+++")))
+    v = aggregate(_views((check("db"), "---"), (check("api"), "+++")), 2.0)
     assert not v.up and v.reason == "db: boom" and v.failing == ("db",)
 
 
+def test_up_verdict_says_until_when_it_holds() -> None:
+    """An UP verdict holds until its first passing critical check would go stale, and no longer."""
+    fast, slow = check("fast", interval=1.0), check("slow", interval=10.0)
+    views = _views((fast, "+++"), (slow, "+++"))
+    v = aggregate(views, 2.0)
+    assert v.up and v.until == 2.0 + stale_limit(fast, POLICY)
+    assert not aggregate(views, v.until + 0.001).up
+
+
 @pytest.mark.parametrize(
-    "age, stale",
-    [(0.0, False), (1.0, False), (2.4, False), (2.6, True), (100.0, True)],
+    "age, is_stale",
+    [(0.0, False), (1.0, False), (2.5, False), (2.65, True), (100.0, True)],
 )
-def test_staleness(age: float, stale: bool) -> None:
-    """A result older than interval + timeout + grace (1 + 0.5 + 1 s here) counts as failing."""
+def test_staleness(age: float, is_stale: bool) -> None:
+    """A result older than interval * (1 + jitter) + timeout + grace (1.1 + 0.5 + 1 s here) counts as failing."""
     chk = check(interval=1.0, timeout=0.5)
+    assert chk.jitter == 0.1
     state = CheckState()
     for _ in range(3):
         state = next_state(state, result(True, 0.0), chk, POLICY, 0.0, 0.0)
-    assert is_stale(state, chk, POLICY, age) is stale
-    assert aggregate([view(chk, state, POLICY, age)]).up is (not stale)
+    assert stale(view(chk, state, POLICY), age) is is_stale
+    assert aggregate([view(chk, state, POLICY)], age).up is (not is_stale)
+
+
+def test_stale_limit_allows_for_jitter() -> None:
+    """The longest gap the scheduler may leave between two results (interval stretched by jitter, then a
+    whole timeout) is never stale: an always-passing check is never reported stale (a false DOWN)."""
+    chk = TcpConfig(name="j", type="tcp", port=1, interval=4.0, jitter=0.5, timeout=1.0)
+    policy = PolicyConfig(stale_grace=0.1)
+    worst_gap = chk.interval * (1 + chk.jitter) + chk.timeout
+    assert stale_limit(chk, policy) > worst_gap
 
 
 def test_stale_reason() -> None:
     """A stale check says so in the verdict's reason."""
-    v = aggregate(_views((check("a"), "+++"), now=60.0))
+    v = aggregate(_views((check("a"), "+++")), 60.0)
     assert not v.up and "stale" in v.reason
-
-
-@pytest.mark.parametrize(
-    "loop_ok, stopping, up",
-    [(True, False, True), (False, False, False), (True, True, False), (False, True, False)],
-)
-def test_loop_and_shutdown_fail_closed(loop_ok: bool, stopping: bool, up: bool) -> None:
-    """An unhealthy event loop or a shutdown makes the verdict DOWN whatever the checks say."""
-    views = _views((check("a"), "+++"))
-    assert aggregate(views, loop_ok=loop_ok, loop_reason="lag", stopping=stopping).up is up
-
-
-@pytest.mark.parametrize(
-    "admin, verdict_up, serving",
-    [(Admin.READY, True, True), (Admin.DRAIN, True, False), (Admin.MAINT, True, False),
-     (Admin.READY, False, False), (Admin.DRAIN, False, False)],
-)
-def test_drain_and_maintenance(admin: Admin, verdict_up: bool, serving: bool) -> None:
-    """Drain or maintenance turns a healthy node's served answer DOWN; they never turn a down node up."""
-    from agent.model import Snapshot, Verdict
-
-    snap = Snapshot(verdict=Verdict(verdict_up, ""), admin=admin, admin_reason="", checks=(), computed_at=0.0,
-                    since=0.0, since_wall=0.0, loop_lag=0.0, live=True)
-    assert snap.serving_up is serving
 
 
 def test_flapping_check_is_held_down() -> None:
