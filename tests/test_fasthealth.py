@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -11,7 +12,7 @@ from agent.config import parse_config
 from agent.fasthealth import FastHealth, parse_connection
 from agent.http_api import health, live, make_app
 from agent.listener import Guard
-from agent.model import Admin
+from agent.model import Admin, Result
 from agent.state import AgentState
 from tests.helpers import async_wait_for
 
@@ -42,28 +43,46 @@ async def closed(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
         return True
 
 
+def _state(now: float, cfg: dict | None = None, passed_at: float | None = None,
+           beat_at: float | None = None) -> AgentState:
+    """A state with one critical memory check that passed at `passed_at` (None: no result yet)."""
+    state = AgentState(parse_config({"agent": {"allow_root": True}, "checks": [MEM], **(cfg or {})}), now)
+    if beat_at is not None:
+        state.tick(beat_at, 0.0)
+    if passed_at is not None:
+        state.record("mem", Result(True, "", "ok", 0.001, passed_at, passed_at, 0.0), passed_at)
+    return state
+
+
 def states() -> dict[str, AgentState]:
     """One AgentState per served situation, built without a scheduler so each stays as set."""
     now = asyncio.get_running_loop().time()
-    base = {"agent": {"allow_root": True}}
-    up = AgentState(parse_config(base), now)
-    down = AgentState(parse_config({**base, "checks": [MEM]}), now)
-    stale = AgentState(parse_config(base), now - 10)
-    drain503 = AgentState(parse_config(base), now)
+    up = _state(now, passed_at=now, beat_at=now)
+    down = _state(now, beat_at=now)
+    stale = _state(now - 10, passed_at=now - 10, beat_at=now - 10)
+    old_heartbeat = _state(now - 2, passed_at=now, beat_at=now - 2)  # a result landed after a stall
+    stale_check = _state(now - 10, passed_at=now - 10, beat_at=now)
+    drain503 = _state(now, passed_at=now, beat_at=now)
     drain503.set_admin(Admin.DRAIN, "test")
-    drain404 = AgentState(parse_config({**base, "server": {"drain_status": 404}}), now)
+    drain404 = _state(now, {"server": {"drain_status": 404}}, passed_at=now, beat_at=now)
     drain404.set_admin(Admin.DRAIN, "test")
-    maint = AgentState(parse_config(base), now)
+    maint = _state(now, passed_at=now, beat_at=now)
     maint.set_admin(Admin.MAINT, "test")
-    stopping = AgentState(parse_config(base), now)
+    stopping = _state(now, passed_at=now, beat_at=now)
     stopping.set_stopping(now)
-    lagging = AgentState(parse_config(base), now)
+    lagging = _state(now, passed_at=now)
     lagging.tick(now, 5.0)
-    return {"up": up, "down": down, "stale": stale, "drain503": drain503, "drain404": drain404, "maint": maint,
-            "stopping": stopping, "lagging": lagging}
+    return {"up": up, "down": down, "stale": stale, "old_heartbeat": old_heartbeat, "stale_check": stale_check,
+            "drain503": drain503, "drain404": drain404, "maint": maint, "stopping": stopping, "lagging": lagging}
 
 
-@pytest.mark.parametrize("name", ["up", "down", "stale", "drain503", "drain404", "maint", "stopping", "lagging"])
+SITUATIONS = ["up", "down", "stale", "old_heartbeat", "stale_check", "drain503", "drain404", "maint", "stopping",
+              "lagging"]
+EXPECTED_UP = {"up"}
+EXPECTED_HEALTHY = {"up", "drain503", "drain404", "maint"}
+
+
+@pytest.mark.parametrize("name", SITUATIONS)
 async def test_answers_equal_aiohttp_handlers(name: str) -> None:
     """In every served situation the fast responder's status, body and headers equal aiohttp's handlers'."""
     state = states()[name]
@@ -79,6 +98,61 @@ async def test_answers_equal_aiohttp_handlers(name: str) -> None:
             assert int(headers["content-length"]) == len(body)
     finally:
         front.close()
+
+
+@pytest.mark.parametrize("name", SITUATIONS)
+async def test_every_consumer_says_the_same(name: str, tmp_path) -> None:
+    """In every situation, every consumer tells the same story: the fast path, aiohttp's /health,
+    ?verbose and /live, /status (JSON and HTML), /metrics, the agent-check reply and systemd's
+    WATCHDOG=1 and STATUS= all say UP only when the node is served UP, and live only when it is live."""
+    import socket
+
+    from agent.haproxy_agent import AgentCheckServer
+    from agent.http_api import status
+    from agent.metrics import make_registry
+    from agent.sdnotify import Notifier, ServiceManager
+    from agent.weight import WeightTracker
+
+    state = states()[name]
+    registry = make_registry(state)
+    app = make_app(state, registry=registry, tokens={"status": "t0ken"})
+    front = FastHealth(state, fallback=lambda: None, guard=Guard(state.config.server))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(0.5)
+    manager = ServiceManager(Notifier(str(tmp_path / "notify"), watchdog=1.0))
+    try:
+        up, healthy = name in EXPECTED_UP, name in EXPECTED_HEALTHY
+        fast_code = parse(front.answer("health", head=False, close=False, http10=False))[0]
+        assert (fast_code == 200) is up
+        for path in ("/health", "/ready", "/health?verbose", "/health?exclude=none"):
+            resp = await health(make_mocked_request("GET", path, app=app))
+            assert resp.status == fast_code, path
+        live_code = parse(front.answer("live", head=False, close=False, http10=False))[0]
+        assert (await live(make_mocked_request("GET", "/live", app=app))).status == live_code
+        for accept in ("application/json", "text/html"):
+            headers = {"Accept": accept, "Authorization": "Bearer t0ken"}
+            resp = await status(make_mocked_request("GET", "/status", headers=headers, app=app))
+            assert (resp.status == 200) is up, accept
+            if accept == "application/json":
+                assert resp.text.startswith('{\n  "status": "%s"' % ("pass" if up else "fail"))
+        assert registry.get_sample_value("healthgate_up") == float(up)
+        assert registry.get_sample_value("healthgate_verdict_up") == float(healthy)
+        assert registry.get_sample_value("healthgate_live") == float(live_code == 200)
+        checks_up = registry.get_sample_value("healthgate_check_up", {"check": "mem", "type": "memory",
+                                                                       "critical": "true"})
+        assert checks_up == float(healthy or name in ("stopping", "lagging"))  # the check itself still passes
+        reply = AgentCheckServer(state, WeightTracker(state, Path("/proc"))).reply()
+        assert reply.split()[0] == ("up" if healthy else "down"), reply
+        manager.beat(asyncio.get_running_loop().time(), state.answer(asyncio.get_running_loop().time()), True)
+        sent = sock.recv(4096).decode().split("\n")
+        assert ("WATCHDOG=1" in sent) is (live_code == 200)
+        status_line = next(f for f in sent if f.startswith("STATUS="))
+        assert (status_line == "STATUS=up") is up
+    finally:
+        front.close()
+        sock.close()
+        manager.close()
 
 
 def test_connection_tokens_are_parsed_case_insensitively_across_headers() -> None:
