@@ -88,6 +88,7 @@ def test_requests_queued_during_a_sigstop_are_all_answered_down(agent_process, t
            + memory_check(interval="100ms", timeout="50ms"))
     agent = agent_process(cfg)
     wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    wait_for(lambda: _read_all(_send(ac_port, b"")).startswith(b"up "), what="agent-check up")
     agent.signal(signal.SIGSTOP)
     try:
         socks = {
