@@ -9,10 +9,10 @@ from dataclasses import dataclass, field, replace
 
 from agent import logs
 from agent.config import Config
-from agent.model import Admin, CheckState, Result, Snapshot, Verdict
+from agent.model import Admin, CheckState, CheckView, Result, Snapshot, Verdict
 from agent.probes.base import CheckBase
 from agent.serving import Answer, Condition, decide
-from agent.verdict import aggregate, next_state, view
+from agent.verdict import Tally, next_state, stale_limit, view
 
 # Histogram buckets for check durations, in seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
@@ -76,6 +76,7 @@ class AgentState:
         self.loop_bad_until = now  # the loop must be healthy past this before the verdict can be UP
         self.loop_reason = ""
         self.condition = self._condition()
+        self._rebuild_views()
         self.journal: collections.deque[dict] = collections.deque(maxlen=JOURNAL)
         self.started_wall = time.time()
         self.snapshot = Snapshot(
@@ -107,6 +108,7 @@ class AgentState:
         new = next_state(old, result, check, self.config.policy, now, result.wall)
         self.states[name] = new
         self.stats[name].observe(result)
+        self._update_view(name)
         if new.status is not old.status:
             self._journal("check", name, old.status.value, new.status.value, new.change_reason,
                           critical=check.critical)
@@ -153,6 +155,7 @@ class AgentState:
         changed = {n for n, c in self.checks.items() if old_checks.get(n) != c}
         self.states = {n: (CheckState() if n in changed else self.states[n]) for n in self.checks}
         self.stats = {n: self.stats.get(n) or CheckStats() for n in self.checks}
+        self._rebuild_views()
         logs.set_secrets(config.secrets())
         self.condition = self._condition()
         self.refresh(now)
@@ -160,12 +163,25 @@ class AgentState:
 
     # -- the snapshot --------------------------------------------------------------------------
 
-    def refresh(self, now: float) -> None:
+    def _rebuild_views(self) -> None:
+        """After a config change: the strings and limits of each check, computed once per config."""
         policy = self.config.policy
-        views = tuple(view(self.checks[n], self.states[n], policy) for n in self.checks)
+        self._static = {n: (c.threshold(), stale_limit(c, policy)) for n, c in self.checks.items()}
+        self.tally = Tally(view(c, self.states[n], policy, *self._static[n]) for n, c in self.checks.items())
+        self._views: tuple[CheckView, ...] | None = None
+
+    def _update_view(self, name: str) -> None:
+        self.tally.update(view(self.checks[name], self.states[name], self.config.policy, *self._static[name]))
+        self._views = None
+
+    def refresh(self, now: float) -> None:
+        """A new snapshot; the cost is the same with 10 checks or 2,000 (see verdict.Tally)."""
+        if self._views is None:  # a tuple of references, rebuilt only after a result
+            self._views = tuple(self.tally.views.values())
+        views = self._views
         old = self.snapshot
         snap = Snapshot(
-            verdict=aggregate(views, now), admin=self.admin, admin_reason=self.admin_reason, checks=views,
+            verdict=self.tally.verdict(now), admin=self.admin, admin_reason=self.admin_reason, checks=views,
             computed_at=now, since=old.since, since_wall=old.since_wall, loop_lag=self.loop_lag,
         )
         was, ans = self._answer, decide(snap, self.condition, now)

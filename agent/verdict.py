@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import replace
@@ -69,12 +70,17 @@ def stale_limit(check: CheckBase, policy: PolicyConfig) -> float:
     return check.interval * (1 + check.jitter) + check.timeout + policy.stale_grace
 
 
-def view(check: CheckBase, state: CheckState, policy: PolicyConfig) -> CheckView:
+def view(check: CheckBase, state: CheckState, policy: PolicyConfig, threshold: str | None = None,
+         limit: float | None = None) -> CheckView:
+    """A check as the serving paths see it. `threshold` and `limit` may be passed in, computed once per config."""
     last = state.last
+    if limit is None:
+        limit = stale_limit(check, policy)
     return CheckView(
-        name=check.name, type=check.type, critical=check.critical, state=state, threshold=check.threshold(),
+        name=check.name, type=check.type, critical=check.critical, state=state,
+        threshold=check.threshold() if threshold is None else threshold,
         rise=check.rise, fall=check.fall, interval=check.interval,
-        fresh_until=math.inf if last is None else last.finished + stale_limit(check, policy),
+        fresh_until=math.inf if last is None else last.finished + limit,
     )
 
 
@@ -132,3 +138,58 @@ def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] =
     first = failing[0]
     more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
     return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(v.name for v in failing))
+
+
+class Tally:
+    """aggregate() kept up to date one check at a time, so a result costs the same with 10 checks or 2,000.
+
+    `update()` takes one check's new view; `verdict(now)` equals aggregate(views, now) over the latest
+    view of every check (tests/test_properties.py holds it to that), for `now` that never goes back. The
+    checks that pass are kept in a heap by the time they would go stale, so a tick with nothing about to
+    expire is O(1), and an expiry costs O(log n).
+    """
+
+    __slots__ = ("order", "views", "failing", "_heap")
+
+    def __init__(self, views: Iterable[CheckView]):
+        self.order: dict[str, int] = {}  # critical checks, in config order
+        self.views: dict[str, CheckView] = {}
+        self.failing: set[str] = set()  # critical checks not passing, as of the last update or expiry
+        self._heap: list[tuple[float, str]] = []  # (fresh_until, name) of critical checks that were UP
+        for v in views:
+            if v.critical:
+                self.order[v.name] = len(self.order)
+            self.update(v)
+
+    def update(self, v: CheckView) -> None:
+        self.views[v.name] = v
+        if not v.critical:
+            return
+        if v.state.status is Status.UP:
+            self.failing.discard(v.name)
+            heapq.heappush(self._heap, (v.fresh_until, v.name))
+        else:
+            self.failing.add(v.name)
+
+    def _current(self, entry: tuple[float, str]) -> bool:
+        """Whether a heap entry still describes its check (a newer result supersedes it)."""
+        until, name = entry
+        v = self.views[name]
+        return v.fresh_until == until and v.state.status is Status.UP and name not in self.failing
+
+    def verdict(self, now: float) -> Verdict:
+        heap = self._heap
+        while heap and heap[0][0] < now:  # went stale since the last look
+            entry = heapq.heappop(heap)
+            if self._current(entry):
+                self.failing.add(entry[1])
+        while heap and not self._current(heap[0]):
+            heapq.heappop(heap)
+        if not self.order:
+            return Verdict(False, NOTHING_CRITICAL)
+        if not self.failing:
+            return Verdict(True, "", until=heap[0][0] if heap else math.inf)
+        failing = sorted(self.failing, key=self.order.__getitem__)
+        first = self.views[failing[0]]
+        more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
+        return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(failing))

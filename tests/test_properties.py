@@ -113,6 +113,59 @@ def test_node_never_up_while_a_critical_check_failed_fall_times(checks) -> None:
         assert not aggregate(views, latest).up
 
 
+
+def _check_dicts(draw, names):
+    return [{"name": n, "type": "tcp", "port": 1, "interval": draw(st.sampled_from([0.2, 1.0, 3.0])),
+             "timeout": 0.1, "rise": draw(st.integers(1, 3)), "fall": draw(st.integers(1, 3)),
+             "critical": draw(st.booleans())} for n in names]
+
+
+@st.composite
+def histories(draw):
+    """A config and a sequence of results, heartbeats and reloads, with time moving forward."""
+    names = draw(st.lists(st.sampled_from("abcdef"), min_size=1, max_size=5, unique=True))
+    checks = _check_dicts(draw, names)
+    ops = []
+    for _ in range(draw(st.integers(1, 60))):
+        kind = draw(st.sampled_from(["result", "result", "result", "tick", "reload"]))
+        dt = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0, 4.0]))
+        if kind == "result":
+            ops.append(("result", dt, draw(st.sampled_from("abcdef")), draw(st.booleans())))
+        elif kind == "tick":
+            ops.append(("tick", dt))
+        else:
+            new = draw(st.lists(st.sampled_from("abcdef"), min_size=1, max_size=5, unique=True))
+            ops.append(("reload", dt, _check_dicts(draw, new)))
+    return checks, ops
+
+
+@SETTINGS
+@given(histories())
+def test_incremental_verdict_equals_the_full_recomputation(history) -> None:
+    """The verdict AgentState keeps incrementally (verdict.Tally) equals aggregate() over every check's
+    latest view, after any sequence of results, heartbeats and reloads."""
+    from agent.state import AgentState
+
+    checks, ops = history
+    base = {"agent": {"allow_root": True}, "policy": {"flap_threshold": 0, "stale_grace": 0.5}}
+    state = AgentState(parse_config({**base, "checks": checks}), 0.0)
+    now = 0.0
+    for op in ops:
+        now += op[1]
+        if op[0] == "result":
+            ok = op[3]
+            state.record(op[2], Result(ok, "" if ok else "boom", "ok" if ok else "failed", 0.01, now, now, 0.0), now)
+        elif op[0] == "tick":
+            state.tick(now, 0.0)
+        else:
+            state.apply_config(parse_config({**base, "checks": op[2]}), now)
+        policy = state.config.policy
+        at = state.snapshot.computed_at  # a result for a check the config no longer has refreshes nothing
+        full = aggregate([view(c, state.states[n], policy) for n, c in state.checks.items()], at)
+        assert state.snapshot.verdict == full, op
+        assert state.snapshot.checks == tuple(view(c, state.states[n], policy) for n, c in state.checks.items())
+
+
 # -- the config loader --------------------------------------------------------------------------------
 
 KEYS = ["server", "agent", "policy", "agent_check", "checks", "listen", "name", "type", "interval", "timeout",
