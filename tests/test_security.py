@@ -3,6 +3,7 @@ namespaces of our own; the token never leaves the agent."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent import logs
+from agent.model import Admin
 from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check
 
 CLIENT = r"""
@@ -86,8 +88,8 @@ def client(ip: str, ns: str, base: str, cases: list) -> list[tuple[int, str]]:
 
 
 def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_path: Path) -> None:
-    """A non-loopback client gets pass/fail only, unless it presents the bearer token; loopback gets
-    details; the token appears in no response, metric or log line."""
+    """A non-loopback client gets pass/fail only, unless it presents the bearer token (a token that is not
+    UTF-8 is just wrong); loopback gets details; the token appears in no response, metric or log line."""
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
@@ -108,6 +110,7 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
             ["/status", {"Authorization": "Bearer " + token}],
             ["/metrics", {}],
             ["/health", {"Authorization": "Bearer " + token}],
+            ["/status", {"Authorization": "Bearer \xff"}],  # http.client sends it as the byte 0xff
         ]
         seen = client(netns["ip"], netns["client_ns"], remote, cases)
         local = client(netns["ip"], netns["agent_ns"], f"http://127.0.0.1:{port}", [["/status", {}]])
@@ -122,6 +125,8 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
     everything = "\n".join(body for _, body in seen + local) + agent.logs()
     assert token not in everything and token[4:] not in everything
     assert netns["client_ip"] not in json.dumps(bodies[5])
+    assert seen[8][0] in (200, 503) and json.loads(seen[8][1]) in ({"status": "pass"}, {"status": "fail"}), seen[8]
+    assert '"level": "error"' not in agent.logs()
 
 
 async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None:
@@ -151,3 +156,61 @@ async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None
 
 async def _up(agent) -> bool:
     return (await agent.get("/health"))[0] == 200
+
+
+class _Lines(logging.Handler):
+    """Every record from every logger (healthgate's and aiohttp's), for counting lines by level."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def raw_request(url: str, request: bytes) -> bytes:
+    """Send bytes as they are (no client library re-encodes them) and read the answer to EOF."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+
+
+async def test_bad_credentials_of_any_shape_are_a_401_logged_at_a_bounded_rate(start_agent, tmp_path: Path) -> None:
+    """Authorization headers that are not UTF-8, not Bearer or empty get a 401 on /admin/* (a wrong token
+    its 403), never a 500; forty of them log one warning line and nothing at ERROR."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o600)
+    lines = _Lines()
+    watched = [logging.getLogger(), logs.log, logging.getLogger("aiohttp")]
+    for logger in watched:
+        logger.addHandler(lines)
+    try:
+        agent = await start_agent({"server": {"admin_token_file": str(token_file)},
+                                   "checks": [{"name": "mem", "type": "memory", "max_used_percent": 100}]})
+        shapes = [b"Bearer \xff", b"Bearer s3cret-token\xff", b"bearer \xc3\x28", b"Basic \xff\xfe", b"Bearer ",
+                  b"Bearer", b"Digest x", b"\xff"]
+        answers = []
+        for i in range(40):
+            request = (b"POST /admin/drain HTTP/1.1\r\nHost: node\r\nAuthorization: " + shapes[i % len(shapes)]
+                       + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            answers.append(await raw_request(agent.url, request))
+        wrong = await raw_request(agent.url, b"POST /admin/drain HTTP/1.1\r\nHost: node\r\n"
+                                  b"Authorization: Bearer wrong\r\nConnection: close\r\n\r\n")
+    finally:
+        for logger in watched:
+            logger.removeHandler(lines)
+    assert {a.split(b"\r\n", 1)[0] for a in answers} == {b"HTTP/1.1 401 Unauthorized"}, answers[:3]
+    assert wrong.startswith(b"HTTP/1.1 403 "), wrong
+    assert agent.state.admin is Admin.READY
+    records = {id(r): r for r in lines.records}.values()  # a record may reach two of the loggers
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+    refused = [r for r in records if r.getMessage() == "bad_credentials"]
+    assert len(refused) == 1 and refused[0].levelno == logging.WARNING, refused
+    assert "s3cret" not in repr([r.__dict__ for r in records])
