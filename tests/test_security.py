@@ -10,16 +10,21 @@ import logging
 import os
 import random
 import secrets
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent import logs
+from agent.app import read_tokens
+from agent.config import ConfigError, parse_config
 from agent.model import Admin
-from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check
+from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check, wait_for
 
 CLIENT = r"""
 import json, sys, time, urllib.error, urllib.request
@@ -134,6 +139,7 @@ async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     lines = io.StringIO()
     handler = logging.StreamHandler(lines)
     handler.setFormatter(logs.JsonFormatter())
@@ -214,3 +220,63 @@ async def test_bad_credentials_of_any_shape_are_a_401_logged_at_a_bounded_rate(s
     refused = [r for r in records if r.getMessage() == "bad_credentials"]
     assert len(refused) == 1 and refused[0].levelno == logging.WARNING, refused
     assert "s3cret" not in repr([r.__dict__ for r in records])
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    """A token file of the agent's user that its group or others can read is refused, naming its mode and
+    the fix; 0600 is accepted, and 0640 too when root owns the file (root hands it to the agent's group)."""
+    token = tmp_path / "status.token"
+    token.write_text("s3cret-token\n")
+    cfg = parse_config({"server": {"status_token_file": str(token)}})
+    root = os.geteuid() == 0
+    fix = "640" if root else "600"
+    for mode in (0o644, 0o604, *(() if root else (0o660, 0o640))):  # as root, 0660 is refused as writable
+        token.chmod(mode)
+        with pytest.raises(ConfigError) as refused:
+            read_tokens(cfg)
+        what = "more than owner and group read" if root else "its group or others can read it"
+        assert refused.value.errors == [f"server.status_token_file: refusing a secret others can read: {token} has "
+                                        f"mode {mode:04o}{',' if root else ':'} {what} (fix: chmod {fix} {token})"]
+        assert "s3cret" not in str(refused.value.errors)
+    for mode in (0o600, 0o400, *((0o640, 0o440) if root else ())):
+        token.chmod(mode)
+        assert read_tokens(cfg)["status"] == "s3cret-token"
+
+
+def post(url: str, token: str) -> int:
+    req = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_rotated_token_takes_effect_on_sighup(tmp_path: Path) -> None:
+    """A token file replaced on disk changes nothing until SIGHUP, which swaps the token; a reload that
+    finds the new file readable by others is refused and the token in force stays."""
+    token = tmp_path / "admin.token"
+
+    def rotate(text: str) -> None:
+        new = tmp_path / "admin.token.new"
+        new.write_text(text + "\n")
+        new.chmod(0o600)
+        os.replace(new, token)  # how a secret is rotated: never a half-written file
+
+    rotate("old-token")
+    agent = AgentProcess(tmp_path, agent_toml({"admin_token_file": str(token)}) + memory_check()).start()
+    ready = agent.url + "/admin/ready"
+    try:
+        assert post(ready, "old-token") == 200
+        rotate("new-token")
+        assert post(ready, "old-token") == 200 and post(ready, "new-token") == 403
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: post(ready, "new-token") == 200, what="the rotated token after SIGHUP")
+        assert post(ready, "old-token") == 403
+        token.chmod(0o644)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "refusing a secret others can read" in agent.logs(), what="the reload refused")
+        assert post(ready, "new-token") == 200
+    finally:
+        agent.stop()
+    assert "new-token" not in agent.logs() and "old-token" not in agent.logs()
