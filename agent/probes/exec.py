@@ -127,6 +127,9 @@ def _kill_group(pgid: int) -> None:
 # Children are a property of the process, not of one Context, so the bookkeeping is module-level, and
 # only ever touched from the event loop. Only pids that are children of this process are reaped, one
 # by one (never waitpid(-1)), so the statuses of asyncio's and subprocess's own children stay theirs.
+# asyncio's default child watchers (a thread per child on 3.11, pidfds from 3.12) and uvloop wait for
+# their own pids only, so adopted orphans are left for us; a waitpid(-1) watcher (FastChildWatcher)
+# would reap them first, and _reap then finds nothing left to collect.
 # The agent starts no child in a session of its own besides exec commands; were it to, a child started
 # while an exec sample runs would look adopted.
 
