@@ -1,5 +1,5 @@
-"""/status details only for loopback or a bearer token, seen from a real non-loopback client in network
-namespaces of our own; the token never leaves the agent."""
+"""Bearer tokens: details for loopback or the token only (a real non-loopback client in network namespaces
+of our own), bad credentials of any shape, token file modes and rotation; the token never leaves the agent."""
 
 from __future__ import annotations
 
