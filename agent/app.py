@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from agent import logs
 from agent.admin import AdminWatcher
@@ -20,26 +19,21 @@ from agent.runner import Runner
 from agent.scheduler import Scheduler
 from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
-from agent.trust import check_trusted, load_trusted_config
+from agent.trust import check_trusted, load_trusted_config, read_secret
 from agent.weight import WeightTracker
 
 
 def read_tokens(config: Config) -> dict[str, str | None]:
-    """The bearer tokens named in [server]; an unreadable or empty file is a config error."""
+    """The bearer tokens named in [server]; a file that is unreadable, empty or readable by others is a
+    config error. Read at start and on SIGHUP only: a rotated token takes effect with the next reload."""
     tokens: dict[str, str | None] = {}
     for key in ("status_token_file", "admin_token_file"):
         path = getattr(config.server, key)
         if path is None:
             tokens[key.removesuffix("_token_file")] = None
             continue
-        try:
-            check_trusted(path, f"server.{key}")
-            token = Path(path).read_text().strip()
-        except OSError as e:
-            raise ConfigError(path, [f"server.{key}: cannot read {path}: {e.strerror}"]) from None
-        if not token:
-            raise ConfigError(path, [f"server.{key}: {path} is empty"])
-        tokens[key.removesuffix("_token_file")] = token
+        check_trusted(path, f"server.{key}")
+        tokens[key.removesuffix("_token_file")] = read_secret(path, f"server.{key}")
     return tokens
 
 

@@ -6,13 +6,15 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
+import math
 import socket
 import time
 from typing import Any
 
 from aiohttp import web
 
-from agent import __version__
+from agent import __version__, logs
 from agent.admin import AdminWatcher, AdminWriteError, make_record, write_record
 from agent.fields import parse_duration
 from agent.logs import mask
@@ -80,11 +82,52 @@ def authorized(request: web.Request, token: str | None) -> bool:
 
 
 def bearer(request: web.Request, token: str | None) -> bool | None:
-    """True for the right bearer token (compared in constant time), False for a wrong one, None for none."""
-    got = request.headers.get("Authorization", "")
-    if not token or got[:7].lower() != "bearer ":  # the scheme is case-insensitive (RFC 9110)
+    """True for the right bearer token (compared in constant time), False for a wrong one, None for none
+    or for credentials that cannot be a bearer token (another scheme, bytes that are not UTF-8)."""
+    got = request.headers.get("Authorization")
+    if not token or got is None:
         return None
-    return hmac.compare_digest(got[7:].strip().encode(), token.encode())
+    if got[:7].lower() != "bearer ":  # the scheme is case-insensitive (RFC 9110)
+        _refused_credentials(request, "not a bearer token")
+        return None
+    try:
+        presented = got[7:].strip().encode()
+    except UnicodeEncodeError:  # aiohttp keeps bytes that are not UTF-8 as lone surrogates
+        _refused_credentials(request, "not UTF-8")
+        return None
+    ok = hmac.compare_digest(presented, token.encode())
+    if not ok:
+        _refused_credentials(request, "wrong token")
+    return ok
+
+
+class _Throttled:
+    """One log line per `every` seconds at most; the events in between are counted in the next line.
+
+    Any client can send bad credentials, so a line per request would let it flood the journal. The limit
+    is the process's, like its log: one module-level instance, touched only from the event loop.
+    """
+
+    def __init__(self, event: str, every: float):
+        self.event, self.every = event, every
+        self.last = -math.inf
+        self.count = 0
+
+    def __call__(self, **fields: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        logs.event(self.event, logging.WARNING, requests=self.count, **fields)
+        self.last, self.count = now, 0
+
+
+_refused_log = _Throttled("bad_credentials", every=60.0)
+
+
+def _refused_credentials(request: web.Request, why: str) -> None:
+    # Neither the header nor the path is logged: both are the client's text.
+    _refused_log(why=why, client=request.remote)
 
 
 def verbose_lines(snap: Snapshot, answer: Answer, t: float, excluded: frozenset[str], reasons: bool) -> list[str]:

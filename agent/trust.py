@@ -62,6 +62,44 @@ def check_trusted(path: str | os.PathLike[str], key: str = "(file)") -> None:
         raise ConfigError(str(path), [f"{key}: refusing a file others can change while running as root: {problem}"])
 
 
+def _too_open(path: str, st: os.stat_result) -> str | None:
+    """Why a file holding a secret is readable (or changeable) by more than the agent, or None.
+
+    PostgreSQL's rule for its TLS key, which ssh applies to private keys too: a file of the agent's own
+    user allows no access to group or others (0600); a file of root's may also be read by its group
+    (0640), so root can keep the token and hand it to the agent's group. No other owner: they could
+    chmod it open at any time.
+    """
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == 0:
+        if mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
+            return f"{path} has mode {mode:04o}, more than owner and group read (fix: chmod 640 {path})"
+    elif st.st_uid == os.geteuid():
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            return f"{path} has mode {mode:04o}: its group or others can read it (fix: chmod 600 {path})"
+    else:
+        return f"{path} is owned by {_owner(st.st_uid)}, neither the agent's user nor root"
+    return None
+
+
+def read_secret(path: str, key: str) -> str:
+    """The stripped text of a file holding a secret (a bearer token): ConfigError when others may read
+    it, as ssh refuses a private key they could read, or when it cannot be read or is empty."""
+    try:
+        with open(path, "rb") as f:
+            problem = _too_open(path, os.fstat(f.fileno()))  # the file being read, not one swapped in since
+            if problem:
+                raise ConfigError(path, [f"{key}: refusing a secret others can read: {problem}"])
+            text = f.read().decode().strip()
+    except OSError as e:
+        raise ConfigError(path, [f"{key}: cannot read {path}: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, [f"{key}: {path} is not UTF-8 text"]) from None
+    if not text:
+        raise ConfigError(path, [f"{key}: {path} is empty"])
+    return text
+
+
 def load_trusted_config(path: str | os.PathLike[str]) -> Config:
     """load_config, after refusing (as root) a config file that others could have written."""
     check_trusted(path)

@@ -181,7 +181,7 @@ class TLSServer(_ThreadServer):
 
 
 class HttpServer:
-    """aiohttp on a loopback port. Knobs: `status`, `delay` (seconds), `body`; `/redirect`, `/endless`,
+    """aiohttp on a loopback port. Knobs: `status`, `delay` (seconds), `body`, `redirect_to`; `/redirect`, `/endless`,
     `/auth` (401 unless the Authorization header is one of `auth`) besides `/`. stop() closes the port; start() reopens it."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
@@ -193,6 +193,7 @@ class HttpServer:
         self.body = "ok"
         self.auth: set[str] = set()
         self.seen_headers: list[dict[str, str]] = []
+        self.redirect_to = "/"  # where /redirect sends the client: a path, or another server's URL
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="HttpServer")
         self._thread.start()
@@ -212,7 +213,7 @@ class HttpServer:
             return web.Response(status=self.status, text=self.body)
 
         async def redirect(request: web.Request) -> web.StreamResponse:
-            raise web.HTTPFound("/")
+            raise web.HTTPFound(self.redirect_to)
 
         async def endless(request: web.Request) -> web.StreamResponse:
             resp = web.StreamResponse()

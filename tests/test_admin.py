@@ -256,6 +256,7 @@ async def test_admin_endpoints_with_a_token(start_agent, tmp_path: Path) -> None
     no token 401, a wrong one 403, other methods 405, bodies 413, bad parameters 400."""
     token_file = tmp_path / "admin.token"
     token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o600)
     agent = await start_agent({"server": {"admin_token_file": str(token_file)}, "checks": [MEM]})
     state_dir = Path(agent.state.config.agent.state_dir)
     await async_wait_for(lambda: _ok(agent), what="up")
@@ -291,6 +292,7 @@ async def test_admin_endpoint_reports_a_failed_write(start_agent, tmp_path: Path
     """When the state file can't be written, the endpoint answers 500 with the reason and nothing changes."""
     token_file = tmp_path / "admin.token"
     token_file.write_text("t0ken")
+    token_file.chmod(0o600)
     blocker = tmp_path / "file"
     blocker.write_text("")
     agent = await start_agent({"server": {"admin_token_file": str(token_file)},
@@ -304,6 +306,7 @@ async def test_cli_and_http_agree(start_agent, tmp_path: Path) -> None:
     """A state written by the CLI is what the agent serves, and the HTTP endpoint then overrides it."""
     token_file = tmp_path / "admin.token"
     token_file.write_text("t0ken")
+    token_file.chmod(0o600)
     agent = await start_agent({"server": {"admin_token_file": str(token_file)}, "checks": [MEM]})
     state_dir = agent.state.config.agent.state_dir
     assert cli_main(["maint", "--state-dir", state_dir, "--reason", "from cli", "--no-wait"]) == 0

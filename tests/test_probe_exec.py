@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -158,5 +161,109 @@ def test_group_kill_under_uvloop(tmp_path: Path) -> None:
         await async_wait_for(gone, timeout=5, what=f"grandchild {pid} to be killed")
         ok = await runner.run(check(**sh("echo 'OK - fine'")))
         assert ok.ok and ok.observation.detail == "OK - fine"
+
+    uvloop.run(main())
+
+
+@pytest.fixture
+def record(tmp_path: Path):
+    """Where the escapee writes "pid session"; it is killed at teardown should the test fail."""
+    path = tmp_path / "grandchild"
+    yield path
+    if written(path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(path.read_text().split()[0]), signal.SIGKILL)
+
+
+def escapee(record: Path) -> str:
+    """Shell that starts a grandchild in a session of its own (setsid), orphaned at once by a subshell
+    that exits, which writes "pid session" to `record` and then sleeps for a minute; and waits for that."""
+    grandchild = f"read -r _ _ _ _ _ sid _ < /proc/self/stat; echo $$ $sid > {record}; exec sleep 60"
+    return (f"(setsid sh -c '{grandchild}' </dev/null >/dev/null 2>&1 &)\n"
+            f"while [ ! -s {record} ]; do sleep 0.01; done\n")
+
+
+def escaped(record: Path) -> int:
+    pid, sid = map(int, record.read_text().split())
+    assert pid == sid  # it really left the command's session and process group
+    return pid
+
+
+@pytest.mark.parametrize("end, ok, kind", [("exit 0", True, "ok"), ("exit 2", False, "critical"),
+                                           ("sleep 300", False, "timeout")])
+async def test_a_grandchild_in_its_own_session_dies_with_the_sample(record: Path, end: str, ok: bool,
+                                                                    kind: str) -> None:
+    """A grandchild that called setsid is gone (killed and reaped) soon after the sample ends, whether the
+    command passed, failed or timed out."""
+    runner = Runner(Context())
+    r = await runner.run(check(**sh(escapee(record) + end), timeout=0.5, interval=1))
+    assert (r.ok, r.kind) == (ok, kind), r
+    pid = escaped(record)
+
+    async def gone() -> bool:
+        return not runner.hung and not reapable(pid)
+
+    await async_wait_for(gone, timeout=5, what=f"grandchild {pid} to be killed and reaped")
+
+
+async def test_without_children_lists_the_host_wide_walk_finds_the_grandchild(record: Path, monkeypatch) -> None:
+    """On a kernel without /proc/PID/task/TID/children, a grandchild in its own session is found and killed
+    by walking every process instead."""
+    from agent.probes import exec as exec_probe
+
+    monkeypatch.setattr(exec_probe, "_children", lambda pid: None)
+    r = await sample(check(**sh(escapee(record) + "echo 'OK'")))
+    assert r.ok, r
+    pid = escaped(record)
+    await async_wait_for(lambda: _gone(pid), timeout=5, what=f"escapee {pid}")
+
+
+async def test_a_running_sample_keeps_its_escapee_while_another_ends(record: Path) -> None:
+    """The end of one exec sample does not kill what another, still running, left in its own session."""
+    slow = sh(escapee(record) + f"sleep 0.5; read -r pid _ < {record}; kill -0 $pid && echo 'OK - still here'",
+              name="slow", timeout=3, interval=5)
+    runner = Runner(Context())
+    first = asyncio.create_task(runner.run(check(**slow)))
+    await async_wait_for(lambda: _written(record), timeout=5, what="the escapee")
+    quick = await runner.run(check(**sh("echo 'OK'"), name="quick"))
+    r = await first
+    assert quick.ok and r.ok and r.observation.detail == "OK - still here", r
+    pid = escaped(record)
+    await async_wait_for(lambda: _gone(pid), timeout=5, what=f"escapee {pid} to go with its own sample")
+
+
+async def test_asyncio_subprocesses_keep_their_exit_status(record: Path) -> None:
+    """With the agent adopting orphans, an asyncio subprocess that ends during an exec sample is still
+    reaped by asyncio with its own exit status."""
+    runner = Runner(Context())
+    sample_task = asyncio.create_task(runner.run(check(**sh(escapee(record) + "sleep 0.3"), interval=5)))
+    child = await asyncio.create_subprocess_exec("sh", "-c", "exit 7")
+    assert await asyncio.wait_for(child.wait(), timeout=5) == 7
+    assert (await sample_task).ok
+    pid = escaped(record)
+    await async_wait_for(lambda: _gone(pid), timeout=5, what=f"escapee {pid}")
+
+
+def written(path: Path) -> bool:
+    return path.exists() and len(path.read_text().split()) == 2
+
+
+async def _written(path: Path) -> bool:
+    return written(path)
+
+
+async def _gone(pid: int) -> bool:
+    return not reapable(pid)
+
+
+def test_setsid_grandchild_killed_under_uvloop(record: Path) -> None:
+    """Under uvloop too, a grandchild in its own session is killed and reaped when the sample ends."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        r = await Runner(Context()).run(check(**sh(escapee(record) + "echo 'OK'")))
+        assert r.ok, r
+        pid = escaped(record)
+        await async_wait_for(lambda: _gone(pid), timeout=5, what=f"escapee {pid}")
 
     uvloop.run(main())

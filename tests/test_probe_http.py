@@ -81,6 +81,50 @@ async def test_redirects_only_when_asked(ctx, http_server) -> None:
     assert (await sample(ctx, url=f"{http_server.url}/redirect", follow_redirects=True)).ok
 
 
+SECRET_HEADERS = {"Authorization": "Bearer tok-3f9a", "Cookie": "sid=c00k1e", "X-Api-Key": "k3y-77",
+                  "X-Vault-Token": "hvs.v4ult"}
+
+
+@pytest.fixture
+def other_origin():
+    """A second aiohttp server on another loopback address and port, recording the headers it is sent."""
+    server = HttpServer(host="127.0.0.2").start()
+    yield server
+    server.close()
+
+
+async def test_a_redirect_to_another_origin_carries_no_secret_header(ctx, http_server, other_origin) -> None:
+    """Followed to another host and port, a redirect sends none of the headers masked as secrets (nor the url's
+    password, nor Host); a redirect within the origin keeps them all."""
+    keys = {"headers": {**SECRET_HEADERS, "X-Probe": "healthgate"}, "follow_redirects": True}
+    assert (await sample(ctx, url=f"{http_server.url}/redirect", **keys)).ok
+    assert {k: http_server.seen_headers[-1].get(k) for k in SECRET_HEADERS} == SECRET_HEADERS
+
+    http_server.redirect_to = f"{other_origin.url}/"
+    r = await sample(ctx, url=f"{http_server.url}/redirect", **keys)
+    assert r.ok, r
+    seen = other_origin.seen_headers[-1]
+    assert seen["X-Probe"] == "healthgate"
+    assert not [v for v in SECRET_HEADERS.values() for h in seen.values() if v.split()[-1] in h], seen
+
+    userinfo = http_server.url.replace("http://", "http://probe:pa55w0rd@")
+    http_server.auth, http_server.redirect_to = {"Basic cHJvYmU6cGE1NXcwcmQ="}, "/auth"
+    assert (await sample(ctx, url=f"{userinfo}/redirect", follow_redirects=True)).ok  # the same origin: sent
+    http_server.redirect_to = f"{other_origin.url}/"
+    r = await sample(ctx, url=f"{userinfo}/redirect", headers={"Host": "api.internal"}, follow_redirects=True)
+    assert r.ok, r
+    seen = other_origin.seen_headers[-1]
+    assert "Authorization" not in seen and seen["Host"] == other_origin.url.removeprefix("http://"), seen
+    assert len(other_origin.seen_headers) == 2
+
+
+async def test_redirects_are_counted(ctx, http_server) -> None:
+    """max_redirects redirects are followed; one more fails with kind `redirect`."""
+    http_server.redirect_to = "/redirect"  # a loop
+    r = await sample(ctx, url=f"{http_server.url}/redirect", follow_redirects=True, max_redirects=3)
+    assert (r.ok, r.kind, r.reason) == (False, "redirect", "http: more than 3 redirects"), r
+
+
 async def test_endless_body_is_read_only_up_to_the_cap(ctx, http_server) -> None:
     """A body that never ends is read up to max_body_bytes, so matching it stays bounded."""
     r = await sample(ctx, url=f"{http_server.url}/endless", body_contains="y", max_body_bytes=200_000)

@@ -1,23 +1,30 @@
-"""/status details only for loopback or a bearer token, seen from a real non-loopback client in network
-namespaces of our own; the token never leaves the agent."""
+"""Bearer tokens: details for loopback or the token only (a real non-loopback client in network namespaces
+of our own), bad credentials of any shape, token file modes and rotation; the token never leaves the agent."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
 import random
 import secrets
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent import logs
-from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check
+from agent.app import read_tokens
+from agent.config import ConfigError, parse_config
+from agent.model import Admin
+from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check, wait_for
 
 CLIENT = r"""
 import json, sys, time, urllib.error, urllib.request
@@ -86,8 +93,8 @@ def client(ip: str, ns: str, base: str, cases: list) -> list[tuple[int, str]]:
 
 
 def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_path: Path) -> None:
-    """A non-loopback client gets pass/fail only, unless it presents the bearer token; loopback gets
-    details; the token appears in no response, metric or log line."""
+    """A non-loopback client gets pass/fail only, unless it presents the bearer token (a token that is not
+    UTF-8 is just wrong); loopback gets details; the token appears in no response, metric or log line."""
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
@@ -108,6 +115,7 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
             ["/status", {"Authorization": "Bearer " + token}],
             ["/metrics", {}],
             ["/health", {"Authorization": "Bearer " + token}],
+            ["/status", {"Authorization": "Bearer \xff"}],  # http.client sends it as the byte 0xff
         ]
         seen = client(netns["ip"], netns["client_ns"], remote, cases)
         local = client(netns["ip"], netns["agent_ns"], f"http://127.0.0.1:{port}", [["/status", {}]])
@@ -122,6 +130,8 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
     everything = "\n".join(body for _, body in seen + local) + agent.logs()
     assert token not in everything and token[4:] not in everything
     assert netns["client_ip"] not in json.dumps(bodies[5])
+    assert seen[8][0] in (200, 503) and json.loads(seen[8][1]) in ({"status": "pass"}, {"status": "fail"}), seen[8]
+    assert '"level": "error"' not in agent.logs()
 
 
 async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None:
@@ -129,6 +139,7 @@ async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     lines = io.StringIO()
     handler = logging.StreamHandler(lines)
     handler.setFormatter(logs.JsonFormatter())
@@ -151,3 +162,121 @@ async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None
 
 async def _up(agent) -> bool:
     return (await agent.get("/health"))[0] == 200
+
+
+class _Lines(logging.Handler):
+    """Every record from every logger (healthgate's and aiohttp's), for counting lines by level."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def raw_request(url: str, request: bytes) -> bytes:
+    """Send bytes as they are (no client library re-encodes them) and read the answer to EOF."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+
+
+async def test_bad_credentials_of_any_shape_are_a_401_logged_at_a_bounded_rate(start_agent, tmp_path: Path) -> None:
+    """Authorization headers that are not UTF-8, not Bearer or empty get a 401 on /admin/* (a wrong token
+    its 403), never a 500; forty of them log one warning line and nothing at ERROR."""
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o600)
+    lines = _Lines()
+    watched = [logging.getLogger(), logs.log, logging.getLogger("aiohttp")]
+    for logger in watched:
+        logger.addHandler(lines)
+    try:
+        agent = await start_agent({"server": {"admin_token_file": str(token_file)},
+                                   "checks": [{"name": "mem", "type": "memory", "max_used_percent": 100}]})
+        shapes = [b"Bearer \xff", b"Bearer s3cret-token\xff", b"bearer \xc3\x28", b"Basic \xff\xfe", b"Bearer ",
+                  b"Bearer", b"Digest x", b"\xff"]
+        answers = []
+        for i in range(40):
+            request = (b"POST /admin/drain HTTP/1.1\r\nHost: node\r\nAuthorization: " + shapes[i % len(shapes)]
+                       + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            answers.append(await raw_request(agent.url, request))
+        wrong = await raw_request(agent.url, b"POST /admin/drain HTTP/1.1\r\nHost: node\r\n"
+                                  b"Authorization: Bearer wrong\r\nConnection: close\r\n\r\n")
+    finally:
+        for logger in watched:
+            logger.removeHandler(lines)
+    assert {a.split(b"\r\n", 1)[0] for a in answers} == {b"HTTP/1.1 401 Unauthorized"}, answers[:3]
+    assert wrong.startswith(b"HTTP/1.1 403 "), wrong
+    assert agent.state.admin is Admin.READY
+    records = {id(r): r for r in lines.records}.values()  # a record may reach two of the loggers
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+    refused = [r for r in records if r.getMessage() == "bad_credentials"]
+    assert len(refused) == 1 and refused[0].levelno == logging.WARNING, refused
+    assert "s3cret" not in repr([r.__dict__ for r in records])
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    """A token file of the agent's user that its group or others can read is refused, naming its mode and
+    the fix; 0600 is accepted, and 0640 too when root owns the file (root hands it to the agent's group)."""
+    token = tmp_path / "status.token"
+    token.write_text("s3cret-token\n")
+    cfg = parse_config({"server": {"status_token_file": str(token)}})
+    root = os.geteuid() == 0
+    fix = "640" if root else "600"
+    for mode in (0o644, 0o604, *(() if root else (0o660, 0o640))):  # as root, 0660 is refused as writable
+        token.chmod(mode)
+        with pytest.raises(ConfigError) as refused:
+            read_tokens(cfg)
+        what = "more than owner and group read" if root else "its group or others can read it"
+        assert refused.value.errors == [f"server.status_token_file: refusing a secret others can read: {token} has "
+                                        f"mode {mode:04o}{',' if root else ':'} {what} (fix: chmod {fix} {token})"]
+        assert "s3cret" not in str(refused.value.errors)
+    for mode in (0o600, 0o400, *((0o640, 0o440) if root else ())):
+        token.chmod(mode)
+        assert read_tokens(cfg)["status"] == "s3cret-token"
+
+
+def post(url: str, token: str) -> int:
+    req = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_rotated_token_takes_effect_on_sighup(tmp_path: Path) -> None:
+    """A token file replaced on disk changes nothing until SIGHUP, which swaps the token; a reload that
+    finds the new file readable by others is refused and the token in force stays."""
+    token = tmp_path / "admin.token"
+
+    def rotate(text: str) -> None:
+        new = tmp_path / "admin.token.new"
+        new.write_text(text + "\n")
+        new.chmod(0o600)
+        os.replace(new, token)  # how a secret is rotated: never a half-written file
+
+    rotate("old-token")
+    agent = AgentProcess(tmp_path, agent_toml({"admin_token_file": str(token)}) + memory_check()).start()
+    ready = agent.url + "/admin/ready"
+    try:
+        assert post(ready, "old-token") == 200
+        rotate("new-token")
+        assert post(ready, "old-token") == 200 and post(ready, "new-token") == 403
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: post(ready, "new-token") == 200, what="the rotated token after SIGHUP")
+        assert post(ready, "old-token") == 403
+        token.chmod(0o644)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "refusing a secret others can read" in agent.logs(), what="the reload refused")
+        assert post(ready, "new-token") == 200
+    finally:
+        agent.stop()
+    assert "new-token" not in agent.logs() and "old-token" not in agent.logs()

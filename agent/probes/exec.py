@@ -117,6 +117,195 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+# -- descendants that left the process group ----------------------------------------------------------
+#
+# A command's process group dies with it, but a descendant that calls setsid (a daemon, `setsid cmd &`)
+# is in no group of ours. As a child subreaper the agent adopts every orphan below it instead of init,
+# so when a sample ends, whatever is left of its tree has become a child of the agent: adopted, in a
+# session other than the agent's, started after the sample's command. Those are killed and reaped.
+#
+# Children are a property of the process, not of one Context, so the bookkeeping is module-level, and
+# only ever touched from the event loop. Only pids that are children of this process are reaped, one
+# by one (never waitpid(-1)), so the statuses of asyncio's and subprocess's own children stay theirs.
+# asyncio's default child watchers (a thread per child on 3.11, pidfds from 3.12) and uvloop wait for
+# their own pids only, so adopted orphans are left for us; a waitpid(-1) watcher (FastChildWatcher)
+# would reap them first, and _reap then finds nothing left to collect.
+# The agent starts no child in a session of its own besides exec commands; were it to, a child started
+# while an exec sample runs would look adopted.
+
+PR_SET_CHILD_SUBREAPER = 36
+CLEANUP_DEADLINE = 1.0  # seconds a sample's end spends on its strays; a process stuck in D state stays
+_subreaper: bool | None = None
+_running: dict[int, int] = {}  # leader pid -> its start time (clock ticks since boot), until reaped
+_unreaped: dict[int, int] = {}  # strays killed whose death was not seen before the deadline
+
+
+def _become_subreaper() -> bool:
+    """Make the agent the reaper of orphans below it (Linux 3.4+), once per process."""
+    global _subreaper
+    if _subreaper is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            _subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            _subreaper = False
+    return _subreaper
+
+
+def _stat(pid: int | str) -> tuple[str, int, int, int] | None:
+    """(state, ppid, session, start time) of a process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode(), int(fields[1]), int(fields[3]), int(fields[19])
+
+
+def _children(pid: int) -> list[int] | None:
+    """The children of a process from /proc/PID/task/*/children; None where the kernel lacks that file
+    (CONFIG_PROC_CHILDREN). An orphan is adopted by one thread of the agent: every thread is read."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []  # gone
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out += map(int, f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended
+            return None
+        except OSError:
+            continue
+    return out
+
+
+def _processes() -> dict[int, list[int]]:
+    """ppid -> children of every process on the host: the slow way, for kernels without children files."""
+    out: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # no /proc: nothing to find
+        return out
+    for name in names:
+        if name.isdigit() and (st := _stat(name)) is not None:
+            out.setdefault(st[1], []).append(int(name))
+    return out
+
+
+def _strays(leader: int, started: int) -> dict[int, int]:
+    """pid -> start time of what is left of the sample whose command was `leader`: adopted orphans that
+    only this sample can have left (no other exec sample running since before they started) and all
+    their descendants, plus strays an earlier sample killed but could not reap. Where the kernel lists
+    children, only the agent's own tree is read, so the cost does not grow with the host's processes."""
+    me, session = os.getpid(), os.getsid(0)
+    table = _processes() if _children(me) is None else None
+
+    def children(pid: int) -> list[int]:
+        return table.get(pid, []) if table is not None else _children(pid) or []
+
+    for pid, t in list(_unreaped.items()):
+        if (st := _stat(pid)) is None or st[3] != t:
+            del _unreaped[pid]  # gone, or the pid names another process now
+    others = [t for pid, t in _running.items() if pid != leader]
+    roots = []
+    for pid in children(me):
+        if pid in _running or (st := _stat(pid)) is None:
+            continue
+        if pid in _unreaped:
+            if st[0] == "Z":  # retried only once dead: a live one is beyond our reach
+                roots.append(pid)
+        elif st[2] != session and st[3] >= started and not any(o <= st[3] for o in others):
+            roots.append(pid)
+    out: dict[int, int] = {}
+    while roots:
+        pid = roots.pop()
+        if pid in out or (st := _stat(pid)) is None:
+            continue
+        out[pid] = st[3]
+        roots += children(pid)
+    return out
+
+
+def _kill(pid: int, started: int) -> int | None:
+    """SIGKILL the process `pid` if it is still the one that started at `started`; its pidfd, to wait on."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone, or Linux before 5.3: check, then signal by pid (a reuse in between is unlikely)
+        st = _stat(pid)
+        if st is not None and st[3] == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return None
+    st = _stat(pid)  # read after pidfd_open: the pidfd pins the process this start time names
+    if st is None or st[3] != started:
+        os.close(fd)
+        return None
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except PermissionError:  # a set-uid program below an unprivileged agent: nothing to wait for
+        os.close(fd)
+        return None
+    except ProcessLookupError:
+        pass  # it has exited: the pidfd is readable at once
+    return fd
+
+
+async def _readable(fds: list[int], within: float) -> None:
+    """Until every pidfd is readable (its process exited), for `within` seconds at most."""
+    loop = asyncio.get_running_loop()
+    futures = []
+    for fd in fds:
+        done = loop.create_future()
+        loop.add_reader(fd, lambda d=done: d.done() or d.set_result(None))
+        futures.append(done)
+    try:
+        await asyncio.wait(futures, timeout=within)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+def _reap(pid: int) -> bool:
+    """Collect a dead child's status; True once nothing is left to collect."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child, or someone else's waitpid(-1) took it
+        return True
+    return done != 0
+
+
+async def _kill_strays(leader: int, started: int) -> None:
+    """Kill and reap what is left of a sample, generation by generation (a killed parent's children are
+    adopted in turn), until nothing is left or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLEANUP_DEADLINE
+    me = os.getpid()
+    while strays := _strays(leader, started):
+        fds = [fd for pid, t in strays.items() if (fd := _kill(pid, t)) is not None]
+        try:
+            if fds:
+                await _readable(fds, max(0.0, deadline - loop.time()))
+            else:
+                await asyncio.sleep(0.05)  # nothing to wait on: look again shortly
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for pid, t in strays.items():
+            st = _stat(pid)
+            if st is not None and st[1] == me and not _reap(pid):
+                _unreaped[pid] = t
+            else:
+                _unreaped.pop(pid, None)
+        if loop.time() >= deadline:
+            return
+
+
 async def _exited(proc: subprocess.Popen) -> int:
     """Wait for the child without blocking the loop: a pidfd turns readable when it exits."""
     loop = asyncio.get_running_loop()
@@ -174,6 +363,7 @@ def _perfdata(text: str) -> tuple[tuple[str, float, str], ...]:
 async def probe(cfg: Config, ctx: Context) -> Observation:
     program = os.path.basename(cfg.command[0])
     credentials = await _credentials(cfg, ctx)
+    _become_subreaper()
     try:
         # Popen, not asyncio's subprocess API: it drops privileges without preexec_fn under any event
         # loop (uvloop rejects user=/group=). Forking takes about a millisecond on the loop.
@@ -188,17 +378,24 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
         raise CheckFailed(f"exec {program}: {e.filename}: permission denied", "config") from None
     except OSError as e:
         raise CheckFailed(f"exec {program}: cannot start: {e.strerror or e}", "error") from None
+    leader = _stat(proc.pid)
+    started = _running[proc.pid] = leader[3] if leader else 0
     try:
         # start_new_session made the command a process group leader (pgid == pid). On the way out,
-        # normally or when the runner cancels us at the timeout, the whole group is killed, so neither
-        # the command nor anything it forked outlives the sample.
+        # normally or when the runner cancels us at the timeout, the whole group is killed, then what
+        # left the group (see _strays), so neither the command nor anything it forked outlives the sample.
         output, dropped = await _read_capped(proc)
         code = await _exited(proc)
     finally:
-        _kill_group(proc.pid)
-        if proc.poll() is None:
-            await _exited(proc)
-        proc.stdout.close()
+        try:
+            _kill_group(proc.pid)
+            if proc.poll() is None:
+                await _exited(proc)
+            await _kill_strays(proc.pid, started)
+        finally:
+            if _running.get(proc.pid) == started:  # the pid is free once reaped: it may be a new sample's
+                del _running[proc.pid]
+            proc.stdout.close()
 
     text = output.decode(errors="replace")
     first = text.strip().split("\n", 1)[0].split("|", 1)[0].strip()[:300]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import re
 import socket
 import ssl
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from pydantic import AnyHttpUrl, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
@@ -17,6 +19,7 @@ from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import blocking
 from agent.probes.common import (
+    SENSITIVE_NAME,
     TLS_KEYS,
     TLSOptions,
     client_context,
@@ -137,6 +140,72 @@ class Config(TLSOptions, CheckBase):
         return any(lo <= status <= hi for lo, hi in self._ranges)
 
 
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Where a Location header sends the next request; CheckFailed for one that is not an http(s) URL."""
+    target = urljoin(url, location.strip())
+    parts = urlsplit(target)
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise CheckFailed("http: a redirect whose Location is not a URL", "redirect") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CheckFailed(f"http: a redirect to a {parts.scheme or 'relative'} URL was not followed", "redirect")
+    # A server does not get to choose the credentials we send.
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _basic_auth(url: str) -> dict[str, str]:
+    """The Authorization header aiohttp derives from a url's user:password (latin-1, as it encodes it)."""
+    parts = urlsplit(url)
+    if not parts.username:
+        return {}
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    try:
+        raw = pair.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = pair.encode()
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+async def _request(cfg: Config, ctx: Context, sslarg: ssl.SSLContext | bool) -> aiohttp.ClientResponse:
+    """The answer to the configured request, after at most max_redirects redirects when following them.
+
+    aiohttp's own redirects drop only Authorization and Cookie on the way to another origin; every other
+    header we mask as a secret (X-Api-Key, X-Vault-Token...) would follow. So the redirects are followed
+    here: the secret headers, the url's user:password, the Host header and server_name go to the origin
+    (scheme, host, port) of `url` only, whichever hop it comes back at.
+    """
+    start = str(cfg.url)
+    home = _origin(start)
+    kept = {k: v for k, v in cfg.headers.items() if not SENSITIVE_NAME.search(k) and k.lower() != "host"}
+    again = {**cfg.headers, **_basic_auth(start)}  # the first request has the url's user:password itself
+    method, body, url, hops = cfg.method, cfg.body, start, 0
+    while True:
+        at_home = _origin(url) == home
+        resp = await ctx.http().request(
+            method, url, headers=(again if hops else cfg.headers) if at_home else kept, data=body, ssl=sslarg,
+            server_hostname=cfg.server_name if at_home else None, allow_redirects=False,
+        )
+        if not (cfg.follow_redirects and resp.status in REDIRECTS and "Location" in resp.headers):
+            return resp
+        location = resp.headers["Location"]
+        resp.release()
+        if hops == cfg.max_redirects:
+            raise CheckFailed(f"http: more than {cfg.max_redirects} redirects", "redirect")
+        hops += 1
+        url = _redirect_target(url, location)
+        if (resp.status == 303 and method != "HEAD") or (resp.status in (301, 302) and method == "POST"):
+            method, body = "GET", None  # what browsers and aiohttp do; 307 and 308 keep both
+
+
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> str:
     """At most `cap` bytes of the body: a huge or endless body never fills memory."""
     chunks, size = [], 0
@@ -179,18 +248,13 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     try:
-        async with ctx.http().request(
-            cfg.method, str(cfg.url), headers=cfg.headers, data=cfg.body, ssl=sslarg,
-            server_hostname=cfg.server_name, allow_redirects=cfg.follow_redirects, max_redirects=cfg.max_redirects,
-        ) as resp:
+        async with await _request(cfg, ctx, sslarg) as resp:
             status = resp.status
             location = resp.headers.get("Location", "")
             want_body = cfg.body_contains is not None or cfg._regex is not None
             text = await _read_capped(resp, cfg.max_body_bytes) if want_body and cfg.status_ok(status) else ""
     except aiohttp.ClientConnectorError as e:
         raise _connect_failure(e) from None
-    except aiohttp.TooManyRedirects:
-        raise CheckFailed(f"http: more than {cfg.max_redirects} redirects", "redirect") from None
     except aiohttp.ServerDisconnectedError:
         raise CheckFailed("http: the server closed the connection without answering", "closed") from None
     except aiohttp.ClientResponseError as e:
