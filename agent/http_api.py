@@ -306,8 +306,9 @@ async def admin_action(request: web.Request) -> web.Response:
     if ok is None:
         return web.json_response({"error": "a bearer token is required"}, status=401, headers={
             "WWW-Authenticate": 'Bearer realm="healthgate"', **NO_STORE})
-    if not ok:
-        return web.json_response({"error": "wrong token"}, status=403, headers=NO_STORE)
+    if not ok:  # RFC 6750: an invalid token is a 401 too, so every bad credential looks the same
+        return web.json_response({"error": "wrong token"}, status=401, headers={
+            "WWW-Authenticate": 'Bearer realm="healthgate", error="invalid_token"', **NO_STORE})
     unknown = sorted(set(request.query) - {"for", "reason"})
     if unknown:
         return web.json_response({"error": f"unknown parameter(s): {', '.join(unknown)}"}, status=400)

@@ -189,7 +189,7 @@ async def raw_request(url: str, request: bytes) -> bytes:
 
 async def test_bad_credentials_of_any_shape_are_a_401_logged_at_a_bounded_rate(start_agent, tmp_path: Path) -> None:
     """Authorization headers that are not UTF-8, not Bearer or empty get a 401 on /admin/* (a wrong token
-    its 403), never a 500; forty of them log one warning line and nothing at ERROR."""
+    too), never a 500; forty of them log one warning line and nothing at ERROR."""
     token_file = tmp_path / "admin.token"
     token_file.write_text("s3cret-token\n")
     token_file.chmod(0o600)
@@ -213,7 +213,7 @@ async def test_bad_credentials_of_any_shape_are_a_401_logged_at_a_bounded_rate(s
         for logger in watched:
             logger.removeHandler(lines)
     assert {a.split(b"\r\n", 1)[0] for a in answers} == {b"HTTP/1.1 401 Unauthorized"}, answers[:3]
-    assert wrong.startswith(b"HTTP/1.1 403 "), wrong
+    assert wrong.startswith(b"HTTP/1.1 401 "), wrong
     assert agent.state.admin is Admin.READY
     records = {id(r): r for r in lines.records}.values()  # a record may reach two of the loggers
     assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
@@ -269,10 +269,10 @@ def test_a_rotated_token_takes_effect_on_sighup(tmp_path: Path) -> None:
     try:
         assert post(ready, "old-token") == 200
         rotate("new-token")
-        assert post(ready, "old-token") == 200 and post(ready, "new-token") == 403
+        assert post(ready, "old-token") == 200 and post(ready, "new-token") == 401
         agent.signal(signal.SIGHUP)
         wait_for(lambda: post(ready, "new-token") == 200, what="the rotated token after SIGHUP")
-        assert post(ready, "old-token") == 403
+        assert post(ready, "old-token") == 401
         token.chmod(0o644)
         agent.signal(signal.SIGHUP)
         wait_for(lambda: "refusing a secret others can read" in agent.logs(), what="the reload refused")
