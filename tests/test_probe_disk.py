@@ -91,15 +91,19 @@ MOUNTINFO = Path(__file__).parent / "data" / "mountinfo"
     # systemd's ProtectSystem=strict: / is a read-only bind mount of a writable ext4
     ("protect-system-strict", "/", "/", True, False),
     ("protect-system-strict", "/usr/lib/x", "/", True, False),
-    # the StateDirectory= bind mount is writable; the longest point above the path wins
-    ("protect-system-strict", "/var/lib/healthgate/state.json", "/var/lib/healthgate", False, False),
-    ("protect-system-strict", "/var/lib/healthgatex", "/", True, False),
+    # the StateDirectory= bind mount is writable (DynamicUser's /var/lib/healthgate resolves to it); the
+    # longest point above the path wins, and only at a path boundary
+    ("protect-system-strict", "/var/lib/private/healthgate/state.json", "/var/lib/private/healthgate", False,
+     False),
+    ("protect-system-strict", "/var/lib/private/healthgatex", "/var/lib/private", True, False),
+    ("protect-system-strict", "/var/lib/privatex", "/", True, False),
     # octal escapes in mount points are decoded
     ("protect-system-strict", "/srv/data files/a", "/srv/data files", True, False),
     # a filesystem the kernel remounted read-only after an error: the superblock says ro
     ("protect-system-strict", "/var/log/syslog", "/var/log", True, True),
-    # a later mount on the same point hides the earlier one
+    # a later mount on the same point hides the earlier one (PrivateTmp= mounts its own /tmp over /tmp)
     ("overmounted", "/data", "/data", False, False),
+    ("overmounted", "/data/x", "/data", False, False),
 ])
 def test_mount_of_reads_the_view_and_the_filesystem(table, path, point, mount_ro, super_ro) -> None:
     """The mount holding a path is the longest mount point above it (the last listed of equals), with its
