@@ -43,13 +43,18 @@ PIP_ENV = re.compile(r"^(PIP_\w+|SSL_CERT_FILE|REQUESTS_CA_BUNDLE|(https?|no)_pr
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
-def readme_commands(section: str) -> list[str]:
-    """The lines of the first ```sh block under the README's `## section` heading."""
+def readme_block(section: str, lang: str) -> str:
+    """The first ```lang block under the README's `## section` heading."""
     text = (ROOT / "README.md").read_text()
     body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```sh\n(.*?)```", body, re.S)
-    assert block, f"no sh block in the README's {section} section"
-    return [line for line in block[1].splitlines() if line.strip()]
+    block = re.search(rf"```{lang}\n(.*?)```", body, re.S)
+    assert block, f"no {lang} block in the README's {section} section"
+    return block[1]
+
+
+def readme_commands(section: str) -> list[str]:
+    """The lines of the first ```sh block under the README's `## section` heading."""
+    return [line for line in readme_block(section, "sh").splitlines() if line.strip()]
 
 
 def build_tree() -> Path:
@@ -123,8 +128,11 @@ class Machine:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
-            last = pred()
-            if last:
+            try:
+                last = pred()
+            except (ValueError, KeyError, IndexError) as e:  # an agent not answering yet, or not fully
+                last = e
+            if last and not isinstance(last, Exception):
                 return last
             time.sleep(0.2)
         pytest.fail(f"timed out after {timeout}s waiting for {what}: last={last!r}\n{self.journal()}")
@@ -332,6 +340,35 @@ def test_node_check_catalogue_passes(machine: Machine) -> None:
         return status.get("status") == "pass" and len(checks) == CATALOGUE.count("[[checks]]") or str(failing)
 
     machine.wait(every_check_passes, 60, "every check of the catalogue to pass")
+
+
+def test_fds_drop_in_counts_another_users_fds(machine: Machine) -> None:
+    """The README's drop-in lets an fds check count a root process's fds (refused without it), and the
+    unit's exposure stays at most 2.0 with it."""
+    check = '[[checks]]\nname = "journald-fds"\ntype = "fds"\nprocess_name = "systemd-journal"\n'
+    config = (ROOT / "config" / "healthgate.toml").read_text() + check
+
+    def fds_check() -> dict:
+        return json.loads(machine.get("/status")[1])["checks"]["journald-fds:fds"][0]
+
+    (machine.root / CONFIG.lstrip("/")).write_text(config)
+    machine.sh("systemctl restart healthgate", timeout=60)
+    refused = machine.wait(lambda: (c := fds_check())["consecutiveFailures"] and c, 30, "the fds check to fail")
+    assert "permission denied reading /proc/" in refused["output"], refused
+    drop_in = machine.root / "etc/systemd/system/healthgate.service.d/override.conf"
+    drop_in.parent.mkdir(parents=True, exist_ok=True)
+    drop_in.write_text(readme_block("systemd", "ini"))
+    try:
+        machine.sh("systemctl daemon-reload")
+        machine.use_config(config)
+        assert fds_check()["status"] == "pass"
+        m = re.search(r"exposure level for healthgate\.service: (\d+\.\d+)",
+                      machine.sh("systemd-analyze security --no-pager healthgate.service", check=False))
+        assert m and float(m[1]) <= 2.0, m
+        print(f"exposure with the fds drop-in {m[1]}")
+    finally:
+        drop_in.unlink()
+        machine.sh("systemctl daemon-reload")
 
 
 def test_watchdog_restarts_a_stopped_agent(machine: Machine) -> None:
