@@ -1,5 +1,6 @@
 # healthgate: `make run` starts the agent with config/healthgate.toml, `make test` runs the tests,
-# `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it). All create .venv when missing.
+# `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it), `make test-systemd` the shipped
+# unit under a real systemd in a container (root; about 3 minutes). All create .venv when missing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ CONFIG ?= config/healthgate.toml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test soak lint bench venv clean
+.PHONY: run test soak test-systemd lint bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,10 +23,13 @@ run: venv
 	$(BIN)/healthgate run -c $(CONFIG)
 
 test: venv
-	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m 'not slow and not systemd_boot' $(PYTEST_ARGS)
 
 soak: venv
 	$(BIN)/python -m pytest -m slow -p no:cacheprovider -s $(PYTEST_ARGS)
+
+test-systemd: venv
+	$(BIN)/python -m pytest -m systemd_boot -p no:cacheprovider -s tests/test_systemd_boot.py $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check agent tests bench

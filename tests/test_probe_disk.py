@@ -14,6 +14,7 @@ import pytest
 from agent.probes import PROBES
 from agent.probes.base import Context
 from agent.probes.blocking import blocking
+from agent.probes.disk import mount_of, parse_mountinfo
 from agent.runner import Runner
 from tests.helpers import async_wait_for
 from tests.probing import check, sample
@@ -57,6 +58,59 @@ async def test_read_only_mount_fails(tmpfs) -> None:
     assert (await sample(check(type="disk", path=str(point), fail_read_only=False))).ok
     remount(point, "rw")
     assert (await sample(cfg)).ok
+
+
+async def test_read_only_bind_mount_passes(tmpfs) -> None:
+    """A mount that is read-only only in this view (a read-only bind mount, as ProtectSystem= makes) of a
+    writable filesystem passes and says so; the filesystem itself going read-only still fails."""
+    point = tmpfs()
+    cfg = check(type="disk", path=str(point), min_free_percent=1)
+    remount(point, "bind,ro")
+    r = await sample(cfg)
+    assert r.ok, r.reason
+    assert r.observation.detail.endswith("; mounted read-only for this agent, the filesystem is writable")
+    remount(point, "ro")
+    r = await sample(cfg)
+    assert (r.ok, r.kind, r.reason) == (False, "read_only", f"disk {point}: read-only filesystem")
+
+
+async def test_read_only_with_mountinfo_unreadable_fails(tmpfs, tmp_path: Path) -> None:
+    """When the mount table cannot be read, a read-only mount counts as a read-only filesystem (fail closed)."""
+    point = tmpfs()
+    remount(point, "bind,ro")
+    r = await sample(check(type="disk", path=str(point)), Context(proc=tmp_path / "noproc"))
+    assert (r.ok, r.kind) == (False, "read_only")
+    assert r.reason == (f"disk {point}: read-only filesystem (cannot read {tmp_path}/noproc/self/mountinfo: "
+                        "No such file or directory, so it counts as the filesystem)")
+
+
+MOUNTINFO = Path(__file__).parent / "data" / "mountinfo"
+
+
+@pytest.mark.parametrize(("table", "path", "point", "mount_ro", "super_ro"), [
+    # systemd's ProtectSystem=strict: / is a read-only bind mount of a writable ext4
+    ("protect-system-strict", "/", "/", True, False),
+    ("protect-system-strict", "/usr/lib/x", "/", True, False),
+    # the StateDirectory= bind mount is writable (DynamicUser's /var/lib/healthgate resolves to it); the
+    # longest point above the path wins, and only at a path boundary
+    ("protect-system-strict", "/var/lib/private/healthgate/state.json", "/var/lib/private/healthgate", False,
+     False),
+    ("protect-system-strict", "/var/lib/private/healthgatex", "/var/lib/private", True, False),
+    ("protect-system-strict", "/var/lib/privatex", "/", True, False),
+    # octal escapes in mount points are decoded
+    ("protect-system-strict", "/srv/data files/a", "/srv/data files", True, False),
+    # a filesystem the kernel remounted read-only after an error: the superblock says ro
+    ("protect-system-strict", "/var/log/syslog", "/var/log", True, True),
+    # a later mount on the same point hides the earlier one (PrivateTmp= mounts its own /tmp over /tmp)
+    ("overmounted", "/data", "/data", False, False),
+    ("overmounted", "/data/x", "/data", False, False),
+])
+def test_mount_of_reads_the_view_and_the_filesystem(table, path, point, mount_ro, super_ro) -> None:
+    """The mount holding a path is the longest mount point above it (the last listed of equals), with its
+    own read-only flag and its filesystem's, as /proc/self/mountinfo lists them."""
+    m = mount_of(parse_mountinfo((MOUNTINFO / table).read_text()), path)
+    assert m is not None
+    assert (m.point, "ro" in m.options, "ro" in m.super_options) == (point, mount_ro, super_ro)
 
 
 async def test_full_disk_fails_on_percent_and_bytes(tmpfs) -> None:

@@ -65,7 +65,8 @@ def test_unit_security_exposure_at_most_2() -> None:
 
 def test_unit_contract() -> None:
     """The unit is Type=notify with a watchdog, reloads with SIGHUP, runs as a dynamic user with a state
-    directory, and gives the shutdown drain time to finish before systemd kills the agent."""
+    directory, lets every check type work, and gives the shutdown drain time to finish before systemd
+    kills the agent."""
     s = unit_settings()
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
@@ -74,6 +75,8 @@ def test_unit_contract() -> None:
         assert s[key] == ["yes"], key
     assert s["ProtectSystem"] == ["strict"] and s["CapabilityBoundingSet"] == [""]
     assert s["SystemCallFilter"][0] == "@system-service" and "MemoryMax" in s
+    # listen_queue reads NETLINK_SOCK_DIAG; process and fds checks must see other users' processes.
+    assert "AF_NETLINK" in s["RestrictAddressFamilies"][0].split() and s["ProtectProc"] == ["default"]
     drain = load_config(ROOT / "config" / "healthgate.toml").server.shutdown_drain
     assert seconds(s["TimeoutStopSec"][0]) >= drain + 2
     policy = load_config(ROOT / "config" / "healthgate.toml").policy

@@ -49,7 +49,7 @@ def read_processes(proc: Path, sel: ProcessSelector) -> list[tuple[ProcInfo, int
             continue  # exited while we counted
         except PermissionError:
             raise CheckFailed(f"permission denied reading {proc / str(p.pid) / 'fd'} (run the agent as the "
-                              "process's user or give it CAP_SYS_PTRACE)", "permission") from None
+                              "process's user or give it CAP_DAC_READ_SEARCH)", "permission") from None
     return out
 
 
