@@ -67,10 +67,14 @@ class Agent:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        # Drivers (aiohttp, asyncpg, redis-py) resolve host names in the default executor, and a hung
-        # resolver holds a worker per lookup. The default pool (cores + 4) would drain within seconds and
-        # queue the admin watcher and weight sampler behind it; a larger pool buys minutes.
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="healthgate"))
+        # The default executor is the probes' alone: drivers (aiohttp, asyncpg, redis-py, asyncio's own
+        # connect) resolve host names there, and a hung resolver holds a worker per lookup until glibc
+        # gives up. This bound is what such lookups can ever hold; once it is full, further lookups queue
+        # and their samples time out, so a hung resolver costs exactly the checks that resolve names. The
+        # agent's own blocking work (state file reads and writes, weight samples, config reads) never runs
+        # here: it goes through off_loop, a thread of its own per purpose, so drain and maintenance apply
+        # whatever the probes do.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="lookup"))
         self.state = AgentState(self.config, loop.time())
         logs.set_secrets(self.config.secrets())
         self.admin = AdminWatcher(self.state)
