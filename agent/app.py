@@ -16,12 +16,21 @@ from agent.http_api import TOKENS, make_app
 from agent.listener import Listener
 from agent.metrics import make_registry
 from agent.probes.base import Context
+from agent.probes.blocking import StillBlocked, off_loop
 from agent.runner import Runner
 from agent.scheduler import Scheduler
 from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
 from agent.trust import check_trusted, load_trusted_config
 from agent.weight import WeightTracker
+
+RELOAD_TIMEOUT = 5.0  # seconds a SIGHUP's config read may take before the reload is given up on
+
+
+def read_config(path: str) -> tuple[Config, dict[str, str | None]]:
+    """Blocking: the config file and the tokens it names, checked as at start (ConfigError)."""
+    config = load_trusted_config(path)
+    return config, read_tokens(config)
 
 
 def read_tokens(config: Config) -> dict[str, str | None]:
@@ -63,7 +72,9 @@ class Agent:
         self.admin: AdminWatcher | None = None
         self.agent_check: AgentCheckServer | None = None
         self.agent_check_address: tuple[str, int] | None = None
-        self._tasks: list[asyncio.Task] = []  # the admin watcher and the weight sampler
+        self._tasks: list[asyncio.Task] = []  # the admin watcher, the reloader and the weight sampler
+        self._reload_wanted = asyncio.Event()
+        self._slots: dict[str, object] = {}  # off_loop's: the config read in flight
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -80,6 +91,7 @@ class Agent:
         self.admin = AdminWatcher(self.state)
         await self.admin.sync(force=True)  # before anything serves: maintenance survives a restart
         self._tasks.append(asyncio.create_task(self.admin.run(), name="admin-watcher"))
+        self._tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
         self.scheduler = Scheduler(self.state, self.runner)
         self.scheduler.on_beat = self._beat
         self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
@@ -114,15 +126,46 @@ class Agent:
         assert self.state is not None and self.scheduler is not None
         self.systemd.beat(now, self.state.snapshot, self.scheduler.ready.is_set())
 
-    def reload(self) -> bool:
-        """Re-read the config file. A bad file changes nothing: the old config keeps serving."""
+    def request_reload(self) -> None:
+        """SIGHUP: reload soon, in the reloader task. Reloads run one at a time; SIGHUPs that arrive during
+        one coalesce into a single reload after it, which reads the file as it is by then."""
+        self._reload_wanted.set()
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug in one reload must not end reloading; the old config stays
+                assert self.state is not None
+                self.state.reloads["failure"] += 1
+                logs.event("reload_failed", logging.ERROR, file=self.config_path, errors=[repr(e)])
+
+    async def reload(self) -> bool:
+        """Re-read the config file. A bad file changes nothing: the old config keeps serving.
+
+        The file is read and validated off the loop (it may sit on a slow or hung mount), in a thread
+        of the agent's own, for at most RELOAD_TIMEOUT; a read given up on keeps its thread, and until it
+        ends every further reload fails at once instead of starting a second one beside it.
+        """
         assert self.state is not None and self.scheduler is not None
         loop = asyncio.get_running_loop()
+        path = self.config_path
         try:
-            if self.config_path is None:
+            if path is None:
                 raise ConfigError("(none)", ["no config file to reload"])
-            config = load_trusted_config(self.config_path)
-            tokens = read_tokens(config)
+            try:
+                async with asyncio.timeout(RELOAD_TIMEOUT):
+                    config, tokens = await off_loop(self._slots, "config", read_config, path, name="config-read")
+            except TimeoutError:
+                raise ConfigError(path, [f"reading the file took over {RELOAD_TIMEOUT:g}s (a hung mount?); "
+                                         "the old config stays"]) from None
+            except StillBlocked as e:
+                raise ConfigError(path, [f"the read of the file started {e.stuck:.0f}s ago is still blocked; "
+                                         "the old config stays"]) from None
         except ConfigError as e:
             self.state.reloads["failure"] += 1
             logs.event("reload_failed", logging.ERROR, file=e.source, errors=e.errors)
@@ -139,7 +182,7 @@ class Agent:
         changed = self.state.apply_config(config, loop.time())
         self.scheduler.reload(changed)
         self.state.reloads["success"] += 1
-        logs.event("reloaded", file=self.config_path, changed=sorted(changed), checks=len(config.checks))
+        logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks))
         return True
 
     def request_stop(self) -> None:
@@ -150,7 +193,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             waiter = asyncio.create_task(self._stop.wait())
             await asyncio.wait({waiter, self._sched_task}, return_when=asyncio.FIRST_COMPLETED)
