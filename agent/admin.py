@@ -236,6 +236,44 @@ class AdminWatcher:
         await self.sync()
         return path
 
+    async def carry_over(self, state_dir: str) -> str | None:
+        """Before a reload moves `state_dir`: keep the drain or maintenance in force; None when the reload
+        may go on, else why it must be refused.
+
+        Moving the directory must never lift an operator's state. With nothing in force there is nothing
+        to keep: the new directory's file applies. Otherwise the record in force is written into the new
+        directory, unless a state file is there already: one that agrees is kept as it is, one that says
+        something else is a conflict only an operator can settle.
+        """
+        new, old = state_path(state_dir), self.path
+        if new == old or self.state.admin is Admin.READY:
+            return None
+        async with self._lock:
+            record, mode = self.record, self.state.admin.value
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    there = await off_loop(self._slots, "move-read", read_record, new, name="admin-read")
+                    if there == READY:  # no file: take the state along
+                        await off_loop(self._slots, "move-write", write_record, state_dir, record,
+                                       name="admin-write")
+                        logs.event("admin_state_carried", admin=mode, source=str(old), to=str(new))
+                        return None
+            except TimeoutError:
+                return f"agent.state_dir: {state_dir} did not answer within {READ_TIMEOUT:g}s; {self._keep(mode)}"
+            except StillBlocked:
+                return f"agent.state_dir: an earlier look at {state_dir} is still blocked; {self._keep(mode)}"
+            except AdminWriteError as e:
+                return f"agent.state_dir: {e}; {self._keep(mode)}"
+            if there.admin is self.state.admin and there.source != "agent":
+                return None
+            return (f"agent.state_dir: {new} says {there.admin.value} ({there.reason or 'no reason'}) but the node "
+                    f"is in {mode} from {old}; {self._keep(mode)}: make the two agree (run `healthgate {mode}` "
+                    f"with the new config) or remove {new}, then reload")
+
+    @staticmethod
+    def _keep(mode: str) -> str:
+        return f"the reload is refused so that {mode} is not lost"
+
     def _take(self, record: AdminRecord) -> None:
         if record == self.record:
             return

@@ -166,6 +166,10 @@ class Agent:
             except StillBlocked as e:
                 raise ConfigError(path, [f"the read of the file started {e.stuck:.0f}s ago is still blocked; "
                                          "the old config stays"]) from None
+            if self.admin is not None and config.agent.state_dir != self.config.agent.state_dir:
+                problem = await self.admin.carry_over(config.agent.state_dir)
+                if problem:
+                    raise ConfigError(path, [problem])
         except ConfigError as e:
             self.state.reloads["failure"] += 1
             logs.event("reload_failed", logging.ERROR, file=e.source, errors=e.errors)

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 from agent import app as app_mod
+from agent.admin import make_record, read_record, state_path, write_record
+from agent.model import Admin
 from tests.helpers import async_wait_for, memory_check, scrape, toml_table, wait_for
+from tests.test_admin import run_cli
 from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import BASE
 from tests.test_lifecycle import MEM as TOML_MEM
@@ -113,3 +116,80 @@ async def test_sighups_during_a_reload_coalesce(start_agent, tmp_path: Path) -> 
 
 async def _async(v):
     return v
+
+
+# -- a reload that moves state_dir ------------------------------------------------------------------------
+
+async def _in_maintenance(tmp_path: Path, start_agent):
+    """An agent reading `c.toml`, in maintenance from the state file in tmp_path/old."""
+    path = tmp_path / "c.toml"
+    path.write_text(config_text(tmp_path / "old", "mem"))
+    agent = await start_agent({"checks": [MEM], "agent": {"state_dir": str(tmp_path / "old")}},
+                              config_path=str(path))
+    write_record(tmp_path / "old", make_record(Admin.MAINT, "kernel update", source="cli"))
+    await async_wait_for(lambda: _async(agent.state.admin is Admin.MAINT), timeout=3, what="maint")
+    return agent, path
+
+
+async def test_reload_moving_state_dir_carries_maintenance_over(start_agent, tmp_path: Path) -> None:
+    """A reload that moves state_dir to a directory without a state file takes the maintenance along: the
+    record is written there, the node stays in maintenance, and the new file is the one that counts."""
+    agent, path = await _in_maintenance(tmp_path, start_agent)
+    path.write_text(config_text(tmp_path / "new", "mem"))
+    assert await agent.agent.reload() is True
+    carried = read_record(state_path(tmp_path / "new"))
+    assert (carried.admin, carried.reason) == (Admin.MAINT, "kernel update")
+    watcher = agent.agent.admin
+    await async_wait_for(lambda: _async(watcher._sig[1] == state_path(tmp_path / "new")), timeout=3,
+                         what="the watcher looking at the new file")
+    assert (agent.state.admin, agent.state.admin_reason) == (Admin.MAINT, "kernel update")
+    assert (await agent.get("/health"))[0] == 503
+    write_record(tmp_path / "new", make_record(Admin.READY, source="cli"))  # `ready` with the new config
+    await async_wait_for(lambda: _up(agent), timeout=3, what="ready from the new file")
+
+
+async def test_reload_moving_state_dir_onto_a_conflicting_file_is_refused(start_agent, tmp_path: Path) -> None:
+    """A reload that would move state_dir onto a state file saying something else, or onto a directory that
+    can't be written, is refused with a clear error: the old config and the maintenance stay."""
+    agent, path = await _in_maintenance(tmp_path, start_agent)
+    write_record(tmp_path / "new", make_record(Admin.READY, "long ago", source="cli"))
+    path.write_text(config_text(tmp_path / "new", "mem"))
+    assert await agent.agent.reload() is False
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path.write_text(config_text(blocker / "state", "mem"))
+    assert await agent.agent.reload() is False
+    assert agent.state.reloads == {"failure": 2}
+    assert agent.state.config.agent.state_dir == str(tmp_path / "old")
+    assert (agent.state.admin, agent.state.admin_reason) == (Admin.MAINT, "kernel update")
+    assert (await agent.get("/health"))[0] == 503
+    assert read_record(state_path(tmp_path / "new")).admin is Admin.READY  # the operator's file is untouched
+
+
+def test_moved_state_dir_end_to_end(agent_process, tmp_path: Path) -> None:
+    """Against a real agent in maintenance: a SIGHUP moving state_dir onto a conflicting file is refused and
+    logged with both files, one onto an empty directory carries maintenance over, and `ready` with the new
+    config then ends it, confirmed."""
+    def config(state_dir: Path) -> str:
+        return (BASE % "0s").replace("allow_root = true", f'allow_root = true\nstate_dir = "{state_dir}"') + \
+            TOML_MEM % "mem"
+
+    agent = agent_process(config(tmp_path / "old"))
+    assert run_cli("maint", "-c", str(agent.path), "--reason", "disk swap").returncode == 0
+    write_record(tmp_path / "new", make_record(Admin.READY, "long ago", source="cli"))
+    agent.path.write_text(config(tmp_path / "new").replace("{port}", str(agent.port)))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: scrape(agent.url).get("healthgate_config_reload_failures_total") == 1, timeout=5,
+             what="the reload refused")
+    assert (f"agent.state_dir: {tmp_path / 'new' / 'admin.json'} says ready (long ago) but the node is in maint "
+            f"from {tmp_path / 'old' / 'admin.json'}; the reload is refused so that maint is not lost") in agent.logs()
+    assert agent.get("/health")[0] == 503
+
+    state_path(tmp_path / "new").unlink()
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: scrape(agent.url).get("healthgate_config_reloads_total") == 1, timeout=5, what="reloaded")
+    assert agent.get("/health")[0] == 503
+    assert json.loads(agent.get("/status")[1])["healthgate"]["adminReason"] == "disk swap"
+    proc = run_cli("ready", "-c", str(agent.path))
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    wait_for(lambda: agent.get("/health")[0] == 200, timeout=3, what="ready")
