@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import sys
 from pathlib import Path
 
 from agent import logs
@@ -16,7 +17,7 @@ from agent.http_api import TOKENS, make_app
 from agent.listener import Listener
 from agent.metrics import make_registry
 from agent.probes.base import Context
-from agent.probes.blocking import StillBlocked, off_loop
+from agent.probes.blocking import LookupPool, StillBlocked, off_loop
 from agent.runner import Runner
 from agent.scheduler import Scheduler
 from agent.sdnotify import Notifier, ServiceManager
@@ -52,6 +53,27 @@ def read_tokens(config: Config) -> dict[str, str | None]:
     return tokens
 
 
+def end_past_stuck_lookups(agent: Agent, code: int) -> None:
+    """Called last in the agent's coroutine, once it has stopped in order: when host-name lookups may still
+    be stuck, end the process now with `code` instead of waiting for them.
+
+    A lookup on a hung resolver returns only after the resolver's timeouts (30 s and more) and cannot be
+    interrupted, and both ways out wait for it: the interpreter joins the lookup pool's threads at exit,
+    and uvloop's close() runs libuv until every pending getaddrinfo request in its own pool (which this
+    process cannot see into) is done. Nothing is left to do by then: sockets, sessions and the service
+    manager's connection are closed, and the log is flushed here.
+    """
+    uvloop = not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)
+    if not agent.lookups.running and not uvloop:
+        return
+    if agent.lookups.running:
+        logs.event("exit_with_stuck_lookups", logging.WARNING, lookups=agent.lookups.running)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class Agent:
     """One running agent. `start()` brings it up in order; `stop()` takes it down in reverse."""
 
@@ -74,6 +96,7 @@ class Agent:
         self.agent_check_address: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task] = []  # the admin watcher, the reloader and the weight sampler
         self._reload_wanted = asyncio.Event()
+        self.lookups = LookupPool(32)  # the default executor, once started
         self._slots: dict[str, object] = {}  # off_loop's: the config read in flight
 
     async def start(self) -> None:
@@ -84,8 +107,8 @@ class Agent:
         # and their samples time out, so a hung resolver costs exactly the checks that resolve names. The
         # agent's own blocking work (state file reads and writes, weight samples, config reads) never runs
         # here: it goes through off_loop, a thread of its own per purpose, so drain and maintenance apply
-        # whatever the probes do.
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="lookup"))
+        # whatever the probes do. The workers are daemons, so a stuck lookup does not hold up the exit.
+        loop.set_default_executor(self.lookups)
         self.state = AgentState(self.config, loop.time())
         logs.set_secrets(self.config.secrets())
         self.admin = AdminWatcher(self.state)

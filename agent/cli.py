@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logs.event("config_warning", logging.WARNING, warning=line)
     _use_loop(args.loop)
 
-    from agent.app import Agent
+    from agent.app import Agent, end_past_stuck_lookups
     from agent.sdnotify import Notifier
 
     notifier = Notifier.from_env()  # under systemd: READY/WATCHDOG/STOPPING; otherwise a no-op
@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         await agent.serve()
+        end_past_stuck_lookups(agent, EXIT_OK)
 
     try:
         asyncio.run(main())

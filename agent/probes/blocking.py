@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from agent.probes.base import CheckFailed, Context
@@ -76,3 +77,33 @@ async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *
     except StillBlocked as e:
         raise CheckFailed(busy or f"{label}: the read started {e.stuck:.0f}s ago is still blocked "
                           "(hung mount, stuck process or name service?)", "hung") from None
+
+
+class LookupPool(ThreadPoolExecutor):
+    """The loop's default executor, where drivers resolve host names; counts the calls running in it.
+
+    A worker stuck in getaddrinfo on a hung resolver stays stuck for the resolver's timeouts (timeout x
+    attempts x servers: 30 s and more) and cannot be interrupted, so shutdown() never waits for one
+    (queued calls are cancelled), and `running` tells the command line that the process should end
+    without the interpreter's join of those threads.
+    """
+
+    def __init__(self, workers: int):
+        super().__init__(max_workers=workers, thread_name_prefix="lookup")
+        self._count_lock = threading.Lock()
+        self.running = 0
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        def counted() -> T:
+            with self._count_lock:
+                self.running += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._count_lock:
+                    self.running -= 1
+
+        return super().submit(counted)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
