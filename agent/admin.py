@@ -16,6 +16,7 @@ from agent import logs
 from agent.config import Config
 from agent.fields import format_duration, format_listen
 from agent.model import Admin
+from agent.probes.blocking import StillBlocked, off_loop
 from agent.state import AgentState
 
 STATE_FILE = "admin.json"
@@ -151,16 +152,18 @@ def read_record(path: Path) -> AdminRecord:
 class AdminWatcher:
     """Keeps the state's admin mode in line with the state file, and expires `--for` records.
 
-    Invariant: only this object calls `state.set_admin`, from the event loop; file reads run in a
-    thread, one at a time, so a hung state directory stalls neither the loop nor this watcher's
-    other rounds for longer than READ_TIMEOUT.
+    Invariant: only this object calls `state.set_admin`, from the event loop. File reads and writes run
+    in threads of their own (off_loop), one read and one write at a time, never in the loop's default
+    executor: that one is where drivers resolve host names, and a hung resolver fills it. So neither a
+    hung state directory nor a hung resolver stalls the loop, and maintenance takes effect within a poll
+    whatever the probes do; a stuck state directory costs this watcher READ_TIMEOUT per round at most.
     """
 
     def __init__(self, state: AgentState):
         self.state = state
         self.record: AdminRecord = READY
-        self._sig: object = _UNSEEN  # what the file looked like at the last read
-        self._pending: asyncio.Future | None = None
+        self._sig: object = _UNSEEN  # what the file looked like at the last read whose result was taken
+        self._slots: dict[str, object] = {}  # off_loop's: the read and the write in flight
         self._lock = asyncio.Lock()
         self._read_once = False
 
@@ -178,17 +181,18 @@ class AdminWatcher:
             return ("error", path, e.errno)
         return ("file", path, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
-    def poll(self, force: bool = False) -> AdminRecord | None:
-        """Blocking: the record if the file changed since the last look (or `force`), else None.
+    def poll(self, force: bool = False) -> tuple[tuple, AdminRecord | None]:
+        """Blocking: (what the file looks like, its record if it changed since the last look or `force`).
 
-        A rename gives the file a new inode and mtime, so one cheap stat() tells a change.
+        A rename gives the file a new inode and mtime, so one cheap stat() tells a change. The look is
+        remembered by the caller only when it takes the result: a read that outlived its round and was
+        given up on must not make the next round believe the file was seen.
         """
         path = self.path
         sig = self._signature(path)
         if not force and sig == self._sig and sig[0] != "error":
-            return None
-        self._sig = sig
-        return read_record(path)
+            return sig, None
+        return sig, read_record(path)
 
     async def sync(self, force: bool = False) -> bool:
         """Pick up the file now; False when a read is stuck in its thread (the next round catches up).
@@ -196,12 +200,13 @@ class AdminWatcher:
         Called at startup before anything serves, so maintenance survives a restart; a state directory
         that doesn't answer then means maintenance until it does (fail closed)."""
         async with self._lock:
-            if self._pending is not None and not self._pending.done():
-                return False
             force = force or self.record.source == "agent"  # a made-up record is re-checked every round
-            self._pending = asyncio.ensure_future(asyncio.to_thread(self.poll, force))
-            await asyncio.wait((self._pending,), timeout=READ_TIMEOUT)
-            if not self._pending.done():
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    sig, record = await off_loop(self._slots, "read", self.poll, force, name="admin-read")
+            except StillBlocked:
+                return False
+            except TimeoutError:
                 logs.event("admin_state_slow", logging.WARNING, path=str(self.path),
                            detail=f"reading the state file took over {READ_TIMEOUT:g}s")
                 if not self._read_once:  # at startup: we can't tell whether maint was asked for
@@ -210,11 +215,64 @@ class AdminWatcher:
                     self.apply(time.time())
                 return False
             self._read_once = True
-            record = self._pending.result()
+            self._sig = sig
             if record is not None:
                 self._take(record)
             self.apply(time.time())
             return True
+
+    async def write(self, record: AdminRecord) -> Path:
+        """Write the state file off the loop (the admin endpoints), then pick it up at once.
+
+        AdminWriteError when it can't be written or the previous write is still stuck. The caller bounds
+        the wait (asyncio.timeout): a write given up on may still land, and its thread stays the only one.
+        """
+        state_dir = self.state.config.agent.state_dir
+        try:
+            path = await off_loop(self._slots, "write", write_record, state_dir, record, name="admin-write")
+        except StillBlocked as e:
+            raise AdminWriteError(f"cannot write {state_path(state_dir)}: the write started {e.stuck:.0f}s ago "
+                                  "is still blocked") from None
+        await self.sync()
+        return path
+
+    async def carry_over(self, state_dir: str) -> str | None:
+        """Before a reload moves `state_dir`: keep the drain or maintenance in force; None when the reload
+        may go on, else why it must be refused.
+
+        Moving the directory must never lift an operator's state. With nothing in force there is nothing
+        to keep: the new directory's file applies. Otherwise the record in force is written into the new
+        directory, unless a state file is there already: one that agrees is kept as it is, one that says
+        something else is a conflict only an operator can settle.
+        """
+        new, old = state_path(state_dir), self.path
+        if new == old or self.state.admin is Admin.READY:
+            return None
+        async with self._lock:
+            record, mode = self.record, self.state.admin.value
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    there = await off_loop(self._slots, "move-read", read_record, new, name="admin-read")
+                    if there == READY:  # no file: take the state along
+                        await off_loop(self._slots, "move-write", write_record, state_dir, record,
+                                       name="admin-write")
+                        logs.event("admin_state_carried", admin=mode, source=str(old), to=str(new))
+                        return None
+            except TimeoutError:
+                return f"agent.state_dir: {state_dir} did not answer within {READ_TIMEOUT:g}s; {self._keep(mode)}"
+            except StillBlocked:
+                return f"agent.state_dir: an earlier look at {state_dir} is still blocked; {self._keep(mode)}"
+            except AdminWriteError as e:
+                return f"agent.state_dir: {e}; {self._keep(mode)}"
+            if there.admin is self.state.admin and there.source != "agent":
+                return None
+            return (f"agent.state_dir: {new} says {there.admin.value} ({there.reason or 'no reason'}) but the node "
+                    f"is in {mode} from {old}; {self._keep(mode)}: make the two agree (run `healthgate {mode}` "
+                    f"with the new config) or remove {new}, then reload")
+
+    @staticmethod
+    def _keep(mode: str) -> str:
+        return f"the reload is refused so that {mode} is not lost"
 
     def _take(self, record: AdminRecord) -> None:
         if record == self.record:
@@ -265,47 +323,80 @@ def _who() -> str:
         return f"uid {os.geteuid()}"
 
 
-def set_admin_cli(state_dir: str, action: str, reason: str, duration: float | None) -> tuple[bool, str]:
-    """Write the state file for a command; (written, one line to print)."""
+def set_admin_cli(state_dir: str, action: str, reason: str,
+                  duration: float | None) -> tuple[AdminRecord | None, Path | None, str]:
+    """Write the state file for a command: (the record, the file, one line to print); None, None and the
+    error when it could not be written."""
     admin = Admin(action)
     record = make_record(admin, reason or f"{action} by {_who()}", duration, source="cli")
     try:
         path = write_record(state_dir, record)
     except AdminWriteError as e:
-        return False, f"healthgate: {e}"
+        return None, None, f"healthgate: {e}"
     until = f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(record.until))}" if record.until else ""
-    return True, f"{action}{until}: {record.reason} ({path})"
+    return record, path, f"{action}{until}: {record.reason} ({path})"
 
 
-def confirm(config: Config, action: str, timeout: float = 2.0) -> str:
-    """Ask the running agent (its /status on loopback) whether it applied `action`; "" when it did,
-    else a sentence saying why not. The state file is written either way: an agent started later
-    picks it up."""
+def _same_file(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.0) -> str:
+    """Ask the running agent (its /status on loopback) whether it applied `record`, read from `path`;
+    "" when it did, else a sentence saying why not.
+
+    Applied means: the agent reads that very file (`adminStateFile`), is in the record's mode, and for
+    drain and maint shows the record's reason, so a node already in maintenance from another file or an
+    older write does not pass for a confirmation.
+    """
     import urllib.error
     import urllib.request
 
     host, port = config.server.listen
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     url = f"http://{format_listen((host, port))}/status"
+    headers = {"Accept": "application/json"}
+    token_file = config.server.status_token_file
+    if token_file:  # loopback gets the details without it, but a token, when set, is what the agent expects
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            return f"cannot read server.status_token_file {token_file} to ask the agent: {e.strerror or e}"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+    action = record.admin.value
     deadline = time.monotonic() + timeout
     seen = ""
     while True:
         try:
+            request = urllib.request.Request(url, headers=headers)
             try:
-                with urllib.request.urlopen(url, timeout=0.5) as resp:
+                with urllib.request.urlopen(request, timeout=0.5) as resp:
                     body = resp.read()
             except urllib.error.HTTPError as e:  # 503 while down still carries the details
                 body = e.read()
-            seen = json.loads(body)["healthgate"]["admin"]
-            if seen == action:
+            info = json.loads(body)["healthgate"]
+            watched = info.get("adminStateFile")
+            if watched is not None and not _same_file(watched, str(path)):
+                return f"the agent at {url} reads {watched}, not {path}; is it running with this config?"
+            if info["admin"] == action and (record.admin is Admin.READY or info["adminReason"] == record.reason):
                 return ""
+            seen = f"{info['admin']} ({info['adminReason']})" if info["adminReason"] else info["admin"]
         except urllib.error.URLError as e:
             if isinstance(e.reason, ConnectionRefusedError):
-                return f"no agent answers at {url}; it will apply the state when it starts"
-            seen = str(e.reason)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                return f"no agent answers at {url}"
+            seen = f"no answer ({e.reason})"
+        except TimeoutError:  # accepted, then silence: a stopped or stalled agent
+            seen = "no answer within 0.5s"
+        except KeyError:
+            seen = "no details (is server.status_token_file the agent's?)"
+        except (OSError, ValueError, TypeError) as e:
             seen = f"{type(e).__name__}: {e}"
         if time.monotonic() >= deadline:
-            return (f"the agent at {url} still reports {seen or 'nothing'}; is it running with "
-                    f"state_dir = {config.agent.state_dir}?")
+            return f"the agent at {url} still reports {seen or 'nothing'} after {timeout:g}s"
         time.sleep(0.05)

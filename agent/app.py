@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import sys
 
 from agent import logs
 from agent.admin import AdminWatcher
@@ -15,12 +16,21 @@ from agent.http_api import TOKENS, make_app
 from agent.listener import Listener
 from agent.metrics import make_registry
 from agent.probes.base import Context
+from agent.probes.blocking import LookupPool, StillBlocked, off_loop
 from agent.runner import Runner
 from agent.scheduler import Scheduler
 from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
 from agent.trust import check_trusted, load_trusted_config, read_secret
 from agent.weight import WeightTracker
+
+RELOAD_TIMEOUT = 5.0  # seconds a SIGHUP's config read may take before the reload is given up on
+
+
+def read_config(path: str) -> tuple[Config, dict[str, str | None]]:
+    """Blocking: the config file and the tokens it names, checked as at start (ConfigError)."""
+    config = load_trusted_config(path)
+    return config, read_tokens(config)
 
 
 def read_tokens(config: Config) -> dict[str, str | None]:
@@ -35,6 +45,27 @@ def read_tokens(config: Config) -> dict[str, str | None]:
         check_trusted(path, f"server.{key}")
         tokens[key.removesuffix("_token_file")] = read_secret(path, f"server.{key}")
     return tokens
+
+
+def end_past_stuck_lookups(agent: Agent, code: int) -> None:
+    """Called last in the agent's coroutine, once it has stopped in order: when host-name lookups may still
+    be stuck, end the process now with `code` instead of waiting for them.
+
+    A lookup on a hung resolver returns only after the resolver's timeouts (30 s and more) and cannot be
+    interrupted, and both ways out wait for it: the interpreter joins the lookup pool's threads at exit,
+    and uvloop's close() runs libuv until every pending getaddrinfo request in its own pool (which this
+    process cannot see into) is done. Nothing is left to do by then: sockets, sessions and the service
+    manager's connection are closed, and the log is flushed here.
+    """
+    uvloop = not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)
+    if not agent.lookups.running and not uvloop:
+        return
+    if agent.lookups.running:
+        logs.event("exit_with_stuck_lookups", logging.WARNING, lookups=agent.lookups.running)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class Agent:
@@ -57,19 +88,27 @@ class Agent:
         self.admin: AdminWatcher | None = None
         self.agent_check: AgentCheckServer | None = None
         self.agent_check_address: tuple[str, int] | None = None
-        self._tasks: list[asyncio.Task] = []  # the admin watcher and the weight sampler
+        self._tasks: list[asyncio.Task] = []  # the admin watcher, the reloader and the weight sampler
+        self._reload_wanted = asyncio.Event()
+        self.lookups = LookupPool(32)  # the default executor, once started
+        self._slots: dict[str, object] = {}  # off_loop's: the config read in flight
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        # Drivers (aiohttp, asyncpg, redis-py) resolve host names in the default executor, and a hung
-        # resolver holds a worker per lookup. The default pool (cores + 4) would drain within seconds and
-        # queue the admin watcher and weight sampler behind it; a larger pool buys minutes.
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="healthgate"))
+        # The default executor is the probes' alone: drivers (aiohttp, asyncpg, redis-py, asyncio's own
+        # connect) resolve host names there, and a hung resolver holds a worker per lookup until glibc
+        # gives up. This bound is what such lookups can ever hold; once it is full, further lookups queue
+        # and their samples time out, so a hung resolver costs exactly the checks that resolve names. The
+        # agent's own blocking work (state file reads and writes, weight samples, config reads) never runs
+        # here: it goes through off_loop, a thread of its own per purpose, so drain and maintenance apply
+        # whatever the probes do. The workers are daemons, so a stuck lookup does not hold up the exit.
+        loop.set_default_executor(self.lookups)
         self.state = AgentState(self.config, loop.time())
         logs.set_secrets(self.config.secrets())
         self.admin = AdminWatcher(self.state)
         await self.admin.sync(force=True)  # before anything serves: maintenance survives a restart
         self._tasks.append(asyncio.create_task(self.admin.run(), name="admin-watcher"))
+        self._tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
         self.scheduler = Scheduler(self.state, self.runner)
         self.scheduler.on_beat = self._beat
         self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
@@ -104,15 +143,50 @@ class Agent:
         assert self.state is not None and self.scheduler is not None
         self.systemd.beat(now, self.state.answer(now), self.scheduler.ready.is_set())
 
-    def reload(self) -> bool:
-        """Re-read the config file. A bad file changes nothing: the old config keeps serving."""
+    def request_reload(self) -> None:
+        """SIGHUP: reload soon, in the reloader task. Reloads run one at a time; SIGHUPs that arrive during
+        one coalesce into a single reload after it, which reads the file as it is by then."""
+        self._reload_wanted.set()
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug in one reload must not end reloading; the old config stays
+                assert self.state is not None
+                self.state.reloads["failure"] += 1
+                logs.event("reload_failed", logging.ERROR, file=self.config_path, errors=[repr(e)])
+
+    async def reload(self) -> bool:
+        """Re-read the config file. A bad file changes nothing: the old config keeps serving.
+
+        The file is read and validated off the loop (it may sit on a slow or hung mount), in a thread
+        of the agent's own, for at most RELOAD_TIMEOUT; a read given up on keeps its thread, and until it
+        ends every further reload fails at once instead of starting a second one beside it.
+        """
         assert self.state is not None and self.scheduler is not None
         loop = asyncio.get_running_loop()
+        path = self.config_path
         try:
-            if self.config_path is None:
+            if path is None:
                 raise ConfigError("(none)", ["no config file to reload"])
-            config = load_trusted_config(self.config_path)
-            tokens = read_tokens(config)
+            try:
+                async with asyncio.timeout(RELOAD_TIMEOUT):
+                    config, tokens = await off_loop(self._slots, "config", read_config, path, name="config-read")
+            except TimeoutError:
+                raise ConfigError(path, [f"reading the file took over {RELOAD_TIMEOUT:g}s (a hung mount?); "
+                                         "the old config stays"]) from None
+            except StillBlocked as e:
+                raise ConfigError(path, [f"the read of the file started {e.stuck:.0f}s ago is still blocked; "
+                                         "the old config stays"]) from None
+            if self.admin is not None and config.agent.state_dir != self.config.agent.state_dir:
+                problem = await self.admin.carry_over(config.agent.state_dir)
+                if problem:
+                    raise ConfigError(path, [problem])
         except ConfigError as e:
             self.state.reloads["failure"] += 1
             logs.event("reload_failed", logging.ERROR, file=e.source, errors=e.errors)
@@ -129,7 +203,7 @@ class Agent:
         changed = self.state.apply_config(config, loop.time())
         self.scheduler.reload(changed)
         self.state.reloads["success"] += 1
-        logs.event("reloaded", file=self.config_path, changed=sorted(changed), checks=len(config.checks))
+        logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks))
         return True
 
     def request_stop(self) -> None:
@@ -140,7 +214,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             waiter = asyncio.create_task(self._stop.wait())
             await asyncio.wait({waiter, self._sched_task}, return_when=asyncio.FIRST_COMPLETED)

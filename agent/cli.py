@@ -16,7 +16,7 @@ from agent import __version__, logs
 from agent.config import DEFAULT_PATH, Config, ConfigError, json_schema, load_config
 from agent.trust import load_trusted_config
 
-EXIT_OK, EXIT_CONFIG = 0, 2
+EXIT_OK, EXIT_UNCONFIRMED, EXIT_CONFIG = 0, 1, 2
 
 DESCRIPTION = f"""\
 healthgate samples this node's load and the health of what it depends on, and publishes ONE
@@ -27,9 +27,10 @@ The config file is taken from -c, else $HEALTHGATE_CONFIG, else {DEFAULT_PATH}.
 """
 
 EPILOG = """\
-exit codes: 0 ok / node up; 2 config error, or (check, status, explain) node down, draining or in
-maintenance, or (drain/maint/ready) state not written; 3 (status, explain) state unknown: agent
-unreachable or details refused; 1 unexpected failure.
+exit codes: 0 ok / node up; 1 (drain/maint/ready) state written, but the running agent did not confirm
+it (no agent answers, or it reads another state file); 2 config error, or (check, status, explain) node
+down, draining or in maintenance, or (drain/maint/ready) state not written; 3 (status, explain) state
+unknown: agent unreachable or details refused.
 endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /status/journal, /metrics, and the
 status page at /.
 drain/maint/ready write the state file in [agent] state_dir; the running agent applies it within 500 ms.
@@ -98,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logs.event("config_warning", logging.WARNING, warning=line)
     _use_loop(args.loop)
 
-    from agent.app import Agent
+    from agent.app import Agent, end_past_stuck_lookups
     from agent.sdnotify import Notifier
 
     notifier = Notifier.from_env()  # under systemd: READY/WATCHDOG/STOPPING; otherwise a no-op
@@ -112,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         await agent.serve()
+        end_past_stuck_lookups(agent, EXIT_OK)
 
     try:
         asyncio.run(main())
@@ -183,21 +185,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_admin(args: argparse.Namespace) -> int:
     from agent.admin import confirm, set_admin_cli
 
-    if args.state_dir:
-        state_dir, cfg = args.state_dir, None
-    else:
-        cfg = load_or_report(config_path(args))
+    cfg = None
+    path = config_path(args)
+    explicit = bool(args.config or os.environ.get("HEALTHGATE_CONFIG"))
+    if not args.state_dir or explicit or os.path.exists(path):  # the config also says where the agent listens
+        cfg = load_or_report(path)
         if cfg is None:
             return EXIT_CONFIG
-        state_dir = cfg.agent.state_dir
-    ok, message = set_admin_cli(state_dir, args.command, args.reason, args.duration)
-    print(message, file=sys.stdout if ok else sys.stderr)
-    if not ok:
+    state_dir = args.state_dir or cfg.agent.state_dir
+    record, written, message = set_admin_cli(state_dir, args.command, args.reason, args.duration)
+    print(message, file=sys.stdout if record else sys.stderr)
+    if record is None or written is None:
         return EXIT_CONFIG
     if cfg is not None and not args.no_wait:
-        warning = confirm(cfg, args.command)
-        if warning:
-            print(f"healthgate: warning: {warning}", file=sys.stderr)
+        problem = confirm(cfg, record, written)
+        if problem:
+            print(f"healthgate: {args.command} written to {written} but not confirmed: {problem}. The agent "
+                  "applies the file once it reads it; --no-wait skips this check.", file=sys.stderr)
+            return EXIT_UNCONFIRMED
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import socket
 import time
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__, logs
-from agent.admin import AdminWatcher, AdminWriteError, make_record, write_record
+from agent.admin import AdminWatcher, AdminWriteError, make_record, state_path
 from agent.fields import parse_duration
 from agent.logs import mask
 from agent.model import Admin, CheckView, Snapshot
@@ -246,6 +247,7 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
             "admin": answer.admin.value,
             "adminReason": answer.admin_reason,
             "adminUntil": iso(state.admin_until),
+            "adminStateFile": os.path.abspath(state_path(state.config.agent.state_dir)),  # `maint` confirms it
             "since": iso(snap.since_wall),
             "live": answer.live,
             "eventLoopLagSeconds": round(snap.loop_lag, 6),
@@ -322,18 +324,16 @@ async def admin_action(request: web.Request) -> web.Response:
             return web.json_response({"error": "for: must be a positive duration, with drain or maint"},
                                      status=400)
     reason = request.query.get("reason", "")
-    state = request.app[STATE]
     record = make_record(admin, reason, duration, source="http")
     try:
         async with asyncio.timeout(ADMIN_WRITE_TIMEOUT):  # a hung state directory must not hang the request
-            path = await asyncio.to_thread(write_record, state.config.agent.state_dir, record)
+            path = await request.app[ADMIN].write(record)
     except AdminWriteError as e:
         return web.json_response({"error": str(e)}, status=500, headers=NO_STORE)
     except TimeoutError:
         return web.json_response({"error": f"the state directory did not answer within {ADMIN_WRITE_TIMEOUT:g}s; "
                                            "the change may still apply"},
                                  status=503, headers=NO_STORE)
-    await request.app[ADMIN].sync()
     return web.json_response({"admin": record.admin.value, "reason": record.reason,
                               "until": iso(record.until), "stateFile": str(path)}, headers=NO_STORE)
 

@@ -112,6 +112,14 @@ class Runner:
             self.hung[check.name] = task
             task.add_done_callback(lambda t, name=check.name: self._forget(name, t))
             return result(False, f"timeout after {check.timeout * 1000:.0f} ms", "timeout")
+        # A probe that blocks the loop in a synchronous call (a C library, a stray time.sleep) finishes before
+        # the wait's timer can fire, however long it took: the clock, not the timer, decides what was late.
+        took = time.perf_counter() - t0
+        if took > check.timeout:
+            if not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it: the lateness is the failure
+            return result(False, f"timeout: the sample took {took * 1000:.0f} ms, "
+                                 f"over its {check.timeout * 1000:.0f} ms", "timeout")
         if task.cancelled():
             return result(False, "error: probe was cancelled", "error")
         exc = task.exception()

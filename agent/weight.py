@@ -10,6 +10,7 @@ from pathlib import Path
 
 from agent import logs
 from agent.model import Admin
+from agent.probes.blocking import StillBlocked, off_loop
 from agent.state import AgentState
 
 SAMPLE_EVERY = 1.0  # seconds between /proc readings
@@ -157,7 +158,9 @@ class WeightTracker:
         self._reading: Reading | None = None
         self._source: str | None = None
         self._error = ""
-        self._pending: asyncio.Future | None = None  # a read still running in its thread
+        # off_loop's slot for the /proc read: its own thread, never the default executor, where a hung
+        # resolver may hold every worker.
+        self._slots: dict[str, object] = {}
 
     def weight(self, now: float) -> int:
         cfg = self.state.config.agent_check
@@ -178,14 +181,14 @@ class WeightTracker:
         if source == "off":
             return
         loop = asyncio.get_running_loop()
-        if self._pending is not None and not self._pending.done():
-            return  # the last read is stuck in its thread: never start a second one beside it
-        self._pending = asyncio.ensure_future(asyncio.to_thread(read_load, self.proc, source))
         try:
-            await asyncio.wait((self._pending,), timeout=READ_TIMEOUT)
-            if not self._pending.done():
-                raise TimeoutError(f"reading {self.proc} took over {READ_TIMEOUT:g}s")
-            reading = self._pending.result()
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    reading = await off_loop(self._slots, "read", read_load, self.proc, source, name="weight")
+            except TimeoutError:
+                raise TimeoutError(f"reading {self.proc} took over {READ_TIMEOUT:g}s") from None
+        except StillBlocked:
+            return  # the last read is stuck in its thread: never start a second one beside it
         except (OSError, ValueError, IndexError, ZeroDivisionError, TimeoutError) as e:
             # The weight keeps its last value (100 if there never was one); the verdict is not touched.
             error = f"{type(e).__name__}: {e}"

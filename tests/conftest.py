@@ -41,11 +41,11 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[RunningAgent] = []
     session = aiohttp.ClientSession()
 
-    async def start(data: dict[str, Any], probes: dict | None = None) -> RunningAgent:
+    async def start(data: dict[str, Any], probes: dict | None = None, config_path: str | None = None) -> RunningAgent:
         data = {**data, "server": {**data.get("server", {}), "listen": "127.0.0.1:0"},
                 "agent": {"state_dir": str(tmp_path / "state"), **data.get("agent", {})}}
         cfg = parse_config(data)
-        agent = Agent(cfg)
+        agent = Agent(cfg, config_path)  # config_path: the file a reload reads
         if probes is not None:
             agent.runner = Runner(agent.ctx, probes)
         await agent.start()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
+import threading
 
 from aiohttp import web
 
@@ -97,3 +99,76 @@ class HttpDependency:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class SilentDns:
+    """A DNS server that reads every query, over UDP and TCP, and never answers: a hung resolver.
+
+    resolv.conf takes no port, so it listens on port 53 of a loopback address of its own (127.x.y.z,
+    picked at random so concurrent test runs don't collide); binding port 53 needs root.
+    """
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.queries = 0  # UDP datagrams and TCP connections received
+        self._socks: list[socket.socket] = []
+        self._held: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    def resolv_conf(self) -> str:
+        # Long timeouts: every lookup stays stuck for the whole test, as behind a dead resolver.
+        return f"nameserver {self.host}\noptions timeout:30 attempts:1\n"
+
+    def start(self) -> SilentDns:
+        for _ in range(50):
+            host = "127." + ".".join(str(random.randint(1, 254)) for _ in range(3))
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                udp.bind((host, 53))
+                tcp.bind((host, 53))
+            except OSError:
+                udp.close()
+                tcp.close()
+                continue
+            tcp.listen(64)
+            for sock in (udp, tcp):
+                sock.settimeout(0.1)  # so the serving threads notice stop()
+            self.host, self._socks = host, [udp, tcp]
+            break
+        else:
+            raise RuntimeError("no loopback address with port 53 free for UDP and TCP")
+        for target in (self._udp, self._tcp):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _udp(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._socks[0].recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.queries += 1
+
+    def _tcp(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._socks[1].accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.queries += 1
+            self._held.append(conn)  # read by nobody, answered never, closed at stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for t in self._threads:
+            t.join(2)
+        for sock in [*self._socks, *self._held]:
+            sock.close()

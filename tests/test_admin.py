@@ -224,14 +224,35 @@ def test_unparseable_state_file_fails_closed_until_ready(agent_process, tmp_path
     assert agent.get("/health")[0] == 200
 
 
-def test_cli_warns_when_no_agent_runs(tmp_path: Path) -> None:
-    """With no agent running, the state is still written (exit 0) and a warning says when it applies."""
+def test_cli_exits_1_when_no_agent_confirms(tmp_path: Path) -> None:
+    """With no agent running, the state is still written but the command exits 1 saying nobody confirmed it;
+    --no-wait writes it and exits 0 without asking."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n')
     proc = run_cli("maint", "-c", str(cfg))
-    assert proc.returncode == 0
-    assert "no agent answers at http://127.0.0.1:1/status; it will apply the state when it starts" in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert (f"healthgate: maint written to {tmp_path / 's' / 'admin.json'} but not confirmed: no agent answers "
+            "at http://127.0.0.1:1/status. The agent applies the file once it reads it") in proc.stderr
     assert read_record(state_path(tmp_path / "s")).admin is Admin.MAINT
+    proc = run_cli("drain", "-c", str(cfg), "--no-wait")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert read_record(state_path(tmp_path / "s")).admin is Admin.DRAIN
+
+
+def test_cli_exits_1_when_the_agent_reads_another_state_file(agent_process, tmp_path: Path) -> None:
+    """A command that writes a state file the running agent does not read exits 1 naming both files, even
+    when the agent already happens to be in the mode asked for."""
+    agent = agent_process(AGENT % (503, tmp_path / "state"))
+    assert run_cli("maint", "-c", str(agent.path), "--reason", "rack move").returncode == 0
+    other = tmp_path / "other.toml"  # same agent address, another state directory
+    other.write_text(agent.path.read_text().replace(str(tmp_path / "state"), str(tmp_path / "elsewhere")))
+    for action in ("maint", "ready"):
+        proc = run_cli(action, "-c", str(other))
+        assert proc.returncode == 1, (action, proc.stdout, proc.stderr)
+        assert (f"not confirmed: the agent at {agent.url}/status reads {tmp_path / 'state' / 'admin.json'}, "
+                f"not {tmp_path / 'elsewhere' / 'admin.json'}") in proc.stderr
+    s = status(agent)
+    assert (s["admin"], s["adminReason"]) == ("maint", "rack move")  # untouched by the other file
 
 
 # -- the admin endpoints ----------------------------------------------------------------------------------

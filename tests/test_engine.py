@@ -9,7 +9,7 @@ import types
 import pytest
 from aiohttp import web
 
-from agent.model import Status
+from agent.model import Observation, Status
 from agent.probes import PROBES
 from agent.probes.base import Context
 from agent.runner import Runner
@@ -149,6 +149,35 @@ async def test_probe_that_ignores_cancellation_is_abandoned() -> None:
 
 async def _async(v):
     return v
+
+
+def loop_blocking_module(seconds: float, fails: bool) -> types.ModuleType:
+    """A memory probe that blocks the event loop itself for `seconds` (a synchronous call the wait's timer
+    cannot interrupt), then passes or raises."""
+    mod = types.ModuleType("loop_blocking")
+    mod.Config = PROBES["memory"].Config
+
+    async def probe(cfg, ctx):
+        time.sleep(seconds)  # noqa: ASYNC251 - the bug under test: a probe that blocks the loop
+        if fails:
+            raise RuntimeError("late and broken")
+        return Observation(value=1.0, detail="answered, eventually")  # no await: done before any timer runs
+
+    mod.probe = probe
+    return mod
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["then-passes", "then-raises"])
+async def test_probe_that_blocks_past_its_timeout_fails_as_timeout(fails: bool) -> None:
+    """A probe that blocks the loop past its timeout and then returns fails with kind `timeout`, saying how
+    long it took; the same probe within its timeout passes."""
+    cfg = PROBES["memory"].Config(name="late", type="memory", interval=1, timeout=0.1, max_used_percent=100)
+    r = await Runner(Context(), {"memory": loop_blocking_module(0.3, fails)}).run(cfg)
+    assert (r.ok, r.kind) == (False, "timeout"), r
+    assert r.reason.startswith("timeout: the sample took ") and r.reason.endswith(" ms, over its 100 ms"), r
+    assert r.duration >= 0.3
+    quick = await Runner(Context(), {"memory": loop_blocking_module(0.01, False)}).run(cfg)
+    assert quick.ok, quick
 
 
 @pytest.mark.parametrize("returned, reason", [

@@ -1,11 +1,12 @@
-"""Blocking calls of probes (statvfs, /proc reads, NSS lookups) off the event loop, at most one per check."""
+"""Blocking calls (statvfs, /proc and state-file reads, NSS lookups) off the event loop, at most one per slot."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from agent.probes.base import CheckFailed, Context
@@ -13,25 +14,29 @@ from agent.probes.base import CheckFailed, Context
 T = TypeVar("T")
 
 
-async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *args: Any,
-                   busy: str | None = None) -> T:
-    """Run fn(*args) in its own daemon thread and await it; `label` leads the failure reason.
+class StillBlocked(Exception):
+    """The previous call in this slot has not returned yet; `stuck` is for how many seconds."""
 
-    `check` names the slot: a probe with two kinds of blocking call uses "name/what" for the second.
-    `busy` replaces the default reason given while the previous call is still stuck.
+    def __init__(self, stuck: float):
+        super().__init__(f"the call started {stuck:.0f}s ago is still blocked")
+        self.stuck = stuck
+
+
+async def off_loop(slots: MutableMapping[Any, Any], slot: object, fn: Callable[..., T], *args: Any,
+                   name: str = "healthgate") -> T:
+    """Run fn(*args) in its own daemon thread (called `name`) and await it; StillBlocked while the slot's
+    last call still runs.
 
     A call that hangs in the kernel (statvfs on a dead NFS mount, a /proc/PID/cmdline read of a process
-    stuck in mmap_sem) cannot be interrupted: the runner's timeout cancels the await, the thread stays.
-    Two rules contain that. The thread is our own, never one of the loop's shared executor, so a hung
-    call cannot starve the other checks' threads. And while one check's previous call is still stuck,
-    that check fails at once instead of starting another: at most one stuck thread per check.
+    stuck in mmap_sem, a config file on a stalled mount) cannot be interrupted: a timeout around the
+    await cancels the wait, the thread stays. Two rules contain that. The thread is our own, never one
+    of the loop's shared executor, so a hung call cannot starve anyone else's threads (the executor is
+    where drivers resolve host names, and a hung resolver fills it). And while a slot's previous call is
+    still stuck, the next one fails at once instead of starting another: at most one stuck thread per slot.
     """
-    slot = ("blocking", check)
-    previous = ctx.memo.get(slot)
+    previous = slots.get(slot)
     if previous is not None and not previous[0].is_set():
-        stuck = time.monotonic() - previous[1]
-        raise CheckFailed(busy or f"{label}: the read started {stuck:.0f}s ago is still blocked "
-                          "(hung mount, stuck process or name service?)", "hung")
+        raise StillBlocked(time.monotonic() - previous[1])
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -46,15 +51,59 @@ async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *
     def work() -> None:
         try:
             value, error = fn(*args), None
-        except BaseException as e:  # handed to the awaiting probe, which decides
+        except BaseException as e:  # handed to the awaiting caller, which decides
             value, error = None, e
-        finished.set()  # before waking the probe, whose next sample checks it
+        finished.set()  # before waking the caller, whose next call checks it
         try:
             loop.call_soon_threadsafe(settle, value, error)
         except RuntimeError:
             pass  # the loop closed while we were blocked: nobody is waiting any more
 
     finished = threading.Event()
-    ctx.memo[slot] = (finished, time.monotonic())
-    threading.Thread(target=work, name=f"probe:{check}", daemon=True).start()
+    slots[slot] = (finished, time.monotonic())
+    threading.Thread(target=work, name=name, daemon=True).start()
     return await done
+
+
+async def blocking(ctx: Context, check: str, label: str, fn: Callable[..., T], *args: Any,
+                   busy: str | None = None) -> T:
+    """A probe's off_loop: one slot per check, and a stuck previous call fails the sample as `hung`.
+
+    `check` names the slot: a probe with two kinds of blocking call uses "name/what" for the second.
+    `label` leads the failure reason; `busy` replaces the default one given while the previous call is stuck.
+    """
+    try:
+        return await off_loop(ctx.memo, ("blocking", check), fn, *args, name=f"probe:{check}")
+    except StillBlocked as e:
+        raise CheckFailed(busy or f"{label}: the read started {e.stuck:.0f}s ago is still blocked "
+                          "(hung mount, stuck process or name service?)", "hung") from None
+
+
+class LookupPool(ThreadPoolExecutor):
+    """The loop's default executor, where drivers resolve host names; counts the calls running in it.
+
+    A worker stuck in getaddrinfo on a hung resolver stays stuck for the resolver's timeouts (timeout x
+    attempts x servers: 30 s and more) and cannot be interrupted, so shutdown() never waits for one
+    (queued calls are cancelled), and `running` tells the command line that the process should end
+    without the interpreter's join of those threads.
+    """
+
+    def __init__(self, workers: int):
+        super().__init__(max_workers=workers, thread_name_prefix="lookup")
+        self._count_lock = threading.Lock()
+        self.running = 0
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        def counted() -> T:
+            with self._count_lock:
+                self.running += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._count_lock:
+                    self.running -= 1
+
+        return super().submit(counted)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
