@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -11,6 +12,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from agent.fields import Duration, Listen, Strict
 from agent.probes import PROBES
+from agent.probes.base import NAME_PATTERN
 
 DEFAULT_PATH = "/etc/healthgate/healthgate.toml"
 
@@ -85,12 +87,19 @@ class AgentConfig(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class GroupConfig(Strict):
+    checks: list[str] = Field(min_length=1, description="the checks this group's verdict needs (critical or not)")
+
+
 class Config(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     agent_check: AgentCheckConfig = Field(default_factory=AgentCheckConfig)
     checks: list[CheckConfig] = Field(default_factory=list)
+    groups: dict[str, GroupConfig] = Field(
+        default_factory=dict, description="verdict groups: /health/<group>, /ready/<group>, agent-send <group>"
+    )
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for c in self.checks for s in c.secrets() if s)
@@ -182,9 +191,25 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
         if check.name in seen:
             errors.append(f"checks[{i}].name: duplicate check name {check.name!r} (first at checks[{seen[check.name]}])")
         seen.setdefault(check.name, i)
+    errors += group_errors(cfg)
     if errors:
         raise ConfigError(source, errors)
     return cfg
+
+
+def group_errors(cfg: Config) -> list[str]:
+    """Groups name existing checks, and share one namespace with them (/health/<name> serves either)."""
+    errors = []
+    names = {c.name for c in cfg.checks}
+    for group, g in cfg.groups.items():
+        if not re.fullmatch(NAME_PATTERN, group):
+            errors.append(f"groups.{group}: a group name is letters, digits, _ . - (at most 63)")
+        elif group in names:
+            errors.append(f"groups.{group}: a check has the same name; /health/{group} would be ambiguous")
+        for i, name in enumerate(g.checks):
+            if name not in names:
+                errors.append(f"groups.{group}.checks[{i}]: no check named {name!r}")
+    return errors
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -39,7 +39,8 @@ _OWS = rb"[ \t]*"
 _HOST = rb"\r\n(?i:host):" + _OWS + rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*" + _OWS
 _OTHER = rb"\r\n(?i:" + "|".join(ALLOWED).encode() + rb"):[\t\x20-\x7e]*"
 HEAD_RE = re.compile(
-    rb"(GET|HEAD) (/health|/ready|/live) HTTP/1\.([01])((?:" + _HOST + b"|" + _OTHER + rb")*)"
+    rb"(GET|HEAD) (/health|/ready|/live|/(?:health|ready)/[A-Za-z0-9][A-Za-z0-9_.-]{0,62}) HTTP/1\.([01])((?:"
+    + _HOST + b"|" + _OTHER + rb")*)"
 )
 REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
 
@@ -111,10 +112,19 @@ class FastHealth:
             self.guard.drop(conn, "deadline")
         self._sweeper = self.loop.call_later(SWEEP, self._sweep)
 
+    def kind_of(self, path: bytes) -> str | None:
+        """"health", "live", a verdict group's name, or None: /health/<check> goes to aiohttp."""
+        kind = PATHS.get(path)
+        if kind is not None:
+            return kind
+        name = path.split(b"/", 2)[2].decode()
+        return "group:" + name if name in self.state.snapshot.groups else None
+
     def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
         """The response to one probe: agent.serving's answer, as http_api's handlers give it."""
-        answer = self.state.answer(self.loop.time())
-        code, text = health_response(answer) if kind == "health" else live_response(answer)
+        group = kind[6:] if kind.startswith("group:") else None
+        answer = self.state.answer(self.loop.time(), group)
+        code, text = live_response(answer) if kind == "live" else health_response(answer)
         body = text.encode()
         key = (code, body, head, close, http10)
         resp = self._cache.get(key)
@@ -180,7 +190,10 @@ class HealthProtocol(asyncio.Protocol):
             if b"\r\nconnection:" in lower:
                 tokens = parse_connection(headers)
                 close = b"close" in tokens or (http10 and b"keep-alive" not in tokens)
-            out.append(self.front.answer(PATHS[m.group(2)], m.group(1) == b"HEAD", close, http10))
+            kind = self.front.kind_of(m.group(2))
+            if kind is None:
+                break
+            out.append(self.front.answer(kind, m.group(1) == b"HEAD", close, http10))
             pos = end + 4
             if close:
                 self.closing = True

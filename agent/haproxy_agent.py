@@ -7,7 +7,7 @@ import logging
 
 from agent import logs
 from agent.admin import sanitize
-from agent.serving import Answer, agent_check_reason, agent_check_words
+from agent.serving import Answer, agent_check_reason, agent_check_words, unknown_group
 from agent.state import AgentState
 from agent.weight import WeightTracker
 
@@ -15,6 +15,7 @@ REASON_MAX = 120  # HAProxy shows the text after '#' in its stats and logs; keep
 READ_WAIT = 0.1  # after replying, how long we read what HAProxy sent before closing
 READ_CAP = 4096  # bytes of agent-send we are willing to read per connection
 CONN_DEADLINE = 1.0  # no connection lives longer than this, whatever the client does
+SEND_WAIT = 0.2  # with verdict groups: how long to wait for agent-send to name one
 
 
 def format_reply(answer: Answer, weight: int | None) -> str:
@@ -46,9 +47,12 @@ class AgentCheckServer:
         self.refused = 0  # connections closed unanswered because of the cap
         self._server: asyncio.Server | None = None
 
-    def reply(self) -> str:
+    def reply(self, group: str | None = None) -> str:
+        """The reply for the node, or for the verdict group HAProxy named with agent-send."""
         now = asyncio.get_running_loop().time()
-        answer = self.state.answer(now)
+        if group is not None and group not in self.state.snapshot.groups:
+            return format_reply(unknown_group(group), None)
+        answer = self.state.answer(now, group)
         return format_reply(answer, self.weights.weight(now) if answer.healthy else None)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -73,8 +77,11 @@ class AgentCheckServer:
         self.active += 1
         try:
             async with asyncio.timeout(CONN_DEADLINE):
-                # Reply first: what agent-send says doesn't change the answer, so nobody waits for it.
-                writer.write(self.reply().encode("ascii"))
+                # Without groups, reply first: what agent-send says doesn't change the answer, so nobody
+                # waits for it. With groups, agent-send names the group; a connection that sends nothing
+                # within SEND_WAIT gets the node's verdict.
+                group = await self._group_named(reader) if self.state.snapshot.groups else None
+                writer.write(self.reply(group).encode("ascii"))
                 await writer.drain()
                 await self._drain_input(reader)
         except (TimeoutError, OSError):
@@ -82,6 +89,17 @@ class AgentCheckServer:
         finally:
             self.active -= 1
             writer.close()
+
+    @staticmethod
+    async def _group_named(reader: asyncio.StreamReader) -> str | None:
+        """The first line HAProxy sent (`agent-send "api\\n"`), or None when it sends nothing in time."""
+        try:
+            async with asyncio.timeout(SEND_WAIT):
+                line = await reader.readuntil(b"\n")
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return None
+        name = line.decode("ascii", "replace").strip()
+        return name or None
 
     @staticmethod
     async def _drain_input(reader: asyncio.StreamReader) -> None:

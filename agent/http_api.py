@@ -105,8 +105,8 @@ def bearer(request: web.Request, token: str | None) -> bool | None:
 class _Throttled:
     """One log line per `every` seconds at most; the events in between are counted in the next line.
 
-    Any client can send bad credentials, so a line per request would let it flood the journal. The limit
-    is the process's, like its log: one module-level instance, touched only from the event loop.
+    Any client can send bad credentials, so a line per request would let it flood the journal. One
+    instance per app (make_app), touched only from the event loop.
     """
 
     def __init__(self, event: str, every: float):
@@ -123,22 +123,29 @@ class _Throttled:
         self.last, self.count = now, 0
 
 
-_refused_log = _Throttled("bad_credentials", every=60.0)
+REFUSED = web.AppKey("refused_credentials", _Throttled)
 
 
 def _refused_credentials(request: web.Request, why: str) -> None:
     # Neither the header nor the path is logged: both are the client's text.
-    _refused_log(why=why, client=request.remote)
+    throttled = request.app.get(REFUSED)
+    if throttled is not None:
+        throttled(why=why, client=request.remote)
 
 
-def verbose_lines(snap: Snapshot, answer: Answer, t: float, excluded: frozenset[str], reasons: bool) -> list[str]:
-    """One line per check as kube-apiserver's /readyz?verbose, then the agent's own conditions."""
+def verbose_lines(snap: Snapshot, answer: Answer, t: float, excluded: frozenset[str], reasons: bool,
+                  group: str | None = None) -> list[str]:
+    """One line per check as kube-apiserver's /readyz?verbose (a group's checks only, for a group), then
+    the agent's own conditions."""
 
     def failed(text: str) -> str:
         return text if reasons else "reason withheld"
 
     lines = []
+    members = None if group is None else snap.groups[group].members
     for v in snap.checks:
+        if members is not None and v.name not in members:
+            continue
         if v.name in excluded:
             lines.append(f"[+]{v.name} excluded: ok")
         elif check_up(answer.fresh, v, t):
@@ -164,23 +171,30 @@ def verbose_lines(snap: Snapshot, answer: Answer, t: float, excluded: frozenset[
     return lines
 
 
-def health_detail(request: web.Request, state: AgentState) -> web.Response:
+def health_detail(request: web.Request, state: AgentState, group: str | None = None) -> web.Response:
     excluded = frozenset(name for name in request.query.getall("exclude", ()) if name)
     t = now()
     snap = state.snapshot
-    answer = decide(excluding(snap, excluded, t), state.condition, t)
+    answer = decide(excluding(snap, excluded, t, group), state.condition, t, group)
     code, text = health_response(answer)
     if "verbose" not in request.query:
         return web.Response(status=code, text=text, headers=NO_STORE)
     reasons = authorized(request, request.app[TOKENS].get("status"))
-    lines = verbose_lines(snap, answer, t, excluded, reasons)
+    lines = verbose_lines(snap, answer, t, excluded, reasons, group)
     lines.append("healthz check passed" if code == 200 else "healthz check failed")
     return web.Response(status=code, text="\n".join(lines) + "\n", headers=NO_STORE)
 
 
 async def one_check(request: web.Request) -> web.Response:
-    """/health/<check>: one check's own state, whatever the others and the admin state say."""
+    """/health/<name>: a verdict group's verdict, served as /health serves the node's; or else one check's
+    own state, whatever the others and the admin state say. Groups and checks share one namespace."""
     state = request.app[STATE]
+    if request.match_info["check"] in state.snapshot.groups:
+        group = request.match_info["check"]
+        if request.query_string:
+            return health_detail(request, state, group)
+        code, text = health_response(state.answer(now(), group))
+        return web.Response(status=code, text=text, headers=NO_STORE)
     t = now()
     snap, answer = state.snapshot, state.answer(t)
     name = request.match_info["check"]
@@ -257,7 +271,15 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
         },
         "checks": {f"{v.name}:{v.type}": [check_entry(v, t, answer.fresh)] for v in snap.checks},
     })
+    if snap.groups:
+        body["groups"] = {g: group_entry(state, snap, g, t) for g in snap.groups}
     return body
+
+
+def group_entry(state: AgentState, snap: Snapshot, group: str, t: float) -> dict[str, Any]:
+    answer = decide(snap, state.condition, t, group)
+    return {"status": "pass" if answer.up else "fail", "state": answer.state, "output": answer.reason,
+            "failing": list(answer.failing), "checks": [v.name for v in snap.checks if v.name in snap.groups[group].members]}
 
 
 async def status(request: web.Request) -> web.Response:
@@ -352,6 +374,7 @@ def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] 
     app[ADMIN] = admin or AdminWatcher(state)
     app[REGISTRY] = registry
     app[TOKENS] = tokens or {}
+    app[REFUSED] = _Throttled("bad_credentials", every=60.0)
     for path in ("/health", "/ready"):
         app.router.add_get(path, health)  # add_get also answers HEAD
         app.router.add_get(path + "/{check}", one_check)

@@ -51,6 +51,13 @@ class StateCollector:
                                 value=1.0 if answer.healthy else 0.0)
         yield GaugeMetricFamily("healthgate_live", "1 while the agent's own loop is healthy (/live answers 200)",
                                 value=1.0 if answer.live else 0.0)
+        if snap.groups:
+            group_up = GaugeMetricFamily("healthgate_group_up",
+                                         "1 when the verdict group is served as up (/health/<group> answers 200)",
+                                         labels=["group"])
+            for g in snap.groups:
+                group_up.add_metric([g], 1.0 if state.answer(now, g).up else 0.0)
+            yield group_up
         admin = GaugeMetricFamily("healthgate_admin_state", "1 for the admin state in force", labels=["state"])
         for a in Admin:
             admin.add_metric([a.value], 1.0 if answer.admin is a else 0.0)

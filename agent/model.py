@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 class Status(enum.StrEnum):
@@ -89,6 +90,16 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Group:
+    """One verdict group as the serving paths see it: its checks' verdict and its own admin state."""
+
+    verdict: Verdict
+    members: frozenset[str]
+    admin: Admin = Admin.READY  # the group's own drain/maint; the node's, when not ready, overrides it
+    admin_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything a request needs, swapped atomically; agent.serving.decide() turns it into an answer."""
 
@@ -100,3 +111,4 @@ class Snapshot:
     since: float  # monotonic time the served up/down last changed
     since_wall: float
     loop_lag: float  # at the last heartbeat, for display; agent.serving decides what it means
+    groups: Mapping[str, Group] = field(default_factory=dict)  # verdict groups, by name

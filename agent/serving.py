@@ -72,32 +72,44 @@ def admin_text(admin: Admin, reason: str) -> str:
     return f"{admin.value}: {reason}" if reason else admin.value
 
 
-def decide(snap: Snapshot, cond: Condition, now: float) -> Answer:
-    """The one serving decision. O(1) unless a check went stale since the snapshot was taken."""
+def decide(snap: Snapshot, cond: Condition, now: float, group: str | None = None) -> Answer:
+    """The one serving decision, for the node or for one verdict group (KeyError for an unknown group).
+
+    A group's answer is the node's with the group's checks in place of the critical ones: the agent's own
+    condition (a stall, shutdown) and a node-wide drain or maintenance apply to every group; a group's
+    own drain or maintenance only to it. O(1) unless a check went stale since the snapshot was taken.
+    """
     own = agent_reason(snap, cond, now)
     fresh = own != STALLED
-    verdict = snap.verdict
+    admin, admin_reason = snap.admin, snap.admin_reason
+    if group is None:
+        verdict, members = snap.verdict, None
+    else:
+        g = snap.groups[group]
+        verdict, members = g.verdict, g.members
+        if admin is Admin.READY:
+            admin, admin_reason = g.admin, g.admin_reason
     if verdict.up and now > verdict.until:  # a check went stale after the snapshot: decide again, at `now`
-        verdict = aggregate(snap.checks, now)
+        verdict = aggregate(snap.checks, now, members=members)
     healthy = not own and verdict.up
     down = own or ("" if verdict.up else verdict.reason)
-    up = healthy and snap.admin is Admin.READY
+    up = healthy and admin is Admin.READY
     if up:
         code = 200
-    elif healthy and snap.admin is Admin.DRAIN:
+    elif healthy and admin is Admin.DRAIN:
         code = cond.drain_status
     else:
         code = 503
     if not healthy:
         state, reason = "down", down
-    elif snap.admin is Admin.READY:
+    elif admin is Admin.READY:
         state, reason = "up", ""
     else:
-        state, reason = snap.admin.value, admin_text(snap.admin, snap.admin_reason)
+        state, reason = admin.value, admin_text(admin, admin_reason)
     return Answer(
         fresh=fresh, live=fresh and now >= cond.loop_ok_at, healthy=healthy, up=up,
-        code=code, state=state, reason=reason, down_reason=down, agent_reason=own, admin=snap.admin,
-        admin_reason=snap.admin_reason, failing=() if own else verdict.failing,
+        code=code, state=state, reason=reason, down_reason=down, agent_reason=own, admin=admin,
+        admin_reason=admin_reason, failing=() if own else verdict.failing,
     )
 
 
@@ -111,11 +123,22 @@ def live_response(answer: Answer) -> tuple[int, str]:
     return (200, "live\n") if answer.live else (503, "stalled\n")
 
 
-def excluding(snap: Snapshot, excluded: frozenset[str], now: float) -> Snapshot:
-    """The snapshot as if the excluded checks passed (kube-apiserver's ?exclude=)."""
+def unknown_group(name: str) -> Answer:
+    """The answer for a verdict group the config does not have (a typo in agent-send): DOWN, saying so."""
+    reason = f"unknown group {name!r}"
+    return Answer(fresh=True, live=True, healthy=False, up=False, code=503, state="down", reason=reason,
+                  down_reason=reason, agent_reason="", admin=Admin.READY, admin_reason="", failing=())
+
+
+def excluding(snap: Snapshot, excluded: frozenset[str], now: float, group: str | None = None) -> Snapshot:
+    """The snapshot as if the excluded checks passed (kube-apiserver's ?exclude=), for the node or a group."""
     if not excluded:
         return snap
-    return replace(snap, verdict=aggregate(snap.checks, now, excluded=excluded))
+    if group is None:
+        return replace(snap, verdict=aggregate(snap.checks, now, excluded=excluded))
+    g = snap.groups[group]
+    verdict = aggregate(snap.checks, now, excluded=excluded, members=g.members)
+    return replace(snap, groups={**snap.groups, group: replace(g, verdict=verdict)})
 
 
 def check_up(fresh: bool, v: CheckView, now: float) -> bool:

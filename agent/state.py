@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from agent import logs
 from agent.config import Config
-from agent.model import Admin, CheckState, CheckView, Result, Snapshot, Verdict
+from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Verdict
 from agent.probes.base import CheckBase
 from agent.serving import Answer, Condition, decide
 from agent.verdict import Tally, next_state, stale_limit, view
@@ -70,6 +70,7 @@ class AgentState:
         self.admin = Admin.READY
         self.admin_reason = ""
         self.admin_until: float | None = None  # wall-clock expiry; display and persistence only
+        self.group_admin: dict[str, tuple[Admin, str, float | None]] = {}  # group -> admin, reason, until
         self.stopping = False
         self.heartbeat = now
         self.loop_lag = 0.0
@@ -88,9 +89,9 @@ class AgentState:
 
     # -- readers -------------------------------------------------------------------------------
 
-    def answer(self, now: float) -> Answer:
-        """What every consumer says at `now`: the one serving decision."""
-        return decide(self.snapshot, self.condition, now)
+    def answer(self, now: float, group: str | None = None) -> Answer:
+        """What every consumer says at `now`, of the node or of one verdict group: the one serving decision."""
+        return decide(self.snapshot, self.condition, now, group)
 
     def _condition(self) -> Condition:
         policy = self.config.policy
@@ -139,6 +140,18 @@ class AgentState:
         # No clock is passed in: the latest time the state has seen is at most one heartbeat old.
         self.refresh(max(self.heartbeat, self.snapshot.computed_at))
 
+    def set_group_admin(self, groups: dict[str, tuple[Admin, str, float | None]]) -> None:
+        """The drain/maint of single verdict groups (`healthgate drain --group`), as the state file says."""
+        groups = {g: v for g, v in groups.items() if v[0] is not Admin.READY}
+        if groups == self.group_admin:
+            return
+        for g in sorted(set(groups) | set(self.group_admin)):
+            old, new = self.group_admin.get(g, (Admin.READY, "", None)), groups.get(g, (Admin.READY, "", None))
+            if old != new:
+                self._journal("admin", f"group:{g}", old[0].value, new[0].value, new[1])
+        self.group_admin = groups
+        self.refresh(max(self.heartbeat, self.snapshot.computed_at))
+
     def set_stopping(self, now: float) -> None:
         self.stopping = True
         self.condition = self._condition()
@@ -167,12 +180,28 @@ class AgentState:
         """After a config change: the strings and limits of each check, computed once per config."""
         policy = self.config.policy
         self._static = {n: (c.threshold(), stale_limit(c, policy)) for n, c in self.checks.items()}
-        self.tally = Tally(view(c, self.states[n], policy, *self._static[n]) for n, c in self.checks.items())
+        views = [view(c, self.states[n], policy, *self._static[n]) for n, c in self.checks.items()]
+        self.tally = Tally(views)
+        self.groups = {g: (frozenset(cfg.checks), Tally(views, cfg.checks)) for g, cfg in self.config.groups.items()}
+        self._groups_of: dict[str, list[Tally]] = {}  # check -> the tallies of the groups it is in
+        for _, tally in self.groups.values():
+            for name in tally.order:
+                self._groups_of.setdefault(name, []).append(tally)
         self._views: tuple[CheckView, ...] | None = None
 
     def _update_view(self, name: str) -> None:
-        self.tally.update(view(self.checks[name], self.states[name], self.config.policy, *self._static[name]))
+        v = view(self.checks[name], self.states[name], self.config.policy, *self._static[name])
+        self.tally.update(v)
+        for tally in self._groups_of.get(name, ()):
+            tally.update(v)
         self._views = None
+
+    def _group_snapshots(self, now: float) -> dict[str, Group]:
+        out = {}
+        for g, (members, tally) in self.groups.items():
+            admin, reason, _ = self.group_admin.get(g, (Admin.READY, "", None))
+            out[g] = Group(tally.verdict(now), members, admin, reason)
+        return out
 
     def refresh(self, now: float) -> None:
         """A new snapshot; the cost is the same with 10 checks or 2,000 (see verdict.Tally)."""
@@ -183,8 +212,14 @@ class AgentState:
         snap = Snapshot(
             verdict=self.tally.verdict(now), admin=self.admin, admin_reason=self.admin_reason, checks=views,
             computed_at=now, since=old.since, since_wall=old.since_wall, loop_lag=self.loop_lag,
+            groups=self._group_snapshots(now) if self.groups else {},
         )
         was, ans = self._answer, decide(snap, self.condition, now)
+        for g in snap.groups:
+            before, after = old.groups.get(g), snap.groups[g]
+            if before is not None and before.verdict.up != after.verdict.up:
+                self._journal("verdict", f"group:{g}", "up" if before.verdict.up else "down",
+                              "up" if after.verdict.up else "down", after.verdict.reason or "all its checks pass")
         if ans.up != was.up or ans.admin is not was.admin:
             snap = replace(snap, since=now, since_wall=time.time())
         if ans.healthy != was.healthy:

@@ -111,9 +111,11 @@ def why(v: CheckView, now: float) -> str:
 NOTHING_CRITICAL = "no critical check: nothing to vouch for the node"
 
 
-def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] = frozenset()) -> Verdict:
+def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] = frozenset(),
+              members: frozenset[str] | None = None) -> Verdict:
     """UP iff at least one critical check exists and every critical one passes at `now`.
 
+    `members` (a verdict group's checks) count whether critical or not; None counts the critical checks.
     Excluded checks (?exclude=) count as passing. `until` is when this verdict stops holding without a new
     result: the earliest moment a passing critical check goes stale. The agent's own condition (its loop,
     shutdown) is not part of it: agent.serving.decide() adds that.
@@ -122,7 +124,7 @@ def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] =
     critical = 0
     until = math.inf
     for v in views:
-        if not v.critical:
+        if not (v.critical if members is None else v.name in members):
             continue
         critical += 1
         if v.name in excluded:
@@ -151,19 +153,25 @@ class Tally:
 
     __slots__ = ("order", "views", "failing", "_heap")
 
-    def __init__(self, views: Iterable[CheckView]):
-        self.order: dict[str, int] = {}  # critical checks, in config order
+    def __init__(self, views: Iterable[CheckView], members: Iterable[str] | None = None):
+        """`members`: the checks that count (a verdict group's); None = the critical ones (the node's)."""
         self.views: dict[str, CheckView] = {}
-        self.failing: set[str] = set()  # critical checks not passing, as of the last update or expiry
-        self._heap: list[tuple[float, str]] = []  # (fresh_until, name) of critical checks that were UP
+        self.failing: set[str] = set()  # counted checks not passing, as of the last update or expiry
+        self._heap: list[tuple[float, str]] = []  # (fresh_until, name) of counted checks that were UP
+        views = list(views)
+        if members is None:
+            members = [v.name for v in views if v.critical]
+        self.order: dict[str, int] = {}  # the counted checks, in config order
+        wanted = set(members)
         for v in views:
-            if v.critical:
+            if v.name in wanted:
                 self.order[v.name] = len(self.order)
+        for v in views:
             self.update(v)
 
     def update(self, v: CheckView) -> None:
         self.views[v.name] = v
-        if not v.critical:
+        if v.name not in self.order:
             return
         if v.state.status is Status.UP:
             self.failing.discard(v.name)

@@ -50,10 +50,10 @@ backend soft
 class HAProxy:
     """A real haproxy with an admin stats socket; `servers()` is its own view of server n1 per backend."""
 
-    def __init__(self, tmp: Path, http: int, agent: int):
+    def __init__(self, tmp: Path, http: int, agent: int, backends: str = BACKENDS):
         self.sock = tmp / "haproxy.sock"
         self.cfg = tmp / "haproxy.cfg"
-        self.cfg.write_text(BACKENDS.format(sock=self.sock, app=free_port(), http=http, agent=agent))
+        self.cfg.write_text(backends.format(sock=self.sock, app=free_port(), http=http, agent=agent))
         self.log = tmp / "haproxy.log"
         binary = require("haproxy", "haproxy")
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
@@ -112,8 +112,8 @@ class HAProxy:
 def haproxy(tmp_path: Path):
     started: list[HAProxy] = []
 
-    def start(http: int, agent: int) -> HAProxy:
-        h = HAProxy(tmp_path, http, agent)
+    def start(http: int, agent: int, backends: str = BACKENDS) -> HAProxy:
+        h = HAProxy(tmp_path, http, agent, backends)
         started.append(h)
         wait_for(lambda: h.sock.exists() or h.proc.poll() is not None, timeout=10, what="haproxy stats socket")
         assert h.proc.poll() is None, h.log.read_text()

@@ -1,0 +1,171 @@
+"""Verdict groups: /health/<group>, /ready/<group> and agent-send <group>, each with its own checks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.app import Agent
+from agent.config import ConfigError, parse_config
+from agent.model import Admin
+from tests.helpers import ROOT, async_wait_for
+from tests.test_haproxy_e2e import Dependency, dependency, haproxy  # noqa: F401 - fixtures
+
+BASE = {"agent": {"allow_root": True}}
+
+
+def tcp(name: str, port: int, **kw) -> dict:
+    return {"name": name, "type": "tcp", "port": port, "interval": "200ms", "timeout": "150ms", "rise": 1,
+            "fall": 1, **kw}
+
+
+MEM = {"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms", "rise": 1, "max_used_percent": 100}
+
+
+@pytest.mark.parametrize("groups, message", [
+    ({"api": {"checks": ["db", "nope"]}}, "groups.api.checks[1]: no check named 'nope'"),
+    ({"db": {"checks": ["mem"]}}, "groups.db: a check has the same name; /health/db would be ambiguous"),
+    ({"api": {"checks": []}}, "groups.api.checks: List should have at least 1 item after validation, not 0"),
+    ({"bad name": {"checks": ["mem"]}}, "groups.bad name: a group name is letters, digits, _ . - (at most 63)"),
+    ({"api": {"checks": ["mem"], "critical": True}}, "groups.api.critical: unknown key"),
+])
+def test_group_config_errors(groups: dict, message: str) -> None:
+    """A group names existing checks, shares one namespace with them, and is never empty."""
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, "checks": [MEM, tcp("db", 1)], "groups": groups})
+    assert message in e.value.errors
+
+
+async def _code(agent, path: str) -> int:
+    return (await agent.get(path))[0]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_each_group_follows_its_own_checks(start_agent, dependency: Dependency, fast: bool) -> None:  # noqa: F811
+    """Killing the API group's database takes /health/api (and /ready/api) down, leaves /health/static
+    up, and takes the node's /health down (it needs every critical check): on the fast path and without."""
+    agent = await start_agent({"server": {"fast_health": fast}, "checks": [MEM, tcp("db", dependency.port)],
+                               "groups": {"api": {"checks": ["db", "mem"]}, "static": {"checks": ["mem"]}}})
+    for path in ("/health", "/health/api", "/ready/api", "/health/static", "/ready/static"):
+        await async_wait_for(lambda p=path: _is(agent, p, 200), what=f"{path} up")
+    await dependency.stop()
+    await async_wait_for(lambda: _is(agent, "/health/api", 503), what="api down")
+    assert await _code(agent, "/ready/api") == 503
+    assert await _code(agent, "/health") == 503
+    assert await _code(agent, "/health/static") == 200 and await _code(agent, "/ready/static") == 200
+    status, text = await agent.get("/health/api?verbose")
+    assert status == 503 and "[-]db failed" in text and "[+]mem ok" in text and "static" not in text
+    assert await _code(agent, "/health/api?exclude=db") == 200
+    assert await _code(agent, "/health/db") == 503  # a check's own endpoint still works beside groups
+
+
+async def _is(agent, path: str, code: int) -> bool:
+    return await _code(agent, path) == code
+
+
+async def test_node_conditions_apply_to_every_group_and_a_group_drain_to_its_own(start_agent) -> None:
+    """A node-wide drain drains every group; a group's own drain drains that group only; shutdown takes
+    every group down."""
+    agent = await start_agent({"checks": [MEM], "groups": {"a": {"checks": ["mem"]}, "b": {"checks": ["mem"]}}})
+    await async_wait_for(lambda: _is(agent, "/health/a", 200), what="a up")
+    agent.state.set_admin(Admin.DRAIN, "deploy")
+    assert [await _code(agent, p) for p in ("/health", "/health/a", "/health/b")] == [503, 503, 503]
+    agent.state.set_admin(Admin.READY)
+    agent.state.set_group_admin({"a": (Admin.MAINT, "reindex", None)})
+    assert [await _code(agent, p) for p in ("/health", "/health/a", "/health/b")] == [200, 503, 200]
+    loop = asyncio.get_running_loop()
+    assert agent.state.answer(loop.time(), "a").state == "maint"
+    agent.state.set_group_admin({})
+    agent.state.set_stopping(loop.time())
+    assert [await _code(agent, p) for p in ("/health", "/health/a", "/health/b")] == [503, 503, 503]
+
+
+async def _agent_check(port: int, send: bytes) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if send:
+            writer.write(send)
+            await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 3)).decode()
+    finally:
+        writer.close()
+
+
+async def test_agent_check_answers_the_group_agent_send_names(start_agent, dependency: Dependency) -> None:  # noqa: F811
+    """One agent-check listener answers every group: agent-send "api\\n" gets the API group's verdict, a
+    connection that sends nothing the node's, and an unknown name a DOWN that says so."""
+    agent = await start_agent({"agent_check": {"listen": "127.0.0.1:0", "weight_source": "off"},
+                               "checks": [MEM, tcp("db", dependency.port)],
+                               "groups": {"api": {"checks": ["db"]}, "static": {"checks": ["mem"]}}})
+    port = agent.agent.agent_check_address[1]
+    await async_wait_for(lambda: _is(agent, "/health", 200), what="up")
+    await dependency.stop()
+    await async_wait_for(lambda: _is(agent, "/health/api", 503), what="api down")
+    assert (await _agent_check(port, b"api\n")).startswith("down ready #db: ")
+    assert await _agent_check(port, b"static\n") == "up ready 100%\n"
+    assert (await _agent_check(port, b"")).startswith("down ready #db: ")
+    assert await _agent_check(port, b"apl\n") == "down ready #unknown group 'apl'\n"
+
+
+def _group_backends(http: int, agent: int) -> str:
+    """The api and static backends of deploy/haproxy/haproxy.cfg, pointed at this test's agent."""
+    text = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    blocks = re.findall(r"^backend (?:api|static)\n(?:    .*\n)+", text, re.M)
+    assert len(blocks) == 2, blocks
+    out = "".join(blocks).replace("server web1 10.0.0.11:80", "server n1 127.0.0.1:{app}")
+    out = out.replace("port 8080", "port {http}").replace("agent-port 8081", "agent-port {agent}")
+    out = out.replace("inter 1s", "inter 250ms")
+    return ("global\n  stats socket {sock} mode 600 level admin\ndefaults\n  mode http\n  timeout connect 1s\n"
+            "  timeout client 5s\n  timeout server 5s\n  timeout check 1s\n" + out)
+
+
+@pytest.mark.e2e
+async def test_real_haproxy_with_two_backends_follows_each_group(haproxy, dependency: Dependency,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    """HAProxy, configured as deploy/haproxy/haproxy.cfg's api and static backends (agent-send and
+    /health/<group>), shows the node DOWN in the API backend and UP in the static one when only the API's
+    database fails, and UP in both again when it returns."""
+    cfg = parse_config({
+        "server": {"listen": "127.0.0.1:0"}, "agent": {"state_dir": str(tmp_path / "state")},
+        "agent_check": {"listen": "127.0.0.1:0", "weight_source": "off"},
+        "checks": [MEM, tcp("db", dependency.port)],
+        "groups": {"api": {"checks": ["db", "mem"]}, "static": {"checks": ["mem"]}},
+    })
+    agent = Agent(cfg)
+    await agent.start()
+    try:
+        h = haproxy(agent.address[1], agent.agent_check_address[1], _group_backends(0, 0))
+        await h.wait(lambda s: {b: v["status"] for b, v in s.items()} == {"api": "UP", "static": "UP"},
+                     timeout=15, what="both UP")
+        await dependency.stop()
+        await h.wait(lambda s: s["api"]["status"].startswith("DOWN") and s["static"]["status"] == "UP", timeout=10,
+                     what="api DOWN, static UP")
+        servers = await h.servers()
+        assert "db: tcp" in servers["api"]["agent"] and servers["static"]["agent"] == "via agent : up", servers
+        await dependency.start()
+        await h.wait(lambda s: {b: v["status"] for b, v in s.items()} == {"api": "UP", "static": "UP"},
+                     timeout=15, what="both UP again")
+    finally:
+        await agent.stop()
+
+
+async def test_status_and_metrics_show_groups(start_agent, dependency: Dependency) -> None:  # noqa: F811
+    """/status lists each group's verdict and checks; /metrics has healthgate_group_up{group}."""
+    agent = await start_agent({"server": {"status_token_file": None},
+                               "checks": [MEM, tcp("db", dependency.port)],
+                               "groups": {"api": {"checks": ["db", "mem"]}, "static": {"checks": ["mem"]}}})
+    await async_wait_for(lambda: _is(agent, "/health", 200), what="up")
+    await dependency.stop()
+    await async_wait_for(lambda: _is(agent, "/health/api", 503), what="api down")
+    import json
+
+    body = json.loads((await agent.get("/status", headers={"Accept": "application/json"}))[1])
+    assert body["groups"]["static"] == {"status": "pass", "state": "up", "output": "", "failing": [],
+                                        "checks": ["mem"]}
+    api = body["groups"]["api"]
+    assert api["status"] == "fail" and api["failing"] == ["db"] and api["output"].startswith("db: ")
+    metrics = (await agent.get("/metrics"))[1]
+    assert 'healthgate_group_up{group="api"} 0.0' in metrics and 'healthgate_group_up{group="static"} 1.0' in metrics
