@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from agent.fields import Duration, Listen, Strict
 from agent.probes import PROBES
@@ -85,12 +85,35 @@ class AgentConfig(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+# An item that does not say critical = false: the schema's half of _something_to_vouch_for.
+_CRITICAL = {"not": {"required": ["critical"], "properties": {"critical": {"const": False}}}}
+
+
 class Config(Strict):
+    model_config = ConfigDict(**Strict.model_config, json_schema_extra={"required": ["checks"]})
+
     server: ServerConfig = Field(default_factory=ServerConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     agent_check: AgentCheckConfig = Field(default_factory=AgentCheckConfig)
-    checks: list[CheckConfig] = Field(default_factory=list)
+    checks: list[CheckConfig] = Field(
+        default_factory=list, validate_default=True,
+        description="at least one must be critical: the verdict is UP only when every critical check passes",
+        json_schema_extra={"minItems": 1, "contains": _CRITICAL},
+    )
+
+    @field_validator("checks")
+    @classmethod
+    def _something_to_vouch_for(cls, v: list[Any]) -> list[Any]:
+        # UP means "every critical check passes"; with none, UP would vouch for nothing. An empty or
+        # truncated file lands here too, so a reload with one is refused and the old config keeps serving.
+        if not v:
+            raise ValueError("no checks: at least one critical check is required, "
+                             "or the node would be UP with nothing checked")
+        if not any(c.critical for c in v):
+            raise ValueError("every check has critical = false: at least one critical check is required, "
+                             "or the node would be UP whatever the checks say")
+        return v
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for c in self.checks for s in c.secrets() if s)

@@ -24,7 +24,7 @@ from agent.admin import (
 )
 from agent.cli import main as cli_main
 from agent.model import Admin
-from tests.helpers import ROOT, async_wait_for, wait_for
+from tests.helpers import PASSING, ROOT, async_wait_for, memory_check, wait_for
 from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import MEM as TOML_MEM
 
@@ -227,7 +227,7 @@ def test_unparseable_state_file_fails_closed_until_ready(agent_process, tmp_path
 def test_cli_warns_when_no_agent_runs(tmp_path: Path) -> None:
     """With no agent running, the state is still written (exit 0) and a warning says when it applies."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n')
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n' + memory_check())
     proc = run_cli("maint", "-c", str(cfg))
     assert proc.returncode == 0
     assert "no agent answers at http://127.0.0.1:1/status; it will apply the state when it starts" in proc.stderr
@@ -340,7 +340,7 @@ async def test_state_dir_that_hangs_at_startup_is_maintenance(tmp_path: Path, mo
 
     release = threading.Event()
     monkeypatch.setattr(admin_mod, "READ_TIMEOUT", 0.1)
-    state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}}), asyncio.get_running_loop().time())
+    state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}, "checks": [PASSING]}), asyncio.get_running_loop().time())
     watcher = AdminWatcher(state)
     real_poll = watcher.poll
     monkeypatch.setattr(watcher, "poll", lambda force=False: (release.wait(5), real_poll(force))[1])

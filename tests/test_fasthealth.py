@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
@@ -11,7 +12,7 @@ from agent.config import parse_config
 from agent.fasthealth import FastHealth, parse_connection
 from agent.http_api import health, live, make_app
 from agent.listener import Guard
-from agent.model import Admin
+from agent.model import Admin, Result
 from agent.state import AgentState
 from tests.helpers import async_wait_for
 
@@ -45,19 +46,26 @@ async def closed(reader: asyncio.StreamReader, timeout: float = 5) -> bool:
 def states() -> dict[str, AgentState]:
     """One AgentState per served situation, built without a scheduler so each stays as set."""
     now = asyncio.get_running_loop().time()
-    base = {"agent": {"allow_root": True}}
-    up = AgentState(parse_config(base), now)
-    down = AgentState(parse_config({**base, "checks": [MEM]}), now)
-    stale = AgentState(parse_config(base), now - 10)
-    drain503 = AgentState(parse_config(base), now)
+    base = {"agent": {"allow_root": True}, "checks": [MEM]}
+
+    def passed(data: dict, at: float) -> AgentState:
+        """A state whose one check (rise 1) has passed at `at`."""
+        state = AgentState(parse_config(data), at)
+        state.record("mem", Result(True, "", "ok", 0.001, at, at, time.time()), at)
+        return state
+
+    up = passed(base, now)
+    down = AgentState(parse_config(base), now)  # the check has no result yet
+    stale = passed(base, now - 10)
+    drain503 = passed(base, now)
     drain503.set_admin(Admin.DRAIN, "test")
-    drain404 = AgentState(parse_config({**base, "server": {"drain_status": 404}}), now)
+    drain404 = passed({**base, "server": {"drain_status": 404}}, now)
     drain404.set_admin(Admin.DRAIN, "test")
-    maint = AgentState(parse_config(base), now)
+    maint = passed(base, now)
     maint.set_admin(Admin.MAINT, "test")
-    stopping = AgentState(parse_config(base), now)
+    stopping = passed(base, now)
     stopping.set_stopping(now)
-    lagging = AgentState(parse_config(base), now)
+    lagging = passed(base, now)
     lagging.tick(now, 5.0)
     return {"up": up, "down": down, "stale": stale, "drain503": drain503, "drain404": drain404, "maint": maint,
             "stopping": stopping, "lagging": lagging}
