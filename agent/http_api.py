@@ -14,8 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
-from agent.admin import AdminWatcher, AdminWriteError, make_record, write_record
-from agent.fields import parse_duration
+from agent.admin import AdminWatcher, AdminWriteError, make_record, parse_for, write_record
 from agent.logs import mask
 from agent.model import Admin, CheckView, Snapshot
 from agent.state import AgentState
@@ -291,7 +290,7 @@ async def admin_action(request: web.Request) -> web.Response:
     duration = None
     if "for" in request.query:
         try:
-            duration = parse_duration(request.query["for"])
+            duration = parse_for(request.query["for"])
         except ValueError as e:
             return web.json_response({"error": f"for: {e}"}, status=400)
         if admin is Admin.READY or duration <= 0:
