@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from agent import logs
 from agent.config import Config
-from agent.fields import format_duration, format_listen
+from agent.fields import YEAR, bounded_duration, format_duration, format_listen
 from agent.model import Admin
 from agent.probes.blocking import StillBlocked, off_loop
 from agent.state import AgentState
@@ -23,6 +24,7 @@ STATE_FILE = "admin.json"
 POLL = 0.5  # seconds between looks at the state file: one stat(), a read only when it changed
 READ_TIMEOUT = 1.0  # a state directory that hangs (dead network mount) is given up on for this round
 REASON_MAX = 200
+MAX_FOR = YEAR  # the longest --for / ?for=: further out is a typo, not a plan
 _SPACE = re.compile(r"\s+")
 
 
@@ -68,6 +70,16 @@ def encode(record: AdminRecord) -> bytes:
                         "set_at": record.set_at, "source": record.source}, indent=2) + "\n").encode()
 
 
+def _usable_time(wall: float) -> bool:
+    if not (math.isfinite(wall) and wall >= 0):
+        return False
+    try:
+        time.gmtime(wall)
+    except (OverflowError, OSError, ValueError):
+        return False
+    return True
+
+
 def decode(raw: bytes) -> AdminRecord:
     """The record in a state file; ValueError for anything that isn't one we wrote."""
     try:
@@ -84,6 +96,10 @@ def decode(raw: bytes) -> AdminRecord:
     for key, value in (("until", until), ("set_at", set_at)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise ValueError(f"{key}: not a number")
+        # NaN never expires, and 1e400 (JSON's infinity) or 1e300 is no date gmtime() can show: such a
+        # file was not written by us, and like any corrupt file it means maintenance.
+        if value is not None and not _usable_time(value):
+            raise ValueError(f"{key}: {value!r} is not a usable time")
     reason = data.get("reason", "")
     if not isinstance(reason, str):
         raise ValueError("reason: not a string")
@@ -321,6 +337,14 @@ def _who() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except (ImportError, KeyError):
         return f"uid {os.geteuid()}"
+
+
+def parse_for(text: str) -> float:
+    """Seconds of a --for or ?for= duration: more than 0 and at most MAX_FOR; ValueError in the user's words."""
+    seconds = bounded_duration(text, MAX_FOR)
+    if seconds <= 0:
+        raise ValueError("must be a positive duration such as 10m")
+    return seconds
 
 
 def set_admin_cli(state_dir: str, action: str, reason: str,

@@ -207,15 +207,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 
 def _duration_arg(text: str) -> float:
-    from agent.fields import parse_duration
+    from agent.admin import parse_for
 
     try:
-        seconds = parse_duration(text)
+        return parse_for(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError("must be a positive duration such as 10m")
-    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", metavar="DIR", help="state directory (default: [agent] state_dir of the config)")
         if name != "ready":
             p.add_argument("--for", dest="duration", type=_duration_arg, metavar="DURATION",
-                           help="end by itself after this long (10m, 2h); survives agent restarts")
+                           help="end by itself after this long (10m, 2h; at most 8760h, a year); "
+                                "survives agent restarts")
         else:
             p.set_defaults(duration=None)
         p.add_argument("--reason", default="", metavar="TEXT", help="shown in /status, logs and HAProxy")

@@ -8,9 +8,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from agent.fields import Duration, Listen, Strict
+from agent.fields import DAY, HOUR, Listen, Strict, duration
 from agent.probes import PROBES
 from agent.probes.base import NAME_PATTERN
 
@@ -31,13 +31,16 @@ def _default_state_dir() -> str:
 
 
 class ServerConfig(Strict):
-    listen: Listen = Field(default=("0.0.0.0", 8080), description="/health /ready /live /status /metrics")
-    shutdown_drain: Duration = Field(default=5.0, description="how long DOWN is served after SIGTERM before exit")
+    listen: Listen = Field(default="0.0.0.0:8080", validate_default=True,
+                           description="/health /ready /live /status /metrics")
+    shutdown_drain: duration(HOUR) = Field(default=5.0,
+                                           description="how long DOWN is served after SIGTERM before exit")
     drain_status: Literal[503, 404] = Field(
         default=503, description="status of /health while draining; 404 for HAProxy's http-check disable-on-404"
     )
     max_connections: int = Field(default=512, ge=1, le=65535, description="open connections beyond this are closed")
-    read_timeout: Duration = Field(default=5.0, gt=0, description="a client must send its request within this")
+    read_timeout: duration(HOUR, positive=True) = Field(default=5.0,
+                                                        description="a client must send its request within this")
     fast_health: bool = Field(
         default=True, description="answer /health /ready /live with a minimal responder; false = aiohttp only"
     )
@@ -55,29 +58,30 @@ class AgentCheckConfig(Strict):
         default="cpu", description="load headroom the weight follows: cpu busy, PSI cpu avg10, load per CPU; off = 100%"
     )
     weight_floor: int = Field(default=10, ge=1, le=100, description="the weight never goes below this (percent)")
-    weight_smoothing: Duration = Field(default=10.0, ge=0, description="EWMA time constant of the headroom; 0 = raw")
-    slow_start: Duration = Field(
-        default=30.0, ge=0, description="after a recovery the weight ramps from weight_floor over this long"
+    weight_smoothing: duration(HOUR) = Field(default=10.0, description="EWMA time constant of the headroom; 0 = raw")
+    slow_start: duration(HOUR) = Field(
+        default=30.0, description="after a recovery the weight ramps from weight_floor over this long"
     )
     max_connections: int = Field(default=64, ge=1, le=4096, description="agent-check connections beyond this are closed")
 
 
 class PolicyConfig(Strict):
-    stale_grace: Duration = Field(
+    stale_grace: duration(HOUR) = Field(
         default=1.0, description="a check whose last result is older than interval + timeout + this counts as failing"
     )
-    max_loop_lag: Duration = Field(
-        default=0.5, gt=0, description="event-loop lag beyond this makes the verdict DOWN (the agent can't vouch)"
+    max_loop_lag: duration(HOUR, positive=True) = Field(
+        default=0.5, description="event-loop lag beyond this makes the verdict DOWN (the agent can't vouch)"
     )
-    loop_recovery: Duration = Field(
-        default=2.0, ge=0, description="the loop must stay under max_loop_lag this long before the verdict can be UP"
+    loop_recovery: duration(HOUR) = Field(
+        default=2.0, description="the loop must stay under max_loop_lag this long before the verdict can be UP"
     )
-    flap_window: Duration = Field(default=60.0, gt=0, description="window in which flaps (failures after a pass) are counted")
+    flap_window: duration(DAY, positive=True) = Field(
+        default=60.0, description="window in which flaps (failures after a pass) are counted")
     flap_threshold: int = Field(
-        default=5, ge=0, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
+        default=5, ge=0, le=1000, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
     )
-    flap_hold: Duration = Field(
-        default=30.0, ge=0, description="a flapping check must pass for this long before it rises again"
+    flap_hold: duration(DAY) = Field(
+        default=30.0, description="a flapping check must pass for this long before it rises again"
     )
 
 
@@ -91,15 +95,38 @@ class GroupConfig(Strict):
     checks: list[str] = Field(min_length=1, description="the checks this group's verdict needs (critical or not)")
 
 
+# An item that does not say critical = false: the schema's half of _something_to_vouch_for.
+_CRITICAL = {"not": {"required": ["critical"], "properties": {"critical": {"const": False}}}}
+
+
 class Config(Strict):
+    model_config = ConfigDict(**Strict.model_config, json_schema_extra={"required": ["checks"]})
+
     server: ServerConfig = Field(default_factory=ServerConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     agent_check: AgentCheckConfig = Field(default_factory=AgentCheckConfig)
-    checks: list[CheckConfig] = Field(default_factory=list)
+    checks: list[CheckConfig] = Field(
+        default_factory=list, validate_default=True,
+        description="at least one must be critical: the verdict is UP only when every critical check passes",
+        json_schema_extra={"minItems": 1, "contains": _CRITICAL},
+    )
     groups: dict[str, GroupConfig] = Field(
         default_factory=dict, description="verdict groups: /health/<group>, /ready/<group>, agent-send <group>"
     )
+
+    @field_validator("checks")
+    @classmethod
+    def _something_to_vouch_for(cls, v: list[Any]) -> list[Any]:
+        # UP means "every critical check passes"; with none, UP would vouch for nothing. An empty or
+        # truncated file lands here too, so a reload with one is refused and the old config keeps serving.
+        if not v:
+            raise ValueError("no checks: at least one critical check is required, "
+                             "or the node would be UP with nothing checked")
+        if not any(c.critical for c in v):
+            raise ValueError("every check has critical = false: at least one critical check is required, "
+                             "or the node would be UP whatever the checks say")
+        return v
 
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for c in self.checks for s in c.secrets() if s)

@@ -16,8 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__, logs
-from agent.admin import AdminWatcher, AdminWriteError, make_record, state_path
-from agent.fields import parse_duration
+from agent.admin import AdminWatcher, AdminWriteError, make_record, parse_for, state_path
 from agent.logs import mask
 from agent.model import Admin, CheckView, Snapshot
 from agent.serving import (
@@ -339,7 +338,7 @@ async def admin_action(request: web.Request) -> web.Response:
     duration = None
     if "for" in request.query:
         try:
-            duration = parse_duration(request.query["for"])
+            duration = parse_for(request.query["for"])
         except ValueError as e:
             return web.json_response({"error": f"for: {e}"}, status=400)
         if admin is Admin.READY or duration <= 0:

@@ -190,10 +190,14 @@ def agent_toml(server: dict | None = None, policy: dict | None = None, **agent: 
     return text + (toml_table("[policy]", **policy) if policy else "")
 
 
+PASSING = {"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms", "rise": 1,
+           "max_used_percent": 100}
+"""A critical check that always passes: a config must have one, and tests about something else need it."""
+
+
 def memory_check(name: str = "mem", **keys: object) -> str:
     """A memory check that always passes, sampled every 200 ms unless told otherwise."""
-    return toml_table("[[checks]]", **{"name": name, "type": "memory", "interval": "200ms", "timeout": "100ms",
-                                       "rise": 1, "max_used_percent": 100, **keys})
+    return toml_table("[[checks]]", **{**PASSING, "name": name, **keys})
 
 
 def answer_for(up: bool = True, reason: str = "", admin=None, admin_reason: str = "", fresh: bool = True,

@@ -24,7 +24,7 @@ from agent.admin import (
 )
 from agent.cli import main as cli_main
 from agent.model import Admin
-from tests.helpers import ROOT, async_wait_for, wait_for
+from tests.helpers import PASSING, ROOT, async_wait_for, memory_check, wait_for
 from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import MEM as TOML_MEM
 
@@ -53,6 +53,12 @@ def test_sanitize(text: str, limit: int, expected: str) -> None:
     (b'{"admin": "vacation"}', Admin.MAINT, "invalid: admin: 'vacation' is not one of ready, drain, maint"),
     (b'{"admin": "drain", "until": "tomorrow"}', Admin.MAINT, "invalid: until: not a number"),
     (b'{"admin": "drain", "reason": 7}', Admin.MAINT, "invalid: reason: not a string"),
+    # An expiry that is no usable time: NaN never expires, 1e400 is JSON's infinity, 1e300 no date at all.
+    (b'{"admin": "ready", "until": 1e400}', Admin.MAINT, "invalid: until: inf is not a usable time"),
+    (b'{"admin": "drain", "until": NaN}', Admin.MAINT, "invalid: until: nan is not a usable time"),
+    (b'{"admin": "maint", "until": 1e300}', Admin.MAINT, "invalid: until: 1e+300 is not a usable time"),
+    (b'{"admin": "drain", "until": -1}', Admin.MAINT, "invalid: until: -1 is not a usable time"),
+    (b'{"admin": "drain", "until": 1e12, "set_at": Infinity}', Admin.MAINT, "invalid: set_at: inf is not a usable time"),
 ])
 def test_read_record_fails_closed(tmp_path: Path, content: bytes | None, admin: Admin, reason_part: str) -> None:
     """A missing file is ready; a file that can't be parsed puts the node in maintenance, saying why."""
@@ -131,6 +137,45 @@ def test_cli_for_must_be_a_positive_duration(tmp_path: Path) -> None:
     proc = run_cli("drain", "--state-dir", str(tmp_path), "--for", "0")
     assert proc.returncode == 2 and "must be a positive duration" in proc.stderr
     assert not state_path(tmp_path).exists()
+
+
+def test_cli_for_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    """--for is at most a year: a longer one (even one past any date) exits 2 naming the bound, never a
+    traceback, and writes nothing; a year itself is fine."""
+    for too_long in ("99999999999999999999h", "8761h", "31536001"):
+        proc = run_cli("maint", "--state-dir", str(tmp_path), "--for", too_long)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.endswith("healthgate maint: error: argument --for: must be at most 8760h\n"), proc.stderr
+    assert not state_path(tmp_path).exists()
+    proc = run_cli("maint", "--state-dir", str(tmp_path), "--for", "8760h", "--no-wait")
+    assert proc.returncode == 0 and " until " in proc.stdout, proc.stderr
+
+
+def test_run_with_an_unusable_expiry_starts_in_maintenance(agent_process, tmp_path: Path) -> None:
+    """A state file whose `until` is no usable time (here JSON's infinity) is a corrupt file: `run` starts,
+    in maintenance, saying why, instead of crashing; `ready` ends it."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    state_path(state_dir).write_bytes(b'{"admin": "drain", "reason": "x", "until": 1e400, "source": "cli"}')
+    agent = agent_process(AGENT % (503, state_dir))
+    s = status(agent)
+    assert s["admin"] == "maint" and "invalid: until: inf is not a usable time" in s["adminReason"]
+    assert agent.get("/health")[0] == 503
+    assert agent.proc.poll() is None and "Traceback" not in agent.logs()
+    assert run_cli("ready", "-c", str(agent.path)).returncode == 0
+    wait_for(lambda: agent.get("/health")[0] == 200, what="ready")
+
+
+def test_running_agent_takes_an_unusable_expiry_as_maintenance(agent_process, tmp_path: Path) -> None:
+    """A running, ready agent whose state file gets a NaN `until` goes into maintenance within a poll."""
+    state_dir = tmp_path / "state"
+    agent = agent_process(AGENT % (503, state_dir))
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    state_dir.mkdir(exist_ok=True)
+    state_path(state_dir).write_bytes(b'{"admin": "drain", "reason": "x", "until": NaN, "source": "cli"}')
+    wait_for(lambda: agent.get("/health")[0] == 503, timeout=3, what="maint")
+    s = status(agent)
+    assert s["admin"] == "maint" and "invalid: until: nan" in s["adminReason"]
 
 
 # -- the CLI against a running agent --------------------------------------------------------------------
@@ -228,7 +273,7 @@ def test_cli_exits_1_when_no_agent_confirms(tmp_path: Path) -> None:
     """With no agent running, the state is still written but the command exits 1 saying nobody confirmed it;
     --no-wait writes it and exits 0 without asking."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n')
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n' + memory_check())
     proc = run_cli("maint", "-c", str(cfg))
     assert proc.returncode == 1, proc.stderr
     assert (f"healthgate: maint written to {tmp_path / 's' / 'admin.json'} but not confirmed: no agent answers "
@@ -290,6 +335,8 @@ async def test_admin_endpoints_with_a_token(start_agent, tmp_path: Path) -> None
     assert (await post(agent, "/admin/drain?for=soon", "s3cret-token"))[0] == 400
     assert (await post(agent, "/admin/drain?weight=3", "s3cret-token"))[0] == 400
     assert (await post(agent, "/admin/ready?for=1m", "s3cret-token"))[0] == 400
+    status, body = await post(agent, "/admin/maint?for=99999999999999999999h", "s3cret-token")
+    assert (status, json.loads(body)) == (400, {"error": "for: must be at most 8760h"})
     assert (await post(agent, "/admin/reboot", "s3cret-token"))[0] == 404
     assert agent.state.admin is Admin.READY and not state_path(state_dir).exists()
 
@@ -364,7 +411,7 @@ async def test_state_dir_that_hangs_at_startup_is_maintenance(tmp_path: Path, mo
 
     release = threading.Event()
     monkeypatch.setattr(admin_mod, "READ_TIMEOUT", 0.1)
-    state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}}), asyncio.get_running_loop().time())
+    state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}, "checks": [PASSING]}), asyncio.get_running_loop().time())
     watcher = AdminWatcher(state)
     real_poll = watcher.poll
     monkeypatch.setattr(watcher, "poll", lambda force=False: (release.wait(5), real_poll(force))[1])

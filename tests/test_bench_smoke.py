@@ -30,6 +30,7 @@ from bench.parse import (
     ratios,
 )
 from bench.profile import summarise
+from tests.helpers import PASSING
 
 DATA = Path(__file__).parent / "data"
 WRK = DATA / "wrk"
@@ -89,7 +90,7 @@ def test_histogram_quantile_edges() -> None:
 
 def test_schedule_lag_quantiles_from_the_agents_own_metrics() -> None:
     """The lag histogram scraped twice from a real registry gives the quantiles of what happened between."""
-    state = AgentState(parse_config({}), 0.0)
+    state = AgentState(parse_config({"checks": [PASSING]}), 0.0)
     registry = make_registry(state)
     state.schedule_lag(0.5)  # before the window: must not count
     before = parse_histogram(render(registry).decode(), "healthgate_check_schedule_lag_seconds")

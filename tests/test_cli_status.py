@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from agent import remote, render
-from tests.helpers import ROOT, agent_toml, free_port, wait_for
+from tests.helpers import PASSING, ROOT, agent_toml, free_port, wait_for
 
 CONFIG = agent_toml() + """
 [[checks]]
@@ -123,7 +123,7 @@ def test_default_url_from_listen(listen: str, url: str) -> None:
     """The default URL is the config's server.listen, with a wildcard host turned into loopback."""
     from agent.config import parse_config
 
-    assert remote.default_url(parse_config({"server": {"listen": listen}})) == url
+    assert remote.default_url(parse_config({"server": {"listen": listen}, "checks": [PASSING]})) == url
 
 
 def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from agent import cli
 from agent.config import ConfigError, load_config, parse_config
 from agent.fields import format_duration, parse_duration
-from tests.helpers import ROOT
+from tests.helpers import PASSING, ROOT, memory_check
 
 CONFIGS = Path(__file__).parent / "configs"
 INVALID = sorted(CONFIGS.glob("invalid-*.toml"))
@@ -105,7 +105,7 @@ def test_defaults_and_durations() -> None:
 
 def test_models_are_frozen() -> None:
     """A loaded config cannot be changed by accident."""
-    cfg = parse_config({})
+    cfg = parse_config({"checks": [PASSING]})
     with pytest.raises(ValidationError):
         cfg.server.shutdown_drain = 1  # type: ignore[misc]
 
@@ -125,7 +125,29 @@ def test_schema_command_prints_json_schema() -> None:
 def test_config_path_from_environment(tmp_path: Path) -> None:
     """HEALTHGATE_CONFIG names the file when -c is not given."""
     f = tmp_path / "c.toml"
-    f.write_text("")
+    f.write_text(memory_check())
     proc = subprocess.run([sys.executable, "-m", "agent", "validate"], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "HEALTHGATE_CONFIG": str(f)}, timeout=30)
     assert proc.returncode == 0 and str(f) in proc.stdout
+
+
+
+NO_CHECKS = "checks: no checks: at least one critical check is required, or the node would be UP with nothing checked"
+NONE_CRITICAL = ("checks: every check has critical = false: at least one critical check is required, "
+                 "or the node would be UP whatever the checks say")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", NO_CHECKS),
+    ('[server]\nlisten = "127.0.0.1:8080"\n', NO_CHECKS),
+    ('[[checks]]\nname = "m"\ntype = "memory"\ncritical = false\n', NONE_CRITICAL),
+], ids=["empty", "no-checks", "none-critical"])
+def test_nothing_to_vouch_for_is_a_config_error(tmp_path: Path, text: str, message: str) -> None:
+    """An empty file, a config without checks and one whose checks are all non-critical are refused by
+    `validate` and `run` with exit 2: the node would otherwise be UP with nothing checked."""
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    for command in ("validate", "run"):
+        proc = subprocess.run([sys.executable, "-m", "agent", command, "-c", str(f)], capture_output=True,
+                              text=True, cwd=ROOT, timeout=30)
+        assert (proc.returncode, proc.stderr) == (2, f"{f}: {message}\n"), (command, proc.stdout)

@@ -16,7 +16,17 @@ from pathlib import Path
 import pytest
 
 from agent.trust import untrusted
-from tests.helpers import ROOT, AgentProcess, agent_toml, memory_check, require, scrape, wait_for
+from tests.helpers import (
+    ROOT,
+    AgentProcess,
+    agent_toml,
+    free_port,
+    memory_check,
+    require,
+    scrape,
+    toml_table,
+    wait_for,
+)
 from tests.test_config import INVALID, expected
 
 
@@ -120,6 +130,27 @@ def test_sighup_with_each_broken_file_keeps_the_old_config(tmp_path: Path, unpri
         assert list(json.loads(agent.get("/status")[1])["checks"]) == ["mem2:memory"]
         assert agent.proc.pid == pid and agent.proc.poll() is None
         assert "Traceback" not in agent.logs()
+    finally:
+        agent.stop()
+
+
+def test_sighup_with_an_empty_file_keeps_a_down_node_down(tmp_path: Path) -> None:
+    """A config truncated to nothing and reloaded is refused: a node DOWN for a failing check stays DOWN,
+    rather than turning UP with nothing checked."""
+    closed = free_port()
+    agent = AgentProcess(tmp_path, good(tmp_path) + toml_table(
+        "[[checks]]", name="db", type="tcp", port=closed, interval="200ms", timeout="100ms")).start()
+    try:
+        wait_for(lambda: "db:tcp" in agent.get("/status")[1], what="the agent serves its checks")
+        assert agent.get("/health")[0] == 503
+        agent.path.write_text("")
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: scrape(agent.url).get("healthgate_config_reload_failures_total") == 1, timeout=5,
+                 what="the empty file refused")
+        assert reload_errors(agent)[-1] == ["checks: no checks: at least one critical check is required, "
+                                            "or the node would be UP with nothing checked"]
+        assert agent.get("/health")[0] == 503
+        assert list(json.loads(agent.get("/status")[1])["checks"]) == ["mem:memory", "db:tcp"]
     finally:
         agent.stop()
 

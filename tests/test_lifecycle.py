@@ -122,7 +122,7 @@ def test_run_refuses_port_in_use(tmp_path: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         f = tmp_path / "c.toml"
-        f.write_text((BASE % "0s").replace("{port}", str(port)))
+        f.write_text((BASE % "0s" + MEM % "mem").replace("{port}", str(port)))
         proc = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(f)], capture_output=True,
                               text=True, cwd=ROOT, timeout=30)
     assert proc.returncode == 2
@@ -134,7 +134,7 @@ def test_run_refuses_port_in_use(tmp_path: Path) -> None:
 def test_run_refuses_root_without_allow_root(tmp_path: Path) -> None:
     """As root, `run` refuses to start unless agent.allow_root is set."""
     f = tmp_path / "c.toml"
-    f.write_text("")
+    f.write_text(MEM % "mem")
     proc = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(f)], capture_output=True, text=True,
                           cwd=ROOT, timeout=30)
     assert proc.returncode == 2 and "agent.allow_root: refusing to run as root" in proc.stderr

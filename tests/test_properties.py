@@ -115,9 +115,10 @@ def test_node_never_up_while_a_critical_check_failed_fall_times(checks) -> None:
 
 
 def _check_dicts(draw, names):
+    """Checks for a config: the first is critical (a config needs one), the others may or may not be."""
     return [{"name": n, "type": "tcp", "port": 1, "interval": draw(st.sampled_from([0.2, 1.0, 3.0])),
              "timeout": 0.1, "rise": draw(st.integers(1, 3)), "fall": draw(st.integers(1, 3)),
-             "critical": draw(st.booleans())} for n in names]
+             "critical": i == 0 or draw(st.booleans())} for i, n in enumerate(names)]
 
 
 @st.composite

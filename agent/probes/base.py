@@ -10,7 +10,7 @@ import aiohttp
 from pydantic import Field, ValidationInfo, field_validator
 
 from agent import __version__
-from agent.fields import Duration, Strict, format_duration
+from agent.fields import DAY, HOUR, Strict, duration, format_duration
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
@@ -19,14 +19,15 @@ class CheckBase(Strict):
     """Keys every check has; each probe module subclasses it with `type` and its own keys."""
 
     name: str = Field(pattern=NAME_PATTERN, description="unique; letters, digits, _ . -")
-    interval: Duration = Field(default=2.0, gt=0, description="time between samples")
-    timeout: Duration = Field(default=1.0, gt=0, description="a sample taking longer fails with `timeout`")
+    interval: duration(DAY, positive=True) = Field(default=2.0, description="time between samples")
+    timeout: duration(HOUR, positive=True) = Field(default=1.0,
+                                                   description="a sample taking longer fails with `timeout`")
     fall: int = Field(default=2, ge=1, le=100, description="consecutive failures before the check is down")
     rise: int = Field(default=2, ge=1, le=100, description="consecutive passes before it is up again")
     critical: bool = Field(default=True, description="a non-critical check is reported but never moves the verdict")
     jitter: float = Field(default=0.1, ge=0, le=0.5, description="random spread of the interval, as a fraction")
-    fast_interval: Duration | None = Field(
-        default=None, gt=0, description="after a first failure, re-check this soon to confirm it (HAProxy's fastinter)"
+    fast_interval: duration(DAY, positive=True) | None = Field(
+        default=None, description="after a first failure, re-check this soon to confirm it (HAProxy's fastinter)"
     )
 
     @field_validator("timeout")

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from agent.fields import Duration, format_duration
+from agent.fields import DAY, duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import blocking
@@ -21,7 +21,7 @@ MAX_KEPT = 1000  # samples kept for a window, whatever window / interval says
 class Config(CheckBase):
     type: Literal["cpu"]
     max_percent: float = Field(default=95.0, gt=0, le=100, description="utilisation above this fails")
-    window: Duration = Field(default=0.0, ge=0, description="average over this long; 0 = since the previous sample")
+    window: duration(DAY) = Field(default=0.0, description="average over this long; 0 = since the previous sample")
 
     @field_validator("window")
     @classmethod

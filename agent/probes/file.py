@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.fields import AbsolutePath, Duration, Regex, format_duration
+from agent.fields import DAY, AbsolutePath, Regex, duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import blocking
@@ -21,7 +21,8 @@ MAX_READ = 64 * 1024  # bytes of the file that `contains` and `matches` look at
 class Config(CheckBase):
     type: Literal["file"]
     path: AbsolutePath = Field(description="absolute path of the file")
-    max_age: Duration | None = Field(default=None, gt=0, description="modified longer ago than this fails")
+    max_age: duration(30 * DAY, positive=True) | None = Field(default=None,
+                                                              description="modified longer ago than this fails")
     contains: str | None = Field(default=None, min_length=1, description="the file must contain this text")
     matches: Regex | None = Field(default=None, description="the file must match this regex")
 

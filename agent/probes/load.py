@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
@@ -17,6 +17,13 @@ class Config(CheckBase):
     type: Literal["load"]
     max_per_cpu: float = Field(default=2.0, gt=0, description="load average per CPU above this fails")
     minutes: Literal[1, 5, 15] = Field(default=1, description="which load average: 1, 5 or 15 minutes")
+
+    @field_validator("minutes", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: object) -> object:
+        if isinstance(v, bool):  # true == 1 to Python, not to TOML or the schema
+            raise ValueError("must be 1, 5 or 15, not a boolean")
+        return v
 
     def threshold(self) -> str:
         return f"load{self.minutes} per CPU <= {self.max_per_cpu:g}"

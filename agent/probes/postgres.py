@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.fields import Duration, format_duration
+from agent.fields import DAY, duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.common import TLSOptions, address, client_context, secret_forms, unique, url_secrets
@@ -29,7 +29,7 @@ DISCRETE = {"host", "port", "user", "password", "database"}
 
 class Config(CheckBase):
     type: Literal["postgres"]
-    dsn: str | None = Field(default=None, repr=False,
+    dsn: str | None = Field(default=None, repr=False, json_schema_extra={"pattern": "^postgres(?:ql)?://"},
                             description="postgresql://user:password@host:port/database?sslmode=...")
     host: str = Field(default="127.0.0.1", min_length=1, description="name, address, or a unix socket directory")
     port: int = Field(default=5432, ge=1, le=65535)
@@ -43,8 +43,8 @@ class Config(CheckBase):
     key_file: str | None = Field(default=None, min_length=1)
     query: str = Field(default="SELECT 1", min_length=1, description="must succeed; a first value false fails")
     role: Literal["primary", "standby"] | None = None
-    max_replication_lag: Duration | None = Field(default=None, gt=0, description="a standby replaying further "
-                                                                                 "behind fails")
+    max_replication_lag: duration(DAY, positive=True) | None = Field(
+        default=None, description="a standby replaying further behind fails")
 
     @field_validator("dsn")
     @classmethod
