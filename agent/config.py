@@ -92,7 +92,15 @@ class AgentConfig(Strict):
 
 
 class GroupConfig(Strict):
-    checks: list[str] = Field(min_length=1, description="the checks this group's verdict needs (critical or not)")
+    checks: list[str] = Field(description="the checks this group's verdict needs (critical or not); at least one",
+                              json_schema_extra={"minItems": 1})
+
+    @field_validator("checks")
+    @classmethod
+    def _not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("a group needs at least one check, or it would be UP with nothing checked")
+        return v
 
 
 # An item that does not say critical = false: the schema's half of _something_to_vouch_for.

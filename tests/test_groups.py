@@ -28,7 +28,7 @@ MEM = {"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms",
 @pytest.mark.parametrize("groups, message", [
     ({"api": {"checks": ["db", "nope"]}}, "groups.api.checks[1]: no check named 'nope'"),
     ({"db": {"checks": ["mem"]}}, "groups.db: a check has the same name; /health/db would be ambiguous"),
-    ({"api": {"checks": []}}, "groups.api.checks: List should have at least 1 item after validation, not 0"),
+    ({"api": {"checks": []}}, "groups.api.checks: a group needs at least one check, or it would be UP with nothing checked"),
     ({"bad name": {"checks": ["mem"]}}, "groups.bad name: a group name is letters, digits, _ . - (at most 63)"),
     ({"api": {"checks": ["mem"], "critical": True}}, "groups.api.critical: unknown key"),
 ])
