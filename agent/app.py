@@ -18,7 +18,7 @@ from agent.metrics import make_registry
 from agent.probes.base import Context
 from agent.probes.blocking import LookupPool, StillBlocked, off_loop
 from agent.runner import Runner
-from agent.scheduler import Scheduler
+from agent.scheduler import Scheduler, first_samples
 from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
 from agent.trust import check_trusted, load_trusted_config, read_secret
@@ -162,7 +162,9 @@ class Agent:
                 logs.event("reload_failed", logging.ERROR, file=self.config_path, errors=[repr(e)])
 
     async def reload(self) -> bool:
-        """Re-read the config file. A bad file changes nothing: the old config keeps serving.
+        """Re-read the config file. A bad file changes nothing: the old config keeps serving. A good one
+        replaces it in one swap once its new and changed checks have their first samples (at most
+        scheduler.warm_up_bound() after the read), so a reload takes a node out only when those say so.
 
         The file is read and validated off the loop (it may sit on a slow or hung mount), in a thread
         of the agent's own, for at most RELOAD_TIMEOUT; a read given up on keeps its thread, and until it
@@ -170,6 +172,7 @@ class Agent:
         """
         assert self.state is not None and self.scheduler is not None
         loop = asyncio.get_running_loop()
+        began = loop.time()
         path = self.config_path
         try:
             if path is None:
@@ -195,15 +198,20 @@ class Agent:
             logs.event("reload_listen_ignored", logging.WARNING, detail="server.listen changes need a restart")
         if config.agent_check.listen != self.config.agent_check.listen:
             logs.event("reload_listen_ignored", logging.WARNING, detail="agent_check.listen changes need a restart")
+        # Make before break: the new and changed checks take their first samples while the old config
+        # keeps serving, and the swap below seeds their states from them. Nothing awaits between the
+        # swap's steps, so no request sees half of it.
+        seeds = await first_samples(self.runner, self.state.changed_checks(config))
         self.config, self.tokens = config, tokens
         if self._web is not None:
             self._web.guard.configure(config.server)
             if self._web.app is not None:
                 self._web.app[TOKENS].update(tokens)
-        changed = self.state.apply_config(config, loop.time())
+        changed = self.state.apply_config(config, loop.time(), seeds)
         self.scheduler.reload(changed)
         self.state.reloads["success"] += 1
-        logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks))
+        logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks),
+                   seconds=round(loop.time() - began, 3))
         return True
 
     def request_stop(self) -> None:

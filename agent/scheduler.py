@@ -5,13 +5,59 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from agent import logs
+from agent.model import Result
 from agent.probes.base import CheckBase
 from agent.runner import Runner
 from agent.serving import beat
 from agent.state import AgentState
+
+WARM_UP_MAX = 30.0  # seconds a reload's first samples may take at most, whatever the checks' timeouts
+WARM_UP_SLACK = 0.5  # room for the loop's own scheduling beyond the probes' timeouts
+
+
+def warm_up_bound(checks: Iterable[CheckBase]) -> float:
+    """How long a reload waits for the first samples of its new and changed checks: the longest of their
+    `rise` back-to-back samples, each at most its timeout, plus slack; never more than WARM_UP_MAX."""
+    longest = max((c.rise * c.timeout for c in checks), default=0.0)
+    return min(WARM_UP_MAX, longest + WARM_UP_SLACK) if longest else 0.0
+
+
+async def first_samples(runner: Runner, checks: Iterable[CheckBase]) -> dict[str, list[Result]]:
+    """Sample each check beside the running config, back to back, until it has `rise` passes or one
+    failure, all within warm_up_bound(): a reload's make-before-break. What arrived by the bound is returned;
+    samples still in flight then are cancelled (the runner cancels their probes).
+
+    Nothing is written into the state here: the reload seeds the new config's states from these results
+    in the same swap that puts the config in force, so serving never sees a check without a result.
+    """
+    checks = list(checks)
+    results: dict[str, list[Result]] = {c.name: [] for c in checks}
+
+    async def sample(check: CheckBase) -> None:
+        got = results[check.name]
+        while len(got) < check.rise:
+            got.append(await runner.run(check))
+            if not got[-1].ok:
+                return
+
+    bound = warm_up_bound(checks)
+    if not checks:
+        return results
+    try:
+        async with asyncio.timeout(bound), asyncio.TaskGroup() as tg:
+            for check in checks:
+                tg.create_task(sample(check), name=f"warm-up:{check.name}")
+    except TimeoutError:
+        logs.event("reload_warm_up_timeout", logging.WARNING, seconds=round(bound, 3),
+                   incomplete=sorted(c.name for c in checks if _incomplete(c, results[c.name])))
+    return results
+
+
+def _incomplete(check: CheckBase, got: list[Result]) -> bool:
+    return len(got) < check.rise and all(r.ok for r in got)
 
 
 class Scheduler:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from agent import logs
 from agent.config import Config
-from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Verdict
+from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Status, Verdict
 from agent.probes.base import CheckBase
 from agent.serving import Answer, Condition, decide
 from agent.verdict import Tally, next_state, stale_limit, view
@@ -157,16 +158,37 @@ class AgentState:
         self.condition = self._condition()
         self.refresh(now)
 
-    def apply_config(self, config: Config, now: float) -> set[str]:
-        """Swap in a new config; checks whose definition did not change keep their state.
+    def changed_checks(self, config: Config) -> list[CheckBase]:
+        """The checks of `config` that are new or whose definition differs from the running one."""
+        return [c for c in config.checks if self.checks.get(c.name) != c]
 
-        Returns the names of checks that are new or changed (their loops must restart).
+    def apply_config(self, config: Config, now: float, seeds: Mapping[str, Sequence[Result]] | None = None) -> set[str]:
+        """Swap in a new config in one step; checks whose definition did not change keep their state.
+
+        A new or changed check starts over from the results in `seeds` (its first samples, taken beside
+        the running config), so it is served with what it has already seen, never as "no result yet". A
+        changed check keeps its history strip and its flap count: a reload is no reason to forget that
+        the dependency flapped. Returns the names of checks that are new or changed (their loops restart).
         """
-        old_checks = self.checks
+        old_checks, old_states = self.checks, self.states
         self.config = config
         self.checks = {c.name: c for c in config.checks}
         changed = {n for n, c in self.checks.items() if old_checks.get(n) != c}
-        self.states = {n: (CheckState() if n in changed else self.states[n]) for n in self.checks}
+        self.states = {}
+        for n, check in self.checks.items():
+            if n not in changed:
+                self.states[n] = old_states[n]
+                continue
+            before = old_states.get(n)
+            st = CheckState() if before is None else CheckState(history=before.history, flaps=before.flaps)
+            for result in (seeds or {}).get(n, ()):
+                st = next_state(st, result, check, config.policy, result.finished, result.wall)
+                self.stats.setdefault(n, CheckStats()).observe(result)
+            self.states[n] = st
+            was = Status.UNKNOWN if before is None else before.status
+            if was is not st.status:
+                self._journal("check", n, was.value, st.status.value,
+                              st.change_reason or "changed by a reload", critical=check.critical)
         self.stats = {n: self.stats.get(n) or CheckStats() for n in self.checks}
         self._rebuild_views()
         logs.set_secrets(config.secrets())

@@ -8,12 +8,17 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from agent import app as app_mod
 from agent.admin import make_record, read_record, state_path, write_record
+from agent.config import parse_config
 from agent.model import Admin
-from tests.helpers import async_wait_for, memory_check, scrape, toml_table, wait_for
+from agent.scheduler import WARM_UP_MAX, warm_up_bound
+from tests.helpers import async_wait_for, free_port, memory_check, scrape, toml_table, wait_for
 from tests.test_admin import run_cli
 from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import BASE
@@ -193,3 +198,105 @@ def test_moved_state_dir_end_to_end(agent_process, tmp_path: Path) -> None:
     proc = run_cli("ready", "-c", str(agent.path))
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
     wait_for(lambda: agent.get("/health")[0] == 200, timeout=3, what="ready")
+
+
+# -- make before break ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rises, timeouts, expected", [
+    ((), (), 0.0),  # nothing new: no wait at all
+    ((1,), (0.1,), 0.6),
+    ((3, 1), (0.2, 0.5), 1.1),  # the longest of rise x timeout, plus slack
+    ((100,), (3600.0,), WARM_UP_MAX),  # never longer than the cap
+])
+def test_warm_up_bound(rises: tuple[int, ...], timeouts: tuple[float, ...], expected: float) -> None:
+    """A reload waits for its new checks' first samples at most the longest rise x timeout plus slack, capped."""
+    checks = [parse_config({"checks": [{**MEM, "name": f"c{i}", "rise": r, "timeout": t, "interval": 3601}]}).checks[0]
+              for i, (r, t) in enumerate(zip(rises, timeouts, strict=True))]
+    assert warm_up_bound(checks) == pytest.approx(expected)
+
+
+async def _poll_health(agent, codes: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        codes.append((await agent.get("/health"))[0])
+        await asyncio.sleep(0.01)
+
+
+async def test_reload_changing_a_threshold_keeps_the_node_up_and_its_history(start_agent, tmp_path: Path) -> None:
+    """A reload that changes one check's threshold and adds a passing one never serves 503: both are sampled
+    beside the running config and swapped in already UP; the transition counters, the weight ramp and the
+    changed check's flap history are what they were."""
+    path = tmp_path / "c.toml"
+    agent = await start_agent({"checks": [MEM], "agent_check": {"listen": "127.0.0.1:0", "weight_source": "off"}},
+                              config_path=str(path))
+    await async_wait_for(lambda: _up(agent), what="up")
+    weights = agent.agent.agent_check.weights
+    await async_wait_for(lambda: _async(weights.model.serving_since is not None), what="the ramp started")
+    ramp, transitions = weights.model.serving_since, dict(agent.state.transitions)
+    flaps = (1.0, 2.0)
+    agent.state.states[MEM["name"]] = replace(agent.state.states[MEM["name"]], flaps=flaps)
+    path.write_text(toml_table("[agent]", state_dir=str(tmp_path / "state")) +
+                    toml_table("[agent_check]", listen="127.0.0.1:0", weight_source="off") +
+                    memory_check(MEM["name"], max_used_percent=99.9) + memory_check("added", rise=3))
+    codes: list[int] = []
+    stop = asyncio.Event()
+    poller = asyncio.create_task(_poll_health(agent, codes, stop))
+    try:
+        await async_wait_for(lambda: _async(len(codes) > 5), what="polling")
+        assert await agent.agent.reload() is True
+        await async_wait_for(lambda: _async(agent.state.stats["added"].count >= 5), what="the new loop sampling")
+    finally:
+        stop.set()
+        await poller
+    assert set(codes) == {200}, codes
+    assert agent.state.states["added"].status.value == "up"
+    assert agent.state.states[MEM["name"]].flaps == flaps
+    assert dict(agent.state.transitions) == transitions and weights.model.serving_since == ramp
+
+
+async def test_reload_adding_a_failing_critical_check_goes_down_at_the_swap(start_agent, tmp_path: Path) -> None:
+    """A reload that adds a failing critical check goes DOWN in the swap itself, with the check's first
+    result as the reason: the new config says so."""
+    path = tmp_path / "c.toml"
+    agent = await start_agent({"checks": [MEM]}, config_path=str(path))
+    await async_wait_for(lambda: _up(agent), what="up")
+    port = free_port()
+    path.write_text(config_text(tmp_path / "state", MEM["name"]) + toml_table(
+        "[[checks]]", name="db", type="tcp", port=port, interval="200ms", timeout="100ms", rise=1))
+    assert await agent.agent.reload() is True
+    status, text = await agent.get("/health?verbose")
+    assert status == 503 and f"db failed: tcp 127.0.0.1:{port}: connection refused" in text, text
+    assert agent.state.transitions["down"] == 1
+
+
+def test_sighup_reloads_never_answer_503(agent_process, tmp_path: Path) -> None:
+    """Against a real agent polled every 10 ms: a SIGHUP changing a threshold, then one adding a passing check,
+    never answer 503; one adding a failing critical check goes DOWN once its sample says so."""
+    head = BASE % "0s"
+    agent = agent_process(head + TOML_MEM % "mem")
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    head = head.replace("{port}", str(agent.port))
+    longest = 0.0
+    for n, text in enumerate([head + (TOML_MEM % "mem").replace("= 100", "= 99.9"),
+                              head + (TOML_MEM % "mem").replace("= 100", "= 99.9") + memory_check("more", rise=3)],
+                             start=1):
+        agent.path.write_text(text)
+        codes = []
+        t0 = time.monotonic()
+        agent.signal(signal.SIGHUP)
+        while scrape(agent.url).get("healthgate_config_reloads_total") != n:
+            codes.append(agent.get("/health")[0])
+            assert time.monotonic() - t0 < 10, "no reload"
+            time.sleep(0.01)
+        longest = max(longest, time.monotonic() - t0)
+        for _ in range(50):  # and after the swap, while the restarted loops take their own samples
+            codes.append(agent.get("/health")[0])
+            time.sleep(0.01)
+        assert set(codes) == {200}, codes
+    assert scrape(agent.url).get('healthgate_transitions_total{to="down"}') == 0
+    assert longest < 2.0, longest
+    port = free_port()
+    agent.path.write_text(text + toml_table("[[checks]]", name="db", type="tcp", port=port, interval="200ms",
+                                            timeout="100ms", rise=1))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: agent.get("/health")[0] == 503, timeout=3, what="down for the new failing check")
+    assert "connection refused" in agent.get("/health?verbose")[1]
