@@ -25,6 +25,31 @@ from agent.trust import check_trusted, load_trusted_config, read_secret
 from agent.weight import WeightTracker
 
 RELOAD_TIMEOUT = 5.0  # seconds a SIGHUP's config read may take before the reload is given up on
+WATCH_EVERY = 1.0  # seconds between looks at the config file (one stat(), off the loop)
+WATCH_SETTLE = 0.25  # a change must hold this long before it is reloaded: a file being written changes again
+WATCH_TIMEOUT = 1.0  # a look that takes longer (a hung mount) is given up on for this round
+
+
+def file_signature(path: str) -> tuple:
+    """Blocking: what the config file looks like, through its symlinks. An edit changes its size, mtime or
+    ctime; a rename over it (an editor's save) and a ConfigMap update (its `..data` symlink swapped to a
+    new directory) change the inode that `path` resolves to."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ("absent",)
+    except OSError as e:
+        return ("error", e.errno)
+    return ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def read_config_seen(path: str) -> tuple[tuple, tuple[Config, dict[str, str | None]] | ConfigError]:
+    """Blocking: the file's signature, taken before the read, and what read_config() made of it."""
+    seen = file_signature(path)
+    try:
+        return seen, read_config(path)
+    except ConfigError as e:
+        return seen, e
 
 
 def read_config(path: str) -> tuple[Config, dict[str, str | None]]:
@@ -91,7 +116,9 @@ class Agent:
         self._tasks: list[asyncio.Task] = []  # the admin watcher, the reloader and the weight sampler
         self._reload_wanted = asyncio.Event()
         self.lookups = LookupPool(32)  # the default executor, once started
-        self._slots: dict[str, object] = {}  # off_loop's: the config read in flight
+        self._slots: dict[str, object] = {}  # off_loop's: the config read and the watcher's stat in flight
+        self._config_seen: tuple | None = None  # the file as the last read (start or reload) saw it
+        self._watch_asked: tuple | None = None  # the look the watcher last asked a reload for
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -109,6 +136,9 @@ class Agent:
         await self.admin.sync(force=True)  # before anything serves: maintenance survives a restart
         self._tasks.append(asyncio.create_task(self.admin.run(), name="admin-watcher"))
         self._tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
+        if self.config_path is not None:
+            self._config_seen = await self._look()
+            self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watcher"))
         self.scheduler = Scheduler(self.state, self.runner)
         self.scheduler.on_beat = self._beat
         self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
@@ -158,8 +188,42 @@ class Agent:
                 raise
             except Exception as e:  # a bug in one reload must not end reloading; the old config stays
                 assert self.state is not None
-                self.state.reloads["failure"] += 1
+                self.state.reloaded(False)
                 logs.event("reload_failed", logging.ERROR, file=self.config_path, errors=[repr(e)])
+
+    async def _look(self) -> tuple | None:
+        """The config file's signature, from a thread of its own; None when the look is stuck or slow."""
+        assert self.config_path is not None
+        try:
+            async with asyncio.timeout(WATCH_TIMEOUT):
+                return await off_loop(self._slots, "watch", file_signature, self.config_path, name="config-watch")
+        except (TimeoutError, StillBlocked):
+            return None
+
+    async def _watch_config(self) -> None:
+        """Reload when the config file changed since it was last read, exactly as SIGHUP does.
+
+        One stat() a second at idle. A change is taken once it has held for WATCH_SETTLE, and asked for
+        once: a reload in progress, or one that refused this very file, is not asked for again.
+        """
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            try:
+                if not self.config.agent.watch_config:
+                    continue
+                seen = await self._look()
+                if seen is None or seen == self._config_seen or seen == self._watch_asked:
+                    continue
+                await asyncio.sleep(WATCH_SETTLE)
+                if await self._look() != seen or seen == self._config_seen:  # still changing, or read meanwhile
+                    continue
+                self._watch_asked = seen
+                logs.event("config_changed", file=self.config_path)
+                self.request_reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # one bad round must not end watching
+                logs.event("config_watch_error", logging.ERROR, error=repr(e))
 
     async def reload(self) -> bool:
         """Re-read the config file. A bad file changes nothing: the old config keeps serving. A good one
@@ -179,7 +243,11 @@ class Agent:
                 raise ConfigError("(none)", ["no config file to reload"])
             try:
                 async with asyncio.timeout(RELOAD_TIMEOUT):
-                    config, tokens = await off_loop(self._slots, "config", read_config, path, name="config-read")
+                    seen, got = await off_loop(self._slots, "config", read_config_seen, path, name="config-read")
+                self._config_seen = seen
+                if isinstance(got, ConfigError):
+                    raise got
+                config, tokens = got
             except TimeoutError:
                 raise ConfigError(path, [f"reading the file took over {RELOAD_TIMEOUT:g}s (a hung mount?); "
                                          "the old config stays"]) from None
@@ -191,7 +259,7 @@ class Agent:
                 if problem:
                     raise ConfigError(path, [problem])
         except ConfigError as e:
-            self.state.reloads["failure"] += 1
+            self.state.reloaded(False)
             logs.event("reload_failed", logging.ERROR, file=e.source, errors=e.errors)
             return False
         if config.server.listen != self.config.server.listen:
@@ -209,7 +277,7 @@ class Agent:
                 self._web.app[TOKENS].update(tokens)
         changed = self.state.apply_config(config, loop.time(), seeds)
         self.scheduler.reload(changed)
-        self.state.reloads["success"] += 1
+        self.state.reloaded(True)
         logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks),
                    seconds=round(loop.time() - began, 3))
         return True

@@ -34,7 +34,8 @@ unknown: agent unreachable or details refused.
 endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /status/journal, /metrics, and the
 status page at /.
 drain/maint/ready write the state file in [agent] state_dir; the running agent applies it within 500 ms.
-signals of `run`: SIGTERM/SIGINT drain then exit 0; SIGHUP reloads the config (a bad file is refused).
+signals of `run`: SIGTERM/SIGINT drain then exit 0; SIGHUP reloads the config (a bad file is refused), and
+so does a change to the file within 2 s unless [agent] watch_config = false.
 """
 
 

@@ -89,6 +89,9 @@ class AgentConfig(Strict):
     state_dir: str = Field(default_factory=_default_state_dir, description="where drain/maintenance state is kept")
     allow_root: bool = Field(default=False, description="permit running as uid 0")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    watch_config: bool = Field(
+        default=True, description="reload when the config file changes (an edit, a ConfigMap update), as SIGHUP does"
+    )
 
 
 class GroupConfig(Strict):

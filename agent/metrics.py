@@ -85,6 +85,12 @@ class StateCollector:
         failures = CounterMetricFamily("healthgate_config_reload_failures", "config reloads refused (old one kept)")
         failures.add_metric([], float(state.reloads["failure"]))
         yield failures
+        yield GaugeMetricFamily("healthgate_config_last_reload_successful",
+                                "1 when the last reload (SIGHUP or a changed file) was applied, 0 when refused",
+                                value=1.0 if state.last_reload_ok else 0.0)
+        yield GaugeMetricFamily("healthgate_config_last_reload_success_timestamp_seconds",
+                                "when a config was last applied (the start counts), unix time",
+                                value=state.last_reload_success_wall)
 
         up = GaugeMetricFamily("healthgate_check_up", "1 when the check is up and fresh",
                                labels=["check", "type", "critical"])

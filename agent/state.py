@@ -68,6 +68,8 @@ class AgentState:
         self.lag_stats = CheckStats(LAG_BUCKETS)  # schedule lag of every check sample
         self.transitions: collections.Counter = collections.Counter()  # "up"/"down" -> n (served verdict)
         self.reloads: collections.Counter = collections.Counter()  # "success"/"failure" -> n
+        self.last_reload_ok = True  # the config in force is the file's latest (start counts as a success)
+        self.last_reload_success_wall = time.time()
         self.admin = Admin.READY
         self.admin_reason = ""
         self.admin_until: float | None = None  # wall-clock expiry; display and persistence only
@@ -152,6 +154,13 @@ class AgentState:
                 self._journal("admin", f"group:{g}", old[0].value, new[0].value, new[1])
         self.group_admin = groups
         self.refresh(max(self.heartbeat, self.snapshot.computed_at))
+
+    def reloaded(self, ok: bool) -> None:
+        """Count a reload, whatever asked for it (SIGHUP or the config watcher)."""
+        self.reloads["success" if ok else "failure"] += 1
+        self.last_reload_ok = ok
+        if ok:
+            self.last_reload_success_wall = time.time()
 
     def set_stopping(self, now: float) -> None:
         self.stopping = True

@@ -24,6 +24,8 @@ from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import BASE
 from tests.test_lifecycle import MEM as TOML_MEM
 
+NO_WATCH = {"watch_config": False}  # in-process tests that reload by themselves
+
 
 def release(fifo: Path, content: str = "") -> threading.Thread:
     """Hand `content` to whoever is blocked opening the FIFO for reading (from a thread: the open blocks)."""
@@ -37,8 +39,9 @@ def release(fifo: Path, content: str = "") -> threading.Thread:
     return t
 
 
-def config_text(state_dir: Path, *checks: str) -> str:
-    return toml_table("[agent]", state_dir=str(state_dir)) + "".join(memory_check(c) for c in checks)
+def config_text(state_dir: Path, *checks: str, watch: bool = False) -> str:
+    """A config file for an in-process agent whose test reloads it by itself (the watcher off unless asked)."""
+    return toml_table("[agent]", state_dir=str(state_dir), watch_config=watch) + "".join(memory_check(c) for c in checks)
 
 
 async def _up(agent) -> bool:
@@ -76,7 +79,7 @@ async def test_reload_that_hangs_keeps_the_old_config(start_agent, tmp_path: Pat
     monkeypatch.setattr(app_mod, "RELOAD_TIMEOUT", 0.3)
     fifo = tmp_path / "c.toml"
     os.mkfifo(fifo, 0o644)
-    agent = await start_agent({"checks": [MEM]}, config_path=str(fifo))
+    agent = await start_agent({"checks": [MEM], "agent": NO_WATCH}, config_path=str(fifo))
     await async_wait_for(lambda: _up(agent), what="up")
     try:
         loop = asyncio.get_running_loop()
@@ -99,7 +102,7 @@ async def test_sighups_during_a_reload_coalesce(start_agent, tmp_path: Path) -> 
     it, which reads the file as it is by then."""
     fifo = tmp_path / "c.toml"
     os.mkfifo(fifo, 0o644)
-    agent = await start_agent({"checks": [MEM]}, config_path=str(fifo))
+    agent = await start_agent({"checks": [MEM], "agent": NO_WATCH}, config_path=str(fifo))
     a = agent.agent
     a.request_reload()
     await async_wait_for(lambda: _async("config" in a._slots), what="the first reload reading the FIFO")
@@ -129,7 +132,7 @@ async def _in_maintenance(tmp_path: Path, start_agent):
     """An agent reading `c.toml`, in maintenance from the state file in tmp_path/old."""
     path = tmp_path / "c.toml"
     path.write_text(config_text(tmp_path / "old", "mem"))
-    agent = await start_agent({"checks": [MEM], "agent": {"state_dir": str(tmp_path / "old")}},
+    agent = await start_agent({"checks": [MEM], "agent": {**NO_WATCH, "state_dir": str(tmp_path / "old")}},
                               config_path=str(path))
     write_record(tmp_path / "old", make_record(Admin.MAINT, "kernel update", source="cli"))
     await async_wait_for(lambda: _async(agent.state.admin is Admin.MAINT), timeout=3, what="maint")
@@ -226,15 +229,15 @@ async def test_reload_changing_a_threshold_keeps_the_node_up_and_its_history(sta
     beside the running config and swapped in already UP; the transition counters, the weight ramp and the
     changed check's flap history are what they were."""
     path = tmp_path / "c.toml"
-    agent = await start_agent({"checks": [MEM], "agent_check": {"listen": "127.0.0.1:0", "weight_source": "off"}},
-                              config_path=str(path))
+    agent = await start_agent({"checks": [MEM], "agent": NO_WATCH,
+                               "agent_check": {"listen": "127.0.0.1:0", "weight_source": "off"}}, config_path=str(path))
     await async_wait_for(lambda: _up(agent), what="up")
     weights = agent.agent.agent_check.weights
     await async_wait_for(lambda: _async(weights.model.serving_since is not None), what="the ramp started")
     ramp, transitions = weights.model.serving_since, dict(agent.state.transitions)
     flaps = (1.0, 2.0)
     agent.state.states[MEM["name"]] = replace(agent.state.states[MEM["name"]], flaps=flaps)
-    path.write_text(toml_table("[agent]", state_dir=str(tmp_path / "state")) +
+    path.write_text(toml_table("[agent]", state_dir=str(tmp_path / "state"), watch_config=False) +
                     toml_table("[agent_check]", listen="127.0.0.1:0", weight_source="off") +
                     memory_check(MEM["name"], max_used_percent=99.9) + memory_check("added", rise=3))
     codes: list[int] = []
@@ -257,7 +260,7 @@ async def test_reload_adding_a_failing_critical_check_goes_down_at_the_swap(star
     """A reload that adds a failing critical check goes DOWN in the swap itself, with the check's first
     result as the reason: the new config says so."""
     path = tmp_path / "c.toml"
-    agent = await start_agent({"checks": [MEM]}, config_path=str(path))
+    agent = await start_agent({"checks": [MEM], "agent": NO_WATCH}, config_path=str(path))
     await async_wait_for(lambda: _up(agent), what="up")
     port = free_port()
     path.write_text(config_text(tmp_path / "state", MEM["name"]) + toml_table(
