@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import math
@@ -10,13 +11,15 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent import logs
 from agent.config import Config
 from agent.fields import YEAR, bounded_duration, format_duration, format_listen
 from agent.model import Admin
+from agent.probes.base import NAME_PATTERN
 from agent.probes.blocking import StillBlocked, off_loop
 from agent.state import AgentState
 
@@ -45,9 +48,22 @@ class AdminRecord:
     until: float | None = None
     set_at: float | None = None
     source: str = ""  # "cli", "http" or "agent" (a record the agent made up when the file was unusable)
+    # The verdict groups' own drain/maint (`--group`), by name; each entry's `groups` is empty. Written in
+    # the same file as the node's record, so one atomic rename changes both and nothing can tear them apart.
+    groups: tuple[tuple[str, AdminRecord], ...] = ()
 
     def expired(self, wall: float) -> bool:
         return self.until is not None and wall >= self.until
+
+    def group(self, name: str) -> AdminRecord:
+        return next((r for g, r in self.groups if g == name), READY)
+
+    def with_group(self, name: str, record: AdminRecord, wall: float) -> AdminRecord:
+        """This record with `name` set to `record` (ready removes it), and expired group entries dropped."""
+        kept = {g: r for g, r in self.groups if g != name and not r.expired(wall)}
+        if record.admin is not Admin.READY:
+            kept[name] = record
+        return replace(self, groups=tuple(sorted(kept.items())))
 
 
 READY = AdminRecord(Admin.READY)
@@ -65,9 +81,16 @@ def make_record(admin: Admin, reason: str = "", duration: float | None = None, s
     return AdminRecord(admin, sanitize(reason), until, wall, source)
 
 
+def _fields(record: AdminRecord) -> dict:
+    return {"admin": record.admin.value, "reason": record.reason, "until": record.until, "set_at": record.set_at,
+            "source": record.source}
+
+
 def encode(record: AdminRecord) -> bytes:
-    return (json.dumps({"admin": record.admin.value, "reason": record.reason, "until": record.until,
-                        "set_at": record.set_at, "source": record.source}, indent=2) + "\n").encode()
+    data = _fields(record)
+    if record.groups:  # absent without group states: the file stays what older agents wrote and read
+        data["groups"] = {name: _fields(r) for name, r in record.groups}
+    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def _usable_time(wall: float) -> bool:
@@ -88,21 +111,37 @@ def decode(raw: bytes) -> AdminRecord:
         raise ValueError(f"not JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    record = _entry(data, "")
+    groups = data.get("groups", {})  # files written before verdict groups have none
+    if not isinstance(groups, dict):
+        raise ValueError("groups: not a JSON object")
+    entries = []
+    for name, entry in sorted(groups.items()):
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(f"groups: {sanitize(name, 70)!r} is not a group name")
+        if not isinstance(entry, dict):
+            raise ValueError(f"groups.{name}: not a JSON object")
+        entries.append((name, _entry(entry, f"groups.{name}.")))
+    return replace(record, groups=tuple(entries))
+
+
+def _entry(data: dict, where: str) -> AdminRecord:
+    """One record (the node's, or a group's), its errors named by key path."""
     try:
         admin = Admin(data.get("admin"))
     except ValueError:
-        raise ValueError(f"admin: {data.get('admin')!r} is not one of ready, drain, maint") from None
+        raise ValueError(f"{where}admin: {data.get('admin')!r} is not one of ready, drain, maint") from None
     until, set_at = data.get("until"), data.get("set_at")
     for key, value in (("until", until), ("set_at", set_at)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(f"{key}: not a number")
+            raise ValueError(f"{where}{key}: not a number")
         # NaN never expires, and 1e400 (JSON's infinity) or 1e300 is no date gmtime() can show: such a
         # file was not written by us, and like any corrupt file it means maintenance.
         if value is not None and not _usable_time(value):
-            raise ValueError(f"{key}: {value!r} is not a usable time")
+            raise ValueError(f"{where}{key}: {value!r} is not a usable time")
     reason = data.get("reason", "")
     if not isinstance(reason, str):
-        raise ValueError("reason: not a string")
+        raise ValueError(f"{where}reason: not a string")
     return AdminRecord(admin, sanitize(reason), None if until is None else float(until),
                        None if set_at is None else float(set_at), sanitize(str(data.get("source", "")), 20))
 
@@ -144,6 +183,51 @@ def write_record(state_dir: str | os.PathLike[str], record: AdminRecord) -> Path
             except OSError:
                 pass
     return path
+
+
+LOCK_FILE = ".admin.lock"
+
+
+def update_record(state_dir: str | os.PathLike[str],
+                  change: Callable[[AdminRecord], AdminRecord]) -> tuple[Path, AdminRecord]:
+    """Read the state file, change its record and write it back, under a lock on the state directory, so
+    that a node command and a group command (or two group commands) at the same moment both count.
+
+    `change` may raise AdminWriteError to refuse; nothing is written then.
+    """
+    directory = Path(state_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise AdminWriteError(f"cannot write {state_path(directory)}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        record = change(read_record(state_path(directory)))
+        return write_record(directory, record), record
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def keeping_groups(record: AdminRecord) -> Callable[[AdminRecord], AdminRecord]:
+    """A node command's change: the node's record replaced, the groups' states kept (those still in force)."""
+    def change(current: AdminRecord) -> AdminRecord:
+        wall = record.set_at or time.time()
+        groups = () if current.source == "agent" else current.groups  # an unusable file had none we can trust
+        return replace(record, groups=tuple((g, r) for g, r in groups if not r.expired(wall)))
+
+    return change
+
+
+def setting_group(group: str, record: AdminRecord) -> Callable[[AdminRecord], AdminRecord]:
+    """A `--group` command's change: that group's entry replaced, the node's record as it is."""
+    def change(current: AdminRecord) -> AdminRecord:
+        if current.source == "agent":  # never write the agent's made-up maintenance back as an operator's
+            raise AdminWriteError(f"{current.reason}; run `healthgate ready` (or maint) for the node first, "
+                                  "which rewrites it")
+        return current.with_group(group, replace(record, groups=()), record.set_at or time.time())
+
+    return change
 
 
 def read_record(path: Path) -> AdminRecord:
@@ -245,7 +329,8 @@ class AdminWatcher:
         """
         state_dir = self.state.config.agent.state_dir
         try:
-            path = await off_loop(self._slots, "write", write_record, state_dir, record, name="admin-write")
+            path, _ = await off_loop(self._slots, "write", update_record, state_dir, keeping_groups(record),
+                                     name="admin-write")
         except StillBlocked as e:
             raise AdminWriteError(f"cannot write {state_path(state_dir)}: the write started {e.stuck:.0f}s ago "
                                   "is still blocked") from None
@@ -299,11 +384,17 @@ class AdminWatcher:
         else:
             until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.until)) if record.until else None
             logs.event("admin_state_read", path=str(self.path), admin=record.admin.value, reason=record.reason,
-                       until=until, source=record.source)
+                       until=until, source=record.source,
+                       **({"groups": {g: r.admin.value for g, r in record.groups}} if record.groups else {}))
         self.record = record
 
     def apply(self, wall: float) -> None:
-        """Put the record in force, or ready once its `--for` has run out."""
+        """Put the record in force, the node's and each group's, or ready once its `--for` has run out."""
+        self._apply_node(wall)
+        self.state.set_group_admin({g: (r.admin, r.reason, r.until) for g, r in self.record.groups
+                                    if r.admin is not Admin.READY and not r.expired(wall)})
+
+    def _apply_node(self, wall: float) -> None:
         r = self.record
         if r.admin is not Admin.READY and r.expired(wall):
             if self.state.admin is not Admin.READY:
@@ -347,18 +438,20 @@ def parse_for(text: str) -> float:
     return seconds
 
 
-def set_admin_cli(state_dir: str, action: str, reason: str,
-                  duration: float | None) -> tuple[AdminRecord | None, Path | None, str]:
-    """Write the state file for a command: (the record, the file, one line to print); None, None and the
-    error when it could not be written."""
+def set_admin_cli(state_dir: str, action: str, reason: str, duration: float | None,
+                  group: str | None = None) -> tuple[AdminRecord | None, Path | None, str]:
+    """Write the state file for a command, for the node or for one verdict group: (the record, the file,
+    one line to print); None, None and the error when it could not be written."""
     admin = Admin(action)
     record = make_record(admin, reason or f"{action} by {_who()}", duration, source="cli")
+    change = keeping_groups(record) if group is None else setting_group(group, record)
     try:
-        path = write_record(state_dir, record)
+        path, _ = update_record(state_dir, change)
     except AdminWriteError as e:
         return None, None, f"healthgate: {e}"
     until = f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(record.until))}" if record.until else ""
-    return record, path, f"{action}{until}: {record.reason} ({path})"
+    what = action if group is None else f"{action} group {group}"
+    return record, path, f"{what}{until}: {record.reason} ({path})"
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -370,13 +463,13 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.0) -> str:
-    """Ask the running agent (its /status on loopback) whether it applied `record`, read from `path`;
-    "" when it did, else a sentence saying why not.
+def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.0, group: str | None = None) -> str:
+    """Ask the running agent (its /status on loopback) whether it applied `record`, read from `path`, to the
+    node or to one verdict group; "" when it did, else a sentence saying why not.
 
-    Applied means: the agent reads that very file (`adminStateFile`), is in the record's mode, and for
-    drain and maint shows the record's reason, so a node already in maintenance from another file or an
-    older write does not pass for a confirmation.
+    Applied means: the agent reads that very file (`adminStateFile`), is in the record's mode (the node's,
+    or the group's own: `groups.<name>.admin`), and for drain and maint shows the record's reason, so a
+    node already in maintenance from another file or an older write does not pass for a confirmation.
     """
     import urllib.error
     import urllib.request
@@ -408,6 +501,11 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
             watched = info.get("adminStateFile")
             if watched is not None and not _same_file(watched, str(path)):
                 return f"the agent at {url} reads {watched}, not {path}; is it running with this config?"
+            if group is not None:
+                groups = json.loads(body).get("groups", {})
+                if group not in groups:
+                    return f"the agent at {url} has no group {group!r}; is it running with this config?"
+                info = groups[group]
             if info["admin"] == action and (record.admin is Admin.READY or info["adminReason"] == record.reason):
                 return ""
             seen = f"{info['admin']} ({info['adminReason']})" if info["adminReason"] else info["admin"]

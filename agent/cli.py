@@ -193,13 +193,17 @@ def cmd_admin(args: argparse.Namespace) -> int:
         cfg = load_or_report(path)
         if cfg is None:
             return EXIT_CONFIG
+    if args.group is not None and cfg is not None and args.group not in cfg.groups:
+        known = ", ".join(cfg.groups) or "none"
+        print(f"{path}: --group: no group named {args.group!r} in groups (known: {known})", file=sys.stderr)
+        return EXIT_CONFIG
     state_dir = args.state_dir or cfg.agent.state_dir
-    record, written, message = set_admin_cli(state_dir, args.command, args.reason, args.duration)
+    record, written, message = set_admin_cli(state_dir, args.command, args.reason, args.duration, args.group)
     print(message, file=sys.stdout if record else sys.stderr)
     if record is None or written is None:
         return EXIT_CONFIG
     if cfg is not None and not args.no_wait:
-        problem = confirm(cfg, record, written)
+        problem = confirm(cfg, record, written, group=args.group)
         if problem:
             print(f"healthgate: {args.command} written to {written} but not confirmed: {problem}. The agent "
                   "applies the file once it reads it; --no-wait skips this check.", file=sys.stderr)
@@ -214,6 +218,16 @@ def _duration_arg(text: str) -> float:
         return parse_for(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _group_arg(text: str) -> str:
+    import re
+
+    from agent.probes.base import NAME_PATTERN
+
+    if not re.fullmatch(NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError("a group name is letters, digits, _ . - (at most 63)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(duration=None)
         p.add_argument("--reason", default="", metavar="TEXT", help="shown in /status, logs and HAProxy")
+        p.add_argument("--group", type=_group_arg, metavar="NAME", help="only this verdict group ([groups.NAME]): its /health/NAME "
+                                                      "and the HAProxy backend that agent-sends NAME")
         p.add_argument("--no-wait", action="store_true", help="don't wait for the running agent to confirm")
     return parser
 

@@ -276,9 +276,10 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
 
 
 def group_entry(state: AgentState, snap: Snapshot, group: str, t: float) -> dict[str, Any]:
-    answer = decide(snap, state.condition, t, group)
+    answer, g = decide(snap, state.condition, t, group), snap.groups[group]
     return {"status": "pass" if answer.up else "fail", "state": answer.state, "output": answer.reason,
-            "failing": list(answer.failing), "checks": [v.name for v in snap.checks if v.name in snap.groups[group].members]}
+            "failing": list(answer.failing), "checks": [v.name for v in snap.checks if v.name in g.members],
+            "admin": g.admin.value, "adminReason": g.admin_reason}  # the group's own (`drain --group`)
 
 
 async def status(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from agent.admin import (
     make_record,
     read_record,
     sanitize,
+    set_admin_cli,
     state_path,
     write_record,
 )
@@ -59,6 +60,12 @@ def test_sanitize(text: str, limit: int, expected: str) -> None:
     (b'{"admin": "maint", "until": 1e300}', Admin.MAINT, "invalid: until: 1e+300 is not a usable time"),
     (b'{"admin": "drain", "until": -1}', Admin.MAINT, "invalid: until: -1 is not a usable time"),
     (b'{"admin": "drain", "until": 1e12, "set_at": Infinity}', Admin.MAINT, "invalid: set_at: inf is not a usable time"),
+    # A group's entry is checked as the node's, its errors named by key path; a broken one fails the node closed.
+    (b'{"admin": "ready", "groups": {"api": {"admin": "drain"}}}', Admin.READY, ""),
+    (b'{"admin": "ready", "groups": []}', Admin.MAINT, "invalid: groups: not a JSON object"),
+    (b'{"admin": "ready", "groups": {"api": {"admin": "drain", "until": "soon"}}}', Admin.MAINT,
+     "invalid: groups.api.until: not a number"),
+    (b'{"admin": "ready", "groups": {"a b": {"admin": "drain"}}}', Admin.MAINT, "invalid: groups: 'a b' is not a group name"),
 ])
 def test_read_record_fails_closed(tmp_path: Path, content: bytes | None, admin: Admin, reason_part: str) -> None:
     """A missing file is ready; a file that can't be parsed puts the node in maintenance, saying why."""
@@ -86,6 +93,44 @@ def test_write_is_atomic_and_round_trips(tmp_path: Path) -> None:
     assert read_record(path) == record
     assert sorted(p.name for p in d.iterdir()) == ["admin.json"]
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_group_states_round_trip_beside_the_node_record(tmp_path: Path) -> None:
+    """A group's drain is written in the same file as the node's record: a node command keeps it, a group
+    command keeps the node's record, `ready --group` removes the entry, an expired entry is dropped at the
+    next write, and a file without groups (older agents') reads as none."""
+    set_admin_cli(str(tmp_path), "drain", "reindex", None, group="api")
+    set_admin_cli(str(tmp_path), "maint", "short", 0.001, group="static")
+    set_admin_cli(str(tmp_path), "maint", "kernel", None)
+    record = read_record(state_path(tmp_path))
+    assert (record.admin, record.reason) == (Admin.MAINT, "kernel")
+    assert [g for g, _ in record.groups] == ["api"]  # static's 1 ms had run out by the node's write
+    assert (record.group("api").admin, record.group("api").reason) == (Admin.DRAIN, "reindex")
+    set_admin_cli(str(tmp_path), "ready", "", None, group="api")
+    assert read_record(state_path(tmp_path)).groups == ()
+    assert b"groups" not in state_path(tmp_path).read_bytes()  # the file older agents wrote, again
+    state_path(tmp_path).write_text('{"admin": "drain", "reason": "old"}')
+    assert read_record(state_path(tmp_path)) == AdminRecord(Admin.DRAIN, "old")
+
+
+def test_group_command_on_an_unusable_file_is_refused(tmp_path: Path) -> None:
+    """A group command never writes the agent's made-up maintenance back as if an operator had asked for it:
+    on an unusable state file it is refused and the file stays as it is."""
+    state_path(tmp_path).write_text("{not json")
+    record, written, message = set_admin_cli(str(tmp_path), "drain", "", None, group="api")
+    assert record is None and written is None
+    assert "invalid: not JSON" in message and "run `healthgate ready`" in message
+    assert state_path(tmp_path).read_text() == "{not json"
+
+
+async def test_http_admin_write_keeps_the_groups(start_agent, tmp_path: Path) -> None:
+    """POST /admin/drain replaces the node's record and keeps a group's drain written by the CLI."""
+    agent = await start_agent({"checks": [MEM], "groups": {"api": {"checks": [MEM["name"]]}}})
+    set_admin_cli(agent.state.config.agent.state_dir, "drain", "reindex", None, group="api")
+    await agent.agent.admin.write(make_record(Admin.DRAIN, "deploy", source="http"))
+    record = read_record(state_path(agent.state.config.agent.state_dir))
+    assert (record.admin, record.group("api").admin) == (Admin.DRAIN, Admin.DRAIN)
+    assert agent.state.group_admin == {"api": (Admin.DRAIN, "reindex", None)}
 
 
 def test_disk_full_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
 
+from agent.admin import set_admin_cli
 from agent.app import Agent
 from agent.config import ConfigError, parse_config
 from agent.model import Admin
-from tests.helpers import ROOT, async_wait_for
+from tests.helpers import ROOT, async_wait_for, free_port, wait_for
+from tests.test_admin import run_cli
 from tests.test_haproxy_e2e import Dependency, dependency, haproxy  # noqa: F401 - fixtures
+from tests.test_lifecycle import MEM as TOML_MEM
 
 BASE = {"agent": {"allow_root": True}}
 
@@ -127,7 +132,8 @@ async def test_real_haproxy_with_two_backends_follows_each_group(haproxy, depend
                                                                  tmp_path: Path) -> None:
     """HAProxy, configured as deploy/haproxy/haproxy.cfg's api and static backends (agent-send and
     /health/<group>), shows the node DOWN in the API backend and UP in the static one when only the API's
-    database fails, and UP in both again when it returns."""
+    database fails, UP in both again when it returns, and DRAIN in the API backend alone when that group is
+    drained."""
     cfg = parse_config({
         "server": {"listen": "127.0.0.1:0"}, "agent": {"state_dir": str(tmp_path / "state")},
         "agent_check": {"listen": "127.0.0.1:0", "weight_source": "off"},
@@ -148,6 +154,13 @@ async def test_real_haproxy_with_two_backends_follows_each_group(haproxy, depend
         await dependency.start()
         await h.wait(lambda s: {b: v["status"] for b, v in s.items()} == {"api": "UP", "static": "UP"},
                      timeout=15, what="both UP again")
+        # `healthgate drain --group api`: HAProxy drains the node in the API backend alone.
+        assert set_admin_cli(str(tmp_path / "state"), "drain", "reindex", None, group="api")[0] is not None
+        # (admin 8 is HAProxy's forced drain; /health/api's 503 then takes it DOWN too, as the README's soft
+        # drain says; the static backend is untouched.)
+        await h.wait(lambda s: s["api"]["admin"] == 8 and "reindex" in s["api"]["agent"]
+                     and (s["static"]["status"], s["static"]["admin"]) == ("UP", 0), timeout=10,
+                     what="api drained, static UP and ready")
     finally:
         await agent.stop()
 
@@ -164,8 +177,95 @@ async def test_status_and_metrics_show_groups(start_agent, dependency: Dependenc
 
     body = json.loads((await agent.get("/status", headers={"Accept": "application/json"}))[1])
     assert body["groups"]["static"] == {"status": "pass", "state": "up", "output": "", "failing": [],
-                                        "checks": ["mem"]}
+                                        "checks": ["mem"], "admin": "ready", "adminReason": ""}
     api = body["groups"]["api"]
     assert api["status"] == "fail" and api["failing"] == ["db"] and api["output"].startswith("db: ")
     metrics = (await agent.get("/metrics"))[1]
     assert 'healthgate_group_up{group="api"} 0.0' in metrics and 'healthgate_group_up{group="static"} 1.0' in metrics
+
+
+# -- a group drained alone: `healthgate drain|maint|ready --group NAME` --------------------------------------
+
+GROUPS_TOML = """
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_drain = "0s"
+[agent]
+allow_root = true
+state_dir = "%s"
+[agent_check]
+listen = "127.0.0.1:%d"
+weight_source = "off"
+[groups.api]
+checks = ["mem"]
+[groups.static]
+checks = ["mem"]
+""" + TOML_MEM % "mem"
+
+
+def _codes(agent) -> list[int]:
+    return [agent.get(p)[0] for p in ("/health", "/health/api", "/health/static")]
+
+
+def _ask(port: int, send: bytes) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        s.sendall(send)
+        return s.makefile().readline()
+
+
+def test_group_drain_with_the_cli_against_a_running_agent(agent_process, tmp_path: Path) -> None:
+    """`drain --group api` drains the api group alone, confirmed: /health/api answers 503 and HAProxy's agent-
+    send "api" gets `drain`, while /health, /health/static and agent-send "static" stay up and ready. A node-
+    wide drain and ready leave the group's drain in place; `ready --group api` ends it; an unknown group is a
+    config error."""
+    state_dir, check_port = tmp_path / "state", free_port()
+    agent = agent_process(GROUPS_TOML % (state_dir, check_port))
+    cfg = str(agent.path)
+    wait_for(lambda: _codes(agent) == [200, 200, 200], what="all up")
+
+    proc = run_cli("drain", "-c", cfg, "--group", "api", "--reason", "reindex")
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert proc.stdout.startswith("drain group api: reindex (")
+    assert _codes(agent) == [200, 503, 200]
+    assert _ask(check_port, b"api\n") == "up drain 100% #reindex\n"
+    assert _ask(check_port, b"static\n") == "up ready 100%\n"
+    body = json.loads(agent.get("/status")[1])
+    assert body["healthgate"]["admin"] == "ready"
+    api = body["groups"]["api"]
+    assert (api["state"], api["admin"], api["adminReason"], api["output"]) == ("drain", "drain", "reindex",
+                                                                               "drain: reindex")
+    on_disk = json.loads((state_dir / "admin.json").read_text())
+    assert on_disk["admin"] == "ready" and on_disk["groups"]["api"]["admin"] == "drain"
+
+    assert run_cli("drain", "-c", cfg, "--reason", "deploy").returncode == 0  # the node: every group
+    assert _codes(agent) == [503, 503, 503]
+    assert run_cli("ready", "-c", cfg).returncode == 0  # the node's drain ends; the group's stays
+    assert _codes(agent) == [200, 503, 200]
+
+    proc = run_cli("ready", "-c", cfg, "--group", "api")
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert _codes(agent) == [200, 200, 200]
+    assert _ask(check_port, b"api\n") == "up ready 100%\n"
+    assert "groups" not in json.loads((state_dir / "admin.json").read_text())
+
+    proc = run_cli("maint", "-c", cfg, "--group", "apl")
+    assert proc.returncode == 2
+    assert f"{cfg}: --group: no group named 'apl' in groups (known: api, static)" in proc.stderr
+    log = agent.logs()
+    assert '"name": "group:api", "from": "ready", "to": "drain", "reason": "reindex"' in log
+
+
+def test_group_maintenance_survives_a_restart_and_expires(agent_process, tmp_path: Path) -> None:
+    """`maint --group api --for` is in the state file: an agent started after it serves the group in
+    maintenance from its first answer, and the maintenance ends by itself at its expiry."""
+    state_dir = tmp_path / "state"
+    agent = agent_process(GROUPS_TOML % (state_dir, free_port()))
+    wait_for(lambda: _codes(agent) == [200, 200, 200], what="all up")
+    proc = run_cli("maint", "-c", str(agent.path), "--group", "api", "--for", "4s", "--reason", "rebuild")
+    assert proc.returncode == 0 and " until " in proc.stdout, proc.stderr
+    agent.stop()
+    again = agent_process(GROUPS_TOML % (state_dir, free_port()))
+    assert again.get("/health/api")[0] == 503  # from the very first answer, before any check result
+    wait_for(lambda: _codes(again) == [200, 503, 200], what="only api in maintenance")
+    assert json.loads(again.get("/status")[1])["groups"]["api"]["state"] == "maint"
+    wait_for(lambda: _codes(again) == [200, 200, 200], timeout=6, what="the maintenance expired")

@@ -105,6 +105,19 @@ def test_probes_match_the_agents_config(name: str, workload: dict, config: Confi
     assert mount["readOnly"] is True
 
 
+def test_the_application_container_is_ready_on_its_own_group() -> None:
+    """In the sidecar example the application container's readinessProbe asks the agent beside it for the
+    verdict of its own group (/ready/<group>, a group of the ConfigMap), on the agent's port."""
+    (_, workload, config), = [w for w in workloads() if w[1]["kind"] == "Deployment"]
+    (app,) = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] != "healthgate"]
+    get = app["readinessProbe"]["httpGet"]
+    assert get["port"] == config.server.listen[1]
+    prefix, _, group = get["path"].rpartition("/")
+    assert prefix == "/ready" and group in config.groups, get["path"]
+    assert "/ready/{check}" in routes()
+    assert "livenessProbe" not in app, "a dependency's outage must never restart the application"
+
+
 @pytest.mark.parametrize(("name", "workload", "config"), workloads(), ids=lambda v: v if isinstance(v, str) else "")
 def test_shutdown_timing_fits_shutdown_drain(name: str, workload: dict, config: Config) -> None:
     """terminationGracePeriodSeconds covers the agent's drain; in the sidecar example the application's
