@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import stat
 import sys
 
 from agent import logs
@@ -40,6 +41,8 @@ def file_signature(path: str) -> tuple:
         return ("absent",)
     except OSError as e:
         return ("error", e.errno)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO's times move when it is read: only a new one is a change
+        return ("special", st.st_dev, st.st_ino)
     return ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
