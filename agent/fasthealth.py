@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 #
 # It is deliberately narrow. It answers only a request that HEAD_RE matches whole: GET or HEAD of one of
 # the three paths, HTTP/1.0 or 1.1, at most MAX_HEAD bytes, and only header names from ALLOWED with plain
-# printable values (so no body, no upgrade, no Expect), one Host (required by HTTP/1.1). Anything else
-# (other paths or methods, query strings, bodies, malformed or oversized heads, unknown headers, bare LF
-# line ends) hands the connection, from that request on, to aiohttp's own protocol, which parses, rejects
-# and answers it exactly as it would without this front. So strictness about odd input stays with aiohttp.
+# printable values (so no body, no upgrade, no Expect), one Host (required by HTTP/1.1), at most one
+# User-Agent (aiohttp refuses a second of either, RFC 9110 singletons). Anything else (other paths or
+# methods, query strings, bodies, malformed or oversized heads, unknown headers, bare LF line ends) hands
+# the connection, from that request on, to aiohttp's own protocol, which parses, rejects and answers it
+# exactly as it would without this front. So strictness about odd input stays with aiohttp.
 
 PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live"}
 MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and partial ones) go to aiohttp
@@ -42,6 +43,12 @@ HEAD_RE = re.compile(
     rb"(GET|HEAD) (/health|/ready|/live) HTTP/1\.([01])((?:" + _HOST + b"|" + _OTHER + rb")*)"
 )
 REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
+
+
+def overdone(lower: bytes) -> bool:
+    """A lower-cased header block (lines led by CRLF) with a singleton twice or too many headers."""
+    hosts, agents = lower.count(b"\r\nhost:"), lower.count(b"\r\nuser-agent:")
+    return hosts > 1 or agents > 1 or lower.count(b"\r\n") > MAX_HEADERS
 
 
 def parse_connection(headers: bytes) -> set[bytes]:
@@ -179,8 +186,7 @@ class HealthProtocol(asyncio.Protocol):
             headers = m.group(4)
             close = http10 = m.group(3) == b"0"
             lower = headers.lower()
-            hosts = lower.count(b"\r\nhost:")
-            if hosts > 1 or (hosts == 0 and not http10) or lower.count(b"\r\n") > MAX_HEADERS:
+            if overdone(lower) or (not http10 and b"\r\nhost:" not in lower):
                 break
             if b"\r\nconnection:" in lower:
                 tokens = parse_connection(headers)

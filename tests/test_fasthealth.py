@@ -167,6 +167,7 @@ async def test_connection_close_and_http10(up_agent, request_bytes: bytes, heade
 ODD = [
     b"GET /health HTTP/1.1\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: a\r\nUser-Agent: a\r\n\r\n",  # aiohttp: 400
     b"GET /health HTTP/1.1\r\nHost: a b\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key1: x\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
