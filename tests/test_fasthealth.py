@@ -193,6 +193,7 @@ ODD = [
     b"GET /health HTTP/2.0\r\n\r\n",
     b"GET /health\r\n\r\n",
     b"GARBAGE\r\n\r\n",
+    b"\x00",  # never a probe, and aiohttp says so at once: the front used to hold it for read_timeout
     b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
     b"GET /health HTTP/1.1\nHost: x\n\n",
     b"GET http://x/health HTTP/1.1\r\n\r\n",
@@ -228,7 +229,7 @@ async def test_idle_and_slow_clients_are_closed_after_read_timeout(start_agent) 
     idle = await connect(agent)
     slow = await connect(agent)
     t0 = asyncio.get_running_loop().time()
-    slow[1].write(b"GET /health HTTP/1.1\r\nX: ")
+    slow[1].write(b"GET /health HTTP/1.1\r\nAccept: ")  # may still become a probe: the front holds it
     for _ in range(5):
         slow[1].write(b"a")
         await asyncio.sleep(0.1)
