@@ -213,7 +213,8 @@ class HealthProtocol(asyncio.Protocol):
                 break
             if b"\r\nconnection:" in lower:
                 tokens = parse_connection(headers)
-                close = b"close" in tokens or (http10 and b"keep-alive" not in tokens)
+                # As aiohttp (llhttp) decides: HTTP/1.0 stays open on keep-alive, even beside close.
+                close = b"keep-alive" not in tokens if http10 else b"close" in tokens
             out.append(self.front.answer(PATHS[m.group(2)], m.group(1) == b"HEAD", close, http10))
             pos = end + 4
             if close:

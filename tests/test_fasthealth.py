@@ -149,6 +149,7 @@ async def test_a_request_split_into_single_bytes_is_answered(up_agent) -> None:
     (b"GET /health HTTP/1.1\r\nConnection: TE, Close\r\nHost: x\r\n\r\n", "close", True),
     (b"GET /health HTTP/1.0\r\n\r\n", "close", True),
     (b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "keep-alive", False),
+    (b"GET /health HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", "keep-alive", False),  # as aiohttp
 ])
 async def test_connection_close_and_http10(up_agent, request_bytes: bytes, header: str, eof: bool) -> None:
     """Connection: close and plain HTTP/1.0 get one answer then EOF; HTTP/1.0 keep-alive stays open."""
