@@ -1,5 +1,6 @@
 # healthgate: `make run` starts the agent with config/healthgate.toml, `make test` runs the tests,
-# `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it). All create .venv when missing.
+# `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it), `make fuzz` the differential fuzz of the
+# fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000). All create .venv when missing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ CONFIG ?= config/healthgate.toml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test soak lint bench venv clean
+.PHONY: run test soak fuzz lint bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +27,10 @@ test: venv
 
 soak: venv
 	$(BIN)/python -m pytest -m slow -p no:cacheprovider -s $(PYTEST_ARGS)
+
+fuzz: venv
+	HEALTHGATE_FUZZ_EXAMPLES=$${HEALTHGATE_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fasthealth_fuzz.py $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check agent tests bench
