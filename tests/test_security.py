@@ -24,7 +24,16 @@ from agent import logs
 from agent.app import read_tokens
 from agent.config import ConfigError, parse_config
 from agent.model import Admin
-from tests.helpers import PASSING, ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check, wait_for
+from tests.helpers import (
+    PASSING,
+    ROOT,
+    AgentProcess,
+    agent_toml,
+    async_wait_for,
+    free_port,
+    memory_check,
+    wait_for,
+)
 
 CLIENT = r"""
 import json, sys, time, urllib.error, urllib.request
