@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from agent.fields import Duration, Listen, Strict
+from agent.fleet.config import FleetConfig
 from agent.probes import PROBES
 
 DEFAULT_PATH = "/etc/healthgate/healthgate.toml"
@@ -90,10 +91,12 @@ class Config(Strict):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     agent_check: AgentCheckConfig = Field(default_factory=AgentCheckConfig)
+    fleet: FleetConfig | None = Field(default=None, description="the fleet guard; off when the table is absent")
     checks: list[CheckConfig] = Field(default_factory=list)
 
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for c in self.checks for s in c.secrets() if s)
+        fleet = self.fleet.secrets() if self.fleet else ()
+        return tuple(s for s in (*fleet, *(s for c in self.checks for s in c.secrets())) if s)
 
 
 class ConfigError(Exception):
