@@ -9,7 +9,9 @@ guard can time out like any other.
 Layout under /healthgate/fleet/<group>/: serving/<node> or down/<node> (exactly one; value: status,
 reasons, since) on the member's lease (TTL = ttl, kept alive by each beat: a beat writes nothing), and
 seen/<node> on a second lease of TTL = window (the expected size; its value is the last status, so a
-member that went silent is still listed). A grant is down/<node> with status "shed", written by a txn that
+member that went silent is still listed). born (no lease) marks when the store first saw the group, and
+warmup (a lease of TTL = ttl, made with born) says the group is too new to count: while it lives nothing is
+granted, since live members not yet back (a new group, a store that restarted empty) are missing. A grant is down/<node> with status "shed", written by a txn that
 compares the down/ prefix unchanged since the counts were read: two nodes granted from the same counts
 can't both commit, the loser reads again.
 """
@@ -146,9 +148,15 @@ class EtcdStore:
             data = await self._txn([_range(f"{self.root}serving/", prefix=True, count_only=True),
                                     _range(f"{self.root}seen/", prefix=True, count_only=True),
                                     _range(self._key("serving", report.node), keys_only=True),
-                                    _range(self._key("down", report.node))])
+                                    _range(self._key("down", report.node)),
+                                    _range(f"{self.root}born", keys_only=True),
+                                    _range(f"{self.root}warmup", keys_only=True)])
             rev = int(data["header"]["revision"])
             counts = [r["response_range"] for r in data["responses"]]
+            warm = bool(counts[5].get("kvs"))
+            if not counts[4].get("kvs"):
+                await self._born()
+                warm = True
             serving_n, seen_n = int(counts[0].get("count", 0)), int(counts[1].get("count", 0))
             self_serving = bool(counts[2].get("kvs"))
             own_down = counts[3].get("kvs") or []
@@ -159,7 +167,7 @@ class EtcdStore:
             if holds and not recheck:
                 ok = True
             else:
-                ok = grant(self.cfg.rule, expected, others)
+                ok = not warm and grant(self.cfg.rule, expected, others)
             if not ok:
                 await self._write(report, "held")
                 return Standing("held", expected, others + 1, allowed)
@@ -170,6 +178,14 @@ class EtcdStore:
             if await self._write(report, "shed", unchanged):
                 return Standing("shed", expected, others, allowed)
         raise StoreError(f"etcd: check-and-grant lost {TRIES} races in a row")
+
+    async def _born(self) -> None:
+        """Mark the group new (once: the txn loses to a concurrent first member)."""
+        lease = await self._grant_lease(self.cfg.ttl)
+        born = _b64(f"{self.root}born")
+        await self._txn([{"request_put": {"key": born, "value": _b64(str(time.time()))}},
+                         {"request_put": {"key": _b64(f"{self.root}warmup"), "value": "", "lease": lease}}],
+                        [{"key": born, "target": "VERSION", "result": "EQUAL", "version": "0"}])
 
     async def beat(self, report: Report) -> Standing:
         fresh = await self._keepalive(report.node)

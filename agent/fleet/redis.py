@@ -16,9 +16,11 @@ if TYPE_CHECKING:
 # (score: its last beat, server milliseconds) and in exactly one of `serving` and `down` (same score);
 # `shed` holds the members of `down` that have a grant (score: when granted). A member whose score is
 # older than ttl is silent: it counts toward the expected size (for `window`) but never as serving.
+# `born` is when the store first saw the group: for one ttl after that (a new group, or a store that
+# restarted empty) nothing is granted, since live members not yet back would be missing from the counts.
 # TIME inside a script that writes is allowed since Redis 5 (effects replication; the only mode in 7.0).
 SCRIPT = """
-local seen, serving, down, shed, status, info = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local seen, serving, down, shed, status, info, born = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local op, node, want, doc = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl, window = tonumber(ARGV[5]), tonumber(ARGV[6])
 local count, bps, size = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -30,6 +32,9 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', seen, '-inf', '(' .. (now - windo
   redis.call('ZREM', shed, m); redis.call('HDEL', status, m); redis.call('HDEL', info, m)
 end
 redis.call('ZADD', seen, now, node)
+local since = tonumber(redis.call('GET', born) or now)
+if since == now then redis.call('SET', born, now) end
+local warm = now - since < ttl
 local function live(key)
   local s = redis.call('ZSCORE', key, node)
   return s and tonumber(s) >= alive
@@ -41,7 +46,7 @@ if count >= 0 then allowed = math.min(count, expected) else allowed = math.floor
 local others = redis.call('ZCOUNT', serving, alive, '+inf')
 if live(serving) then others = others - 1 end
 local result = want
-if want == 'shed' and (op == 'acquire' or not holds) and others < expected - allowed then
+if want == 'shed' and (op == 'acquire' or not holds) and (warm or others < expected - allowed) then
   result = 'held'
 end
 if result == 'shed' or result == 'down' then
@@ -61,7 +66,7 @@ if result == 'up' or result == 'held' then others = others + 1 end
 return {result, expected, others, allowed, now}
 """
 
-NAMES = ("seen", "serving", "down", "shed", "status", "info")
+NAMES = ("seen", "serving", "down", "shed", "status", "info", "born")
 
 
 def client_for(cfg: FleetConfig) -> redis.asyncio.Redis:
@@ -109,7 +114,7 @@ class RedisStore:
     async def members(self) -> Group:
         from agent.fleet.budget import allowed_down, expected_size
 
-        seen, serving, down, shed, status, info = self.keys
+        seen, _serving, _down, _shed, status, info, _born = self.keys
         pipe = self.client.pipeline(transaction=True)
         pipe.time().zrange(seen, 0, -1, withscores=True).hgetall(status).hgetall(info)
         now_pair, beats, statuses, infos = await pipe.execute()
@@ -117,7 +122,7 @@ class RedisStore:
         members: list[Member] = []
         for node, score in beats:
             silent = max(0.0, (now - score) / 1000)
-            if silent * 1000 > self.cfg.window:
+            if silent > self.cfg.window:
                 continue
             reasons, since = parse_doc(infos.get(node))
             members.append(Member(node, statuses.get(node, "up"), silent <= self.cfg.ttl, reasons, since, silent))
