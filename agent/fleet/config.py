@@ -59,7 +59,7 @@ class FleetConfig(Strict):
             raise ValueError("must be a redis://, rediss://, unix:// or etcd:// URL")
         if parts.scheme == "etcd":
             if parts.username or parts.password:
-                raise ValueError("etcd authentication is not supported: allow the agents' address instead")
+                raise ValueError("etcd authentication is not supported yet: leave user:password out of the URL")
             if not parts.hostname or parts.path not in ("", "/"):
                 raise ValueError("an etcd URL is etcd://HOST:PORT")
             try:
@@ -70,9 +70,9 @@ class FleetConfig(Strict):
             raise ValueError("a redis URL needs a host: redis://HOST:PORT/DB")
         return v
 
-    @field_validator("max_down")
+    @field_validator("max_down", mode="before")
     @classmethod
-    def _max_down(cls, v: int | str) -> int | str:
+    def _max_down(cls, v: object) -> object:
         parse_max_down(v)  # raises ValueError in the user's words
         return v
 
