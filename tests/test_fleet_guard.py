@@ -72,7 +72,7 @@ async def test_concurrent_grants_never_exceed_the_budget(store: StoreServer) -> 
             await until(lambda: fleet.count("granted") == budget and fleet.count("held") == n - budget, 10,
                         f"round {r}: the budget used", bounded)
             group = await fleet.group()
-            assert sum(1 for m in group.members if m.status == "shed") == budget
+            assert sum(1 for m in group.members if m.status == "shed") == budget, (r, group)
             assert group.serving == n - budget
             fleet.observe()
             assert fleet.count("none") == n  # at once, before any store call
@@ -163,3 +163,18 @@ async def test_release_on_clear_and_local_fault_overrides(store: StoreServer) ->
         view = fleet.guards[held].view()
         assert view.state == "none" and not view.serve
         await until(lambda: status_of(held, "down"), 2, "the local fault recorded")
+
+
+async def test_a_grant_is_never_reused_after_its_reason_cleared(store: StoreServer) -> None:
+    """A granted node whose reason clears while the store is down (the release can't be sent) drops its
+    copy of the grant at once: when the reason returns it is held, never granted without asking."""
+    async with Fleet(store.url, 2, max_down=1) as fleet:
+        await until(lambda: all_registered(fleet, 2), 10, "both members registered")
+        fleet.observe(shared=("db",), which=[0])
+        await until(lambda: fleet.guards[0].view().state == "granted", 10, "the grant")
+        store.kill()
+        fleet.observe(which=[0])
+        fleet.observe(shared=("db",), which=[0])
+        view = fleet.guards[0].view()
+        assert view.state == "held" and view.serve
+        assert fleet.guards[0].decisions["released"] == 1

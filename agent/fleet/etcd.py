@@ -18,9 +18,11 @@ can't both commit, the loser reads again.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +77,7 @@ class EtcdStore:
         self._seen_lease: str | None = None
         self._seen_kept = 0.0
         self._written: tuple[str, str] | None = None  # (status, doc) as last written under this lease
+        self.calls = 0  # requests sent to the store (the bench's ops per member)
 
     # -- the gateway ------------------------------------------------------------------------------
 
@@ -83,6 +86,7 @@ class EtcdStore:
 
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4), trust_env=False)
+        self.calls += 1
         async with self._session.post(self.base + path, json=body) as resp:
             data = await resp.json(content_type=None)
             if resp.status != 200 or not isinstance(data, dict):
@@ -113,6 +117,11 @@ class EtcdStore:
         fresh = not await self._alive(self._lease)
         if fresh:
             self._lease, self._written = await self._grant_lease(self.cfg.ttl), None
+            # The group's birth starts its warm-up: mark it when the first member registers, not at the
+            # first grant request, or the first outage would wait out a ttl before anyone may shed.
+            data = await self._post("/v3/kv/range", {"key": _b64(f"{self.root}born"), "keys_only": True})
+            if not data.get("kvs"):
+                await self._born()
         now = time.monotonic()
         if fresh or now - self._seen_kept >= self.cfg.window / 4 or self._seen_lease is None:
             if not await self._alive(self._seen_lease):
@@ -144,7 +153,9 @@ class EtcdStore:
         """Check-and-grant: read the counts at one revision, decide, commit only if no grant or local
         fault was recorded since (the down/ prefix unchanged); otherwise read again."""
         down = f"{self.root}down/"
-        for _ in range(TRIES):
+        for attempt in range(TRIES):
+            if attempt:  # another node committed first: step aside a random moment so the retries spread
+                await asyncio.sleep(random.uniform(0, min(0.02, 0.002 * attempt)))
             data = await self._txn([_range(f"{self.root}serving/", prefix=True, count_only=True),
                                     _range(f"{self.root}seen/", prefix=True, count_only=True),
                                     _range(self._key("serving", report.node), keys_only=True),

@@ -96,6 +96,7 @@ class FleetGuard:
         self._grant_until: float | None = None  # local copy of the grant: valid before this (monotonic)
         self._checked_at: float | None = None  # last budget check of the grant held (min_hold re-checks)
         self._request_at = 0.0  # no grant request before this (jitter, retry after a refusal)
+        self._refusals = 0  # in a row: the retry backs off from heartbeat to min_hold
         self._recorded: MemberStatus | None = None  # the status the store holds for this node
         self._attempt_at: float | None = None  # when the last call was sent
         self._failed = False
@@ -118,6 +119,12 @@ class FleetGuard:
             self._shared, self._local = shared, local
             if self._wish() != before:
                 self._wish_since = self._wall()
+                self._refusals = 0
+                if before == "shed" and self._grant_until is not None:
+                    # Dropped here, not when the store confirms the release: a release that fails must not
+                    # leave a copy that a returning reason would reuse without asking.
+                    self._grant_until = self._checked_at = None
+                    self.decisions["released"] += 1
                 if self._wish() == "shed" and not self._holding(now):
                     self._request_at = now + self._rng.uniform(0, self.cfg.jitter)
                 self._wake.set()
@@ -208,12 +215,12 @@ class FleetGuard:
         self._recorded = standing.status
         if standing.expected is not None:
             self._figures = standing
-        if report.status != "shed":
-            if was_holding or self._grant_until is not None:
-                self.decisions["released"] += 1
+        if report.status != "shed" or self._wish() != "shed":
+            # A release, or an answer to a request the node no longer wants: the plan releases it next.
             self._grant_until = self._checked_at = None
             return
         if standing.granted:
+            self._refusals = 0
             if not was_holding:
                 self.decisions["granted"] += 1
                 self._checked_at = now
@@ -224,7 +231,12 @@ class FleetGuard:
             return
         self.decisions["revoked" if was_holding else "refused"] += 1
         self._grant_until = self._checked_at = None
-        self._request_at = now + self.cfg.heartbeat + self._rng.uniform(0, self.cfg.jitter)
+        # A held node keeps beating every heartbeat; its requests back off to one per min_hold, so a long
+        # outage of a large group costs the store about one check per member per min_hold, not per beat.
+        self._refusals += 1
+        cfg = self.cfg
+        delay = max(cfg.heartbeat, min(cfg.min_hold, cfg.heartbeat * 2 ** min(self._refusals - 1, 16)))
+        self._request_at = now + delay + self._rng.uniform(0, cfg.jitter)
 
     def _store_failed(self, e: Exception, sent: float) -> None:
         kind = "timeout" if isinstance(e, TimeoutError) else type(e).__name__

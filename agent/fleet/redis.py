@@ -95,10 +95,12 @@ class RedisStore:
         self._script = self.client.register_script(SCRIPT)
         rule = cfg.rule
         self._rule_args = [rule.count if rule.count is not None else -1, rule.bps or 0, cfg.size or 0]
+        self.calls = 0  # requests sent to the store (the bench's ops per member)
 
     async def _call(self, op: str, report: Report) -> Standing:
         args = [op, report.node, report.status, report.doc(), math.ceil(self.cfg.ttl * 1000),
                 math.ceil(self.cfg.window * 1000), *self._rule_args]
+        self.calls += 1
         status, expected, serving, allowed, _now = await self._script(keys=self.keys, args=args)
         return Standing(status, int(expected), int(serving), int(allowed))
 
