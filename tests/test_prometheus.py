@@ -89,21 +89,23 @@ def test_promtool_check_rules() -> None:
     """`promtool check rules` accepts the alert rules, with no lint findings."""
     proc = promtool("check", "rules", "healthgate.rules.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: 7 rules found" in proc.stdout
     names = [r["alert"] for g in yaml.safe_load((DEPLOY / "healthgate.rules.yml").read_text())["groups"]
              for r in g["rules"]]
     assert names == ["HealthgateNodeDown", "HealthgateFlapping", "HealthgateCheckFailing", "HealthgateAgentStalled",
-                     "HealthgateAgentDown", "HealthgateAgentAbsent"]
+                     "HealthgateAgentDown", "HealthgateAgentAbsent", "HealthgateFleetHolding"]
 
 
 def test_promtool_test_rules() -> None:
-    """The rules' unit tests pass: node down (not when drained), flapping, a failing check, stalled, absent."""
+    """The rules' unit tests pass: node down (not when drained), flapping, a failing check, stalled, absent,
+    nodes held up by the fleet guard (not one shed, not a one-minute blip)."""
     proc = promtool("test", "rules", "rules_test.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tested = {t["alertname"] for g in yaml.safe_load((DEPLOY / "rules_test.yml").read_text())["tests"]
               for t in g["alert_rule_test"]}
     assert tested == {"HealthgateNodeDown", "HealthgateFlapping", "HealthgateCheckFailing",
-                      "HealthgateAgentStalled", "HealthgateAgentDown", "HealthgateAgentAbsent"}
+                      "HealthgateAgentStalled", "HealthgateAgentDown", "HealthgateAgentAbsent",
+                      "HealthgateFleetHolding"}
 
 
 def test_promtool_check_metrics_on_live_output(agent_process, dependency) -> None:
