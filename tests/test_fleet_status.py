@@ -38,10 +38,13 @@ async def populate(url: str) -> None:
             await s.close()
 
 
+MEM = '[[checks]]\nname = "mem"\ntype = "memory"\n'
+
+
 def write_config(tmp_path: Path, url: str) -> Path:
     path = tmp_path / "fleet.toml"
     path.write_text(f'[fleet]\nstore = "{url}"\ngroup = "g"\nnode = "a"\nmax_down = 2\nsize = 5\n'
-                    'heartbeat = "250ms"\nttl = "2s"\ntimeout = "200ms"\n')
+                    'heartbeat = "250ms"\nttl = "2s"\ntimeout = "200ms"\n' + MEM)
     return path
 
 
@@ -74,10 +77,10 @@ def test_fleet_status_lists_every_kind_of_member(store: StoreServer, tmp_path: P
 def test_fleet_status_without_fleet_or_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """No [fleet] table: exit 2 in words; a store that does not answer: exit 3 in words, no traceback."""
     path = tmp_path / "none.toml"
-    path.write_text("")
+    path.write_text(MEM)
     assert cli.main(["fleet", "status", "-c", str(path)]) == 2
     assert "no [fleet] table" in capsys.readouterr().err
-    path.write_text('[fleet]\nstore = "redis://127.0.0.1:1/0"\n')
+    path.write_text('[fleet]\nstore = "redis://127.0.0.1:1/0"\n' + MEM)
     assert cli.main(["fleet", "status", "-c", str(path), "--timeout", "1"]) == 3
     err = capsys.readouterr().err
     assert "fleet store redis://127.0.0.1:1/0" in err and "Traceback" not in err
