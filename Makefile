@@ -1,6 +1,7 @@
 # healthgate: `make run` starts the agent with config/healthgate.toml, `make test` runs the tests,
 # `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it), `make test-systemd` the shipped
-# unit under a real systemd in a container (root; about 3 minutes). All create .venv when missing.
+# unit under a real systemd in a container (root; about 3 minutes), `make fuzz` the differential fuzz of the
+# fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000). All create .venv when missing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ CONFIG ?= config/healthgate.toml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test soak test-systemd lint bench venv clean
+.PHONY: run test soak test-systemd fuzz lint bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +31,10 @@ soak: venv
 
 test-systemd: venv
 	$(BIN)/python -m pytest -m systemd_boot -p no:cacheprovider -s tests/test_systemd_boot.py $(PYTEST_ARGS)
+
+fuzz: venv
+	HEALTHGATE_FUZZ_EXAMPLES=$${HEALTHGATE_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fasthealth_fuzz.py $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check agent tests bench

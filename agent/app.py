@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 import sys
+from dataclasses import replace
 
 from agent import logs
 from agent.admin import AdminWatcher
@@ -139,6 +140,7 @@ class Agent:
         await self.admin.sync(force=True)  # before anything serves: maintenance survives a restart
         self._tasks.append(asyncio.create_task(self.admin.run(), name="admin-watcher"))
         self._tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
+        self._start_fleet_guard()
         if self.config_path is not None:
             self._config_seen = await self._look()
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watcher"))
@@ -278,12 +280,37 @@ class Agent:
             self._web.guard.configure(config.server)
             if self._web.app is not None:
                 self._web.app[TOKENS].update(tokens)
+        old_fleet = self.state.config.fleet
         changed = self.state.apply_config(config, loop.time(), seeds)
         self.scheduler.reload(changed)
+        if config.fleet != old_fleet:
+            self._stop_fleet_guard()
+            self._start_fleet_guard()
         self.state.reloaded(True)
         logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks),
                    seconds=round(loop.time() - began, 3))
         return True
+
+    def _start_fleet_guard(self) -> None:
+        """With [fleet]: the guard's own task, and the state told to consult it (agent.serving decides)."""
+        assert self.state is not None
+        if self.config.fleet is None:
+            return
+        from agent.fleet.guard import FleetGuard  # only configs with [fleet] load the store clients
+
+        self.state.guard = FleetGuard(self.config.fleet)
+        self._guard_task = asyncio.create_task(self.state.guard.run(), name="fleet-guard")
+        self._tasks.append(self._guard_task)
+
+    def _stop_fleet_guard(self) -> None:
+        """A reload that changes or removes [fleet]: the old guard stops (its task closes its store)."""
+        assert self.state is not None
+        task = getattr(self, "_guard_task", None)
+        if task is not None:
+            task.cancel()  # awaited with the other tasks at stop
+        self._guard_task = None
+        self.state.guard = None
+        self.state.condition = replace(self.state.condition, guard=None)
 
     def request_stop(self) -> None:
         self._stop.set()

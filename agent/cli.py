@@ -211,6 +211,20 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    from agent.fleet.status import run_fleet_status
+
+    path = config_path(args)
+    cfg = load_or_report(path)
+    if cfg is None:
+        return EXIT_CONFIG
+    if cfg.fleet is None:
+        print(f"{path}: no [fleet] table: this node is in no fleet group", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.set_secrets(cfg.secrets())
+    return run_fleet_status(cfg.fleet, args.timeout, args.json)
+
+
 def _duration_arg(text: str) -> float:
     from agent.admin import parse_for
 
@@ -268,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the output")
             p.add_argument("-n", "--transitions", type=int, default=10, metavar="N",
                            help="recent transitions to print (default: 10; 0 = none)")
+    fleet = sub.add_parser("fleet", help="the fleet guard's group, as its store sees it",
+                           description="the fleet guard's group, as its store sees it")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND", required=True)
+    p = fleet_sub.add_parser("status", help="list the group's members: who serves, who is shed and why, who is "
+                             "held, who stopped heartbeating; exit 0, 2 config error, 3 store unreachable")
+    p.set_defaults(func=cmd_fleet_status)
+    with_config(p)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the store (default: 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = add("validate", "validate the config file: exit 0, or 2 with one line per error", cmd_validate)
     with_config(p)
     add("schema", "print the config file's JSON Schema", cmd_schema)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from agent.fields import DAY, HOUR, Listen, Strict, duration
+from agent.fleet.config import FleetConfig
 from agent.probes import PROBES
 from agent.probes.base import NAME_PATTERN
 
@@ -117,6 +118,7 @@ class Config(Strict):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     agent_check: AgentCheckConfig = Field(default_factory=AgentCheckConfig)
+    fleet: FleetConfig | None = Field(default=None, description="the fleet guard; off when the table is absent")
     checks: list[CheckConfig] = Field(
         default_factory=list, validate_default=True,
         description="at least one must be critical: the verdict is UP only when every critical check passes",
@@ -140,7 +142,8 @@ class Config(Strict):
         return v
 
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for c in self.checks for s in c.secrets() if s)
+        fleet = self.fleet.secrets() if self.fleet else ()
+        return tuple(s for s in (*fleet, *(s for c in self.checks for s in c.secrets())) if s)
 
 
 class ConfigError(Exception):

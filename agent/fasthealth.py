@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 #
 # It is deliberately narrow. It answers only a request that HEAD_RE matches whole: GET or HEAD of one of
 # the three paths, HTTP/1.0 or 1.1, at most MAX_HEAD bytes, and only header names from ALLOWED with plain
-# printable values (so no body, no upgrade, no Expect), one Host (required by HTTP/1.1). Anything else
-# (other paths or methods, query strings, bodies, malformed or oversized heads, unknown headers, bare LF
-# line ends) hands the connection, from that request on, to aiohttp's own protocol, which parses, rejects
-# and answers it exactly as it would without this front. So strictness about odd input stays with aiohttp.
+# printable values (so no body, no upgrade, no Expect), one Host (required by HTTP/1.1), at most one
+# User-Agent (aiohttp refuses a second of either, RFC 9110 singletons). Anything else (other paths or
+# methods, query strings, bodies, malformed or oversized heads, unknown headers, bare LF line ends), and a
+# head still arriving as soon as it cannot become such a request, hands the connection, from that request
+# on, to aiohttp's own protocol, which parses, rejects and answers it exactly as it would without this
+# front. So strictness about odd input stays with aiohttp.
 
 PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live"}
 MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and partial ones) go to aiohttp
@@ -43,6 +45,34 @@ HEAD_RE = re.compile(
     + _HOST + b"|" + _OTHER + rb")*)"
 )
 REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
+REQUEST_LINES = tuple(b"%s %s HTTP/1.%d" % (m, p, v) for m in (b"GET", b"HEAD") for p in PATHS for v in (0, 1))
+NAMES = (b"host", *(n.encode() for n in ALLOWED))
+
+
+def overdone(lower: bytes) -> bool:
+    """A lower-cased header block (lines led by CRLF) with a singleton twice or too many headers."""
+    hosts, agents = lower.count(b"\r\nhost:"), lower.count(b"\r\nuser-agent:")
+    return hosts > 1 or agents > 1 or lower.count(b"\r\n") > MAX_HEADERS
+
+
+def may_be_probe(part: bytes) -> bool:
+    """Whether a head still arriving (no CRLF CRLF yet) can become one HEAD_RE matches.
+
+    What cannot goes to aiohttp at once, which may answer it before it is complete (a 400 for a bad
+    request line or header byte), as it would without this front.
+    """
+    if overdone(part.lower()):
+        return False
+    done, sep, line = part.rpartition(b"\r\n")  # the lines that have come, and the one arriving
+    if sep and line in (b"", b"\r"):
+        return HEAD_RE.fullmatch(done) is not None
+    whole = line.endswith(b"\r")  # all but its LF
+    line = line.removesuffix(b"\r")
+    if whole or b":" in line:  # a whole line, or a header's value so far: a prefix of a value is a value
+        return HEAD_RE.fullmatch(done + sep + line) is not None
+    if not sep:
+        return any(r.startswith(line) for r in REQUEST_LINES)
+    return HEAD_RE.fullmatch(done) is not None and any(n.startswith(line.lower()) for n in NAMES)
 
 
 def parse_connection(headers: bytes) -> set[bytes]:
@@ -184,12 +214,12 @@ class HealthProtocol(asyncio.Protocol):
             headers = m.group(4)
             close = http10 = m.group(3) == b"0"
             lower = headers.lower()
-            hosts = lower.count(b"\r\nhost:")
-            if hosts > 1 or (hosts == 0 and not http10) or lower.count(b"\r\n") > MAX_HEADERS:
+            if overdone(lower) or (not http10 and b"\r\nhost:" not in lower):
                 break
             if b"\r\nconnection:" in lower:
                 tokens = parse_connection(headers)
-                close = b"close" in tokens or (http10 and b"keep-alive" not in tokens)
+                # As aiohttp (llhttp) decides: HTTP/1.0 stays open on keep-alive, even beside close.
+                close = b"keep-alive" not in tokens if http10 else b"close" in tokens
             kind = self.front.kind_of(m.group(2))
             if kind is None:
                 break
@@ -205,8 +235,8 @@ class HealthProtocol(asyncio.Protocol):
             self.transport.close()
             return
         rest = buf[pos:] if pos else buf
-        if rest and (end >= 0 or len(rest) > MAX_HEAD or rest.count(b"\n") != rest.count(b"\r\n")):
-            self._hand_over(rest)  # not a probe, too long, or bare LF line ends: aiohttp decides
+        if rest and (end >= 0 or len(rest) > MAX_HEAD or not may_be_probe(rest)):
+            self._hand_over(rest)  # not a probe, too long, or cannot become one: aiohttp decides
             return
         self.buf = rest
 

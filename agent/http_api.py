@@ -272,6 +272,14 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
     })
     if snap.groups:
         body["groups"] = {g: group_entry(state, snap, g, t) for g in snap.groups}
+    guard = state.condition.guard
+    if guard is not None and state.guard is not None:
+        body["guard"] = {"state": guard.state, "serving": guard.serve, "reasons": list(guard.reasons),
+                         "group": state.guard.cfg.group, "expected": guard.expected, "servingMembers": guard.serving,
+                         "budget": guard.budget, "storeOk": guard.store_ok, "storeError": guard.store_error,
+                         "words": guard.words()}
+        if answer.held:
+            body["output"] = answer.note
     return body
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
@@ -13,12 +14,16 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 
 from agent import __version__
 from agent.model import Admin
 from agent.serving import check_up
 from agent.state import AgentState, CheckStats
+
+if TYPE_CHECKING:
+    from agent.fleet.guard import FleetGuard
 
 
 def _histogram(stats: CheckStats) -> tuple[list[tuple[str, float]], float]:
@@ -58,6 +63,8 @@ class StateCollector:
             for g in snap.groups:
                 group_up.add_metric([g], 1.0 if state.answer(now, g).up else 0.0)
             yield group_up
+        if state.guard is not None:
+            yield from _fleet_families(state.guard)
         admin = GaugeMetricFamily("healthgate_admin_state", "1 for the admin state in force", labels=["state"])
         for a in Admin:
             admin.add_metric([a.value], 1.0 if answer.admin is a else 0.0)
@@ -123,6 +130,39 @@ class StateCollector:
         buckets, total = _histogram(state.lag_stats)
         lag.add_metric([], buckets, total)
         yield lag
+
+
+def _fleet_families(guard: FleetGuard) -> Iterator[Metric]:
+    """The fleet guard: its state, its decisions, the group's figures and the store's health."""
+    view, group = guard.view(), guard.cfg.group
+    states = GaugeMetricFamily("healthgate_fleet_guard_state", "1 for the fleet guard's state in force",
+                               labels=["group", "state"])
+    for name in ("none", "held", "granted", "store_unavailable"):
+        states.add_metric([group, name], 1.0 if view.state == name else 0.0)
+    yield states
+    for key, help_text in (("expected", "the group's expected size"), ("serving", "members serving, by the store"),
+                           ("budget", "how many members may be down for shared reasons")):
+        value = getattr(view, key)
+        if value is not None:
+            yield _labelled(f"healthgate_fleet_group_{key}", help_text, group, float(value))
+    decisions = CounterMetricFamily("healthgate_fleet_guard_decisions", "fleet guard decisions by outcome",
+                                    labels=["outcome"])
+    for outcome, n in sorted(guard.decisions.items()):
+        decisions.add_metric([outcome], float(n))
+    yield decisions
+    errors = CounterMetricFamily("healthgate_fleet_store_errors", "failed fleet store calls by kind", labels=["kind"])
+    for kind, n in sorted(guard.store_errors.items()):
+        errors.add_metric([kind], float(n))
+    yield errors
+    latency = SummaryMetricFamily("healthgate_fleet_store_latency_seconds", "time fleet store calls took",
+                                  count_value=guard.latency_count, sum_value=guard.latency_sum)
+    yield latency
+
+
+def _labelled(name: str, help_text: str, group: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=["group"])
+    family.add_metric([group], value)
+    return family
 
 
 def make_registry(state: AgentState, hung: Callable[[], int] = lambda: 0) -> CollectorRegistry:

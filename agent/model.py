@@ -64,6 +64,7 @@ class CheckState:
     history: tuple[bool, ...] = ()  # most recent last, capped
     flaps: tuple[float, ...] = ()  # monotonic times of the newest failures after a pass (flap damping)
     required_rise: int | None = None  # rise in force (raised by flap damping); None = the configured one
+    ever_up: bool = False  # has been UP under this config: only then may the fleet guard hold it up
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class CheckView:
     fall: int = 1
     interval: float = 0.0
     fresh_until: float = math.inf  # monotonic: past this the last result is stale (see agent.verdict.stale)
+    shared: bool = False  # a fault every node may share (the fleet guard's scope "shared")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class Verdict:
     reason: str  # why down ("" when up)
     failing: tuple[str, ...] = ()  # names of critical checks holding the node down
     until: float = math.inf  # monotonic: an UP verdict holds until then without a new result
+    shared_only: bool = False  # DOWN, and every failing check is a shared fault the fleet guard may hold
 
 
 @dataclass(frozen=True, slots=True)

@@ -296,6 +296,10 @@ def explain(status: dict[str, Any]) -> str:
         return (f"{host} is out of the pool by an operator: {state.upper()}{why}{since}{until}. Its critical checks "
                 f"pass; it serves UP again once set back to ready. {_next_risk(crit, now)}{aside}")
 
+    guard = status.get("guard") or {}
+    if guard.get("state") in ("held", "store_unavailable") and guard.get("serving") and guard.get("reasons"):
+        return (f"{host} is UP, {guard.get('words')}{since}. The failing checks are shared by the fleet, which "
+                f"cannot spare this node now; a local fault would still take it down at once.{aside}")
     verb = "passes" if len(crit) == 1 else "pass"
     return f"{host} is UP{since}: {_n(len(crit), 'critical check')} {verb}. {_next_risk(crit, now)}{aside}"
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from agent.model import Admin, CheckView, Snapshot
 from agent.verdict import aggregate, passing, stale, why
+
+if TYPE_CHECKING:
+    from agent.fleet.guard import GuardView
 
 # Every consumer (the fast /health responder, the aiohttp handlers, /status and its page, /metrics, the
 # agent-check reply, systemd's WATCHDOG=1 and STATUS=) asks decide() and says what it returns. None of
@@ -37,6 +41,7 @@ class Condition:
     stopping: bool
     max_age: float  # policy.max_loop_lag: how old the snapshot and the heartbeat may be
     drain_status: int  # server.drain_status: /health's code while a healthy node is drained
+    guard: GuardView | None = None  # the fleet guard's view; None without [fleet]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,8 @@ class Answer:
     admin: Admin
     admin_reason: str
     failing: tuple[str, ...]  # critical checks holding the node down (empty when down for the agent's reasons)
+    held: bool = False  # UP only because the fleet guard holds it: its checks fail for shared reasons
+    note: str = ""  # the fleet guard's words while it holds the node, for people
 
 
 def agent_reason(snap: Snapshot, cond: Condition, now: float) -> str:
@@ -91,8 +98,11 @@ def decide(snap: Snapshot, cond: Condition, now: float, group: str | None = None
             admin, admin_reason = g.admin, g.admin_reason
     if verdict.up and now > verdict.until:  # a check went stale after the snapshot: decide again, at `now`
         verdict = aggregate(snap.checks, now, members=members)
-    healthy = not own and verdict.up
-    down = own or ("" if verdict.up else verdict.reason)
+    # The fleet guard may turn "DOWN for shared reasons only" into held (UP), never anything else.
+    guard = cond.guard
+    held = not own and not verdict.up and verdict.shared_only and guard is not None and guard.serve
+    healthy = not own and (verdict.up or held)
+    down = own or ("" if verdict.up or held else verdict.reason)
     up = healthy and admin is Admin.READY
     if up:
         code = 200
@@ -109,7 +119,8 @@ def decide(snap: Snapshot, cond: Condition, now: float, group: str | None = None
     return Answer(
         fresh=fresh, live=fresh and now >= cond.loop_ok_at, healthy=healthy, up=up,
         code=code, state=state, reason=reason, down_reason=down, agent_reason=own, admin=admin,
-        admin_reason=admin_reason, failing=() if own else verdict.failing,
+        admin_reason=admin_reason, failing=() if own else verdict.failing, held=held,
+        note=guard.words() if held and guard is not None else "",
     )
 
 
@@ -162,7 +173,7 @@ def check_state(v: CheckView, now: float) -> str:
 def describe(answer: Answer) -> str:
     """One line for `systemctl status` and logs; a newline would start another sd_notify field."""
     if answer.up:
-        text = "up"
+        text = f"up, {answer.note}" if answer.held else "up"
     elif answer.healthy:
         text = answer.reason
     else:
@@ -182,5 +193,7 @@ def agent_check_reason(answer: Answer) -> str:
         parts.append(answer.admin_reason or answer.admin.value)
     if not answer.healthy:
         parts.append(answer.down_reason or "down")
+    elif answer.held:
+        parts.append(answer.note)
     return "; ".join(parts)
 

@@ -7,13 +7,17 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from agent import logs
 from agent.config import Config
 from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Status, Verdict
 from agent.probes.base import CheckBase
 from agent.serving import Answer, Condition, decide
-from agent.verdict import Tally, next_state, stale_limit, view
+from agent.verdict import Tally, holdable, next_state, stale_limit, view
+
+if TYPE_CHECKING:
+    from agent.fleet.guard import FleetGuard
 
 # Histogram buckets for check durations, in seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
@@ -74,6 +78,7 @@ class AgentState:
         self.admin_reason = ""
         self.admin_until: float | None = None  # wall-clock expiry; display and persistence only
         self.group_admin: dict[str, tuple[Admin, str, float | None]] = {}  # group -> admin, reason, until
+        self.guard: FleetGuard | None = None  # the fleet guard, when [fleet] is set (agent.app starts it)
         self.stopping = False
         self.heartbeat = now
         self.loop_lag = 0.0
@@ -98,9 +103,10 @@ class AgentState:
 
     def _condition(self) -> Condition:
         policy = self.config.policy
+        guard = getattr(self, "condition", None)
         return Condition(heartbeat=self.heartbeat, loop_ok_at=self.loop_bad_until, loop_reason=self.loop_reason,
                          stopping=self.stopping, max_age=policy.max_loop_lag,
-                         drain_status=self.config.server.drain_status)
+                         drain_status=self.config.server.drain_status, guard=guard.guard if guard else None)
 
     # -- writers -------------------------------------------------------------------------------
 
@@ -234,14 +240,40 @@ class AgentState:
             out[g] = Group(tally.verdict(now), members, admin, reason)
         return out
 
+    def _observe_guard(self, verdict: Verdict, now: float) -> None:
+        """Tell the fleet guard why the node would be down, split into shared and local reasons, and take
+        its view into the condition. The agent's own faults and an operator's drain are always local."""
+        assert self.guard is not None
+        local = [n for n in verdict.failing if not holdable(self.tally.views[n], now)]
+        shared = [n for n in verdict.failing if n not in local]
+        if not verdict.up and not verdict.failing:
+            local.append(verdict.reason)
+        if self.stopping:
+            local.append("stopping")
+        if now < self.loop_bad_until or now - self.heartbeat > self.config.policy.max_loop_lag:
+            local.append("loop")
+        if self.admin is not Admin.READY:
+            local.append(self.admin.value)
+        self.guard.observe(tuple(shared), tuple(local), now)
+        view = self.guard.view()
+        old = self.condition.guard
+        if view != old:
+            if old is None or view.state != old.state:
+                self._journal("guard", "node", old.state if old else "none", view.state,
+                              view.words() or "nothing shared is failing")
+            self.condition = replace(self.condition, guard=view)
+
     def refresh(self, now: float) -> None:
         """A new snapshot; the cost is the same with 10 checks or 2,000 (see verdict.Tally)."""
         if self._views is None:  # a tuple of references, rebuilt only after a result
             self._views = tuple(self.tally.views.values())
         views = self._views
         old = self.snapshot
+        verdict = self.tally.verdict(now)
+        if self.guard is not None:
+            self._observe_guard(verdict, now)
         snap = Snapshot(
-            verdict=self.tally.verdict(now), admin=self.admin, admin_reason=self.admin_reason, checks=views,
+            verdict=verdict, admin=self.admin, admin_reason=self.admin_reason, checks=views,
             computed_at=now, since=old.since, since_wall=old.since_wall, loop_lag=self.loop_lag,
             groups=self._group_snapshots(now) if self.groups else {},
         )

@@ -46,7 +46,7 @@ def next_state(state: CheckState, result: Result, check: CheckBase, policy: Poli
     if result.ok:
         if state.status is not Status.UP and ok >= required_rise(state, check):
             return replace(new, status=Status.UP, changed_at=now, changed_wall=wall,
-                           change_reason=f"passed {ok} time(s) in a row", required_rise=None)
+                           change_reason=f"passed {ok} time(s) in a row", required_rise=None, ever_up=True)
         return new
     flapping = bool(threshold) and len(flaps) >= threshold and now - flaps[0] < policy.flap_window
     hold = max(check.rise, math.ceil(policy.flap_hold / check.interval)) if flapping else state.required_rise
@@ -80,13 +80,20 @@ def view(check: CheckBase, state: CheckState, policy: PolicyConfig, threshold: s
         name=check.name, type=check.type, critical=check.critical, state=state,
         threshold=check.threshold() if threshold is None else threshold,
         rise=check.rise, fall=check.fall, interval=check.interval,
-        fresh_until=math.inf if last is None else last.finished + limit,
+        fresh_until=math.inf if last is None else last.finished + limit, shared=check.fleet_scope == "shared",
     )
 
 
 def stale(v: CheckView, now: float) -> bool:
     """True when the last result is too old to vouch for the check: its loop has stalled."""
     return now > v.fresh_until
+
+
+def holdable(v: CheckView, now: float) -> bool:
+    """A failing check the fleet guard may hold up: a shared fault (scope "shared") of a check that was UP
+    and failed for real. A check that never passed, or whose results are stale (the agent's own fault),
+    is never held: start down, and a stalled agent is a local reason."""
+    return v.shared and v.state.ever_up and v.state.status is Status.DOWN and not stale(v, now)
 
 
 def passing(v: CheckView, now: float) -> bool:
@@ -139,7 +146,8 @@ def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] =
         return Verdict(True, "", until=until)
     first = failing[0]
     more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
-    return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(v.name for v in failing))
+    return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(v.name for v in failing),
+                   shared_only=all(holdable(v, now) for v in failing))
 
 
 class Tally:
@@ -200,4 +208,5 @@ class Tally:
         failing = sorted(self.failing, key=self.order.__getitem__)
         first = self.views[failing[0]]
         more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
-        return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(failing))
+        return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(failing),
+                       shared_only=all(holdable(self.views[n], now) for n in failing))

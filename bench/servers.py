@@ -195,6 +195,15 @@ http {{
             return proc
         return self._spawn(f"redis-{port}", argv, port, lambda: port_open(port))
 
+    def etcd(self) -> Proc:
+        """A single-member etcd (Debian's etcd-server) with its data in the run's directory."""
+        port, peer = free_port(), free_port()
+        client, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer}"
+        argv = [which("etcd", "etcd-server"), "--name", "bench", "--data-dir", str(self.dir / f"etcd-{port}"),
+                "--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer_url,
+                "--initial-advertise-peer-urls", peer_url, "--initial-cluster", f"bench={peer_url}"]
+        return self._spawn(f"etcd-{port}", argv, port, lambda: '"true"' in http_text(f"{client}/health", timeout=1))
+
     def postgres(self) -> Proc:
         """PostgreSQL 15 with pg_stat_statements, trusting loopback, as the postgres user."""
         port = free_port()

@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,47 @@ class RedisServer:
         self.proc = None
 
 
+# -- etcd -------------------------------------------------------------------------------------------------
+
+
+class EtcdServer:
+    """A single-member etcd on free loopback ports; start(fresh=True) comes back with an empty data directory."""
+
+    def __init__(self, directory: Path):
+        self.binary = require("etcd", "etcd-server")
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = self.dir / "etcd.log"
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.port}"
+
+    def start(self, fresh: bool = False) -> EtcdServer:
+        data = self.dir / "data"
+        if fresh:
+            shutil.rmtree(data, ignore_errors=True)
+        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        cmd = [self.binary, "--name", "t", "--data-dir", str(data), "--listen-client-urls", client,
+               "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+               "--initial-cluster", f"t={peer}", "--log-outputs", str(self.log), "--logger", "zap"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or self._healthy(), timeout=20, what=f"etcd on {self.port}")
+        assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else "etcd exited"
+        return self
+
+    def _healthy(self) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as resp:
+            return b'"true"' in resp.read()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        _stop_process(self.proc, sig)
+        self.proc = None
+
+
 # -- PostgreSQL -----------------------------------------------------------------------------------------
 
 
@@ -515,6 +557,21 @@ def redis_factory(tmp_path: Path) -> Iterator[Any]:
 
     def start(name: str = "redis", **kw: Any) -> RedisServer:
         server = RedisServer(tmp_path / f"{name}{len(started)}", **kw)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def etcd_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start single-member etcd servers: factory(); each on its own ports and data directory."""
+    started: list[EtcdServer] = []
+
+    def start(name: str = "etcd") -> EtcdServer:
+        server = EtcdServer(tmp_path / f"{name}{len(started)}")
         started.append(server)
         return server.start()
 

@@ -111,3 +111,45 @@ def test_requests_queued_during_a_sigstop_are_all_answered_down(agent_process, t
     assert "\nhealthgate_up 0.0\n" in metrics and "\nhealthgate_live 0.0\n" in metrics, metrics[-2000:]
     assert got["agent-check"].startswith(b"down "), got["agent-check"]
     wait_for(lambda: agent.get("/health")[0] == 200, timeout=10, what="up again after loop_recovery")
+
+
+async def _poll_codes(agent, seconds: float) -> list[int]:
+    import asyncio
+
+    codes = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        codes.append((await agent.get("/health"))[0])
+        await asyncio.sleep(0.01)
+    return codes
+
+
+async def test_a_healthy_idle_agent_never_looks_stalled_at_a_tight_lag_limit(start_agent) -> None:
+    """With max_loop_lag at the old 100 ms heartbeat, a healthy idle agent is never reported stalled: the
+    heartbeat comes several times within the limit."""
+    from tests.helpers import async_wait_for
+
+    agent = await start_agent({"policy": {"max_loop_lag": "100ms", "loop_recovery": "0s"},
+                               "checks": [{"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms",
+                                           "rise": 1, "max_used_percent": 100}]})
+    await async_wait_for(lambda: _up(agent), what="up")
+    codes = await _poll_codes(agent, 3.0)
+    assert codes.count(503) == 0, f"{codes.count(503)} of {len(codes)} polls answered 503"
+
+
+async def test_jitter_never_makes_an_always_passing_check_stale(start_agent) -> None:
+    """A check whose interval is stretched by its jitter beyond interval + timeout + stale_grace is still
+    fresh: the staleness limit allows for the jitter, so an always-passing check never reads 503."""
+    from tests.helpers import async_wait_for
+
+    agent = await start_agent({"policy": {"stale_grace": "50ms"},
+                               "checks": [{"name": "mem", "type": "memory", "interval": "1s", "timeout": "100ms",
+                                           "jitter": 0.5, "rise": 1, "max_used_percent": 100}]})
+    await async_wait_for(lambda: _up(agent), what="up")
+    codes = await _poll_codes(agent, 6.0)
+    assert codes.count(503) == 0, f"{codes.count(503)} of {len(codes)} polls answered 503"
+
+
+async def _up(agent) -> bool:
+    return (await agent.get("/health"))[0] == 200

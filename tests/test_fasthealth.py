@@ -223,6 +223,7 @@ async def test_a_request_split_into_single_bytes_is_answered(up_agent) -> None:
     (b"GET /health HTTP/1.1\r\nConnection: TE, Close\r\nHost: x\r\n\r\n", "close", True),
     (b"GET /health HTTP/1.0\r\n\r\n", "close", True),
     (b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", "keep-alive", False),
+    (b"GET /health HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", "keep-alive", False),  # as aiohttp
 ])
 async def test_connection_close_and_http10(up_agent, request_bytes: bytes, header: str, eof: bool) -> None:
     """Connection: close and plain HTTP/1.0 get one answer then EOF; HTTP/1.0 keep-alive stays open."""
@@ -241,6 +242,7 @@ async def test_connection_close_and_http10(up_agent, request_bytes: bytes, heade
 ODD = [
     b"GET /health HTTP/1.1\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nUser-Agent: a\r\nUser-Agent: a\r\n\r\n",  # aiohttp: 400
     b"GET /health HTTP/1.1\r\nHost: a b\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key1: x\r\n\r\n",
     b"GET /health HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
@@ -266,6 +268,7 @@ ODD = [
     b"GET /health HTTP/2.0\r\n\r\n",
     b"GET /health\r\n\r\n",
     b"GARBAGE\r\n\r\n",
+    b"\x00",  # never a probe, and aiohttp says so at once: the front used to hold it for read_timeout
     b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
     b"GET /health HTTP/1.1\nHost: x\n\n",
     b"GET http://x/health HTTP/1.1\r\n\r\n",
@@ -301,7 +304,7 @@ async def test_idle_and_slow_clients_are_closed_after_read_timeout(start_agent) 
     idle = await connect(agent)
     slow = await connect(agent)
     t0 = asyncio.get_running_loop().time()
-    slow[1].write(b"GET /health HTTP/1.1\r\nX: ")
+    slow[1].write(b"GET /health HTTP/1.1\r\nAccept: ")  # may still become a probe: the front holds it
     for _ in range(5):
         slow[1].write(b"a")
         await asyncio.sleep(0.1)

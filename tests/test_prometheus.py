@@ -77,7 +77,7 @@ def test_promtool_check_config(tmp_path: Path) -> None:
     swapped for static targets: Debian's promtool does not know kubernetes_sd_configs)."""
     proc = promtool("check", "config", "prometheus.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: prometheus.yml is valid" in proc.stdout and "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: prometheus.yml is valid" in proc.stdout and "SUCCESS: 8 rules found" in proc.stdout
     shutil.copy(DEPLOY / "healthgate.rules.yml", tmp_path)
     k8s = yaml.safe_load((DEPLOY / "prometheus-kubernetes.yml").read_text())
     (tmp_path / "k8s.yml").write_text(yaml.safe_dump(without_kubernetes_sd(k8s, [pod("10.0.0.7", 8080)])))
@@ -89,23 +89,24 @@ def test_promtool_check_rules() -> None:
     """`promtool check rules` accepts the alert rules, with no lint findings."""
     proc = promtool("check", "rules", "healthgate.rules.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 7 rules found" in proc.stdout
+    assert "SUCCESS: 8 rules found" in proc.stdout
     names = [r["alert"] for g in yaml.safe_load((DEPLOY / "healthgate.rules.yml").read_text())["groups"]
              for r in g["rules"]]
     assert names == ["HealthgateNodeDown", "HealthgateFlapping", "HealthgateCheckFailing", "HealthgateAgentStalled",
-                     "HealthgateAgentDown", "HealthgateConfigReloadFailed", "HealthgateAgentAbsent"]
+                     "HealthgateAgentDown", "HealthgateConfigReloadFailed", "HealthgateAgentAbsent",
+                     "HealthgateFleetHolding"]
 
 
 def test_promtool_test_rules() -> None:
     """The rules' unit tests pass: node down (not when drained), flapping, a failing check, stalled, a refused
-    reload, absent."""
+    reload, absent, nodes held up by the fleet guard (not one shed, not a one-minute blip)."""
     proc = promtool("test", "rules", "rules_test.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tested = {t["alertname"] for g in yaml.safe_load((DEPLOY / "rules_test.yml").read_text())["tests"]
               for t in g["alert_rule_test"]}
     assert tested == {"HealthgateNodeDown", "HealthgateFlapping", "HealthgateCheckFailing",
                       "HealthgateAgentStalled", "HealthgateAgentDown", "HealthgateConfigReloadFailed",
-                      "HealthgateAgentAbsent"}
+                      "HealthgateAgentAbsent", "HealthgateFleetHolding"}
 
 
 def test_promtool_check_metrics_on_live_output(agent_process, dependency) -> None:
@@ -191,7 +192,7 @@ def test_prometheus_scrapes_healthgate_up(agent_process, dependency, prometheus)
     scraped = [t["scrapeUrl"] for t in targets["activeTargets"] if t["labels"]["job"] == "healthgate-kubernetes"]
     assert scraped == [f"http://127.0.0.1:{agent.port}/metrics"]
     rules = json.loads(http_get(f"{base}/api/v1/rules")[1])["data"]["groups"]
-    assert [(g["name"], len(g["rules"])) for g in rules] == [("healthgate", 6)]
+    assert [(g["name"], len(g["rules"])) for g in rules] == [("healthgate", 8)]
 
     dependency.close()
     wait_for(lambda: values(base, 'healthgate_up{job="healthgate"}') == {"healthgate": "0"}, timeout=20,

@@ -24,7 +24,16 @@ from agent import logs
 from agent.app import read_tokens
 from agent.config import ConfigError, parse_config
 from agent.model import Admin
-from tests.helpers import ROOT, AgentProcess, agent_toml, async_wait_for, free_port, memory_check, wait_for
+from tests.helpers import (
+    PASSING,
+    ROOT,
+    AgentProcess,
+    agent_toml,
+    async_wait_for,
+    free_port,
+    memory_check,
+    wait_for,
+)
 
 CLIENT = r"""
 import json, sys, time, urllib.error, urllib.request
@@ -227,7 +236,7 @@ def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
     the fix; 0600 is accepted, and 0640 too when root owns the file (root hands it to the agent's group)."""
     token = tmp_path / "status.token"
     token.write_text("s3cret-token\n")
-    cfg = parse_config({"server": {"status_token_file": str(token)}})
+    cfg = parse_config({"server": {"status_token_file": str(token)}, "checks": [PASSING]})
     root = os.geteuid() == 0
     fix = "640" if root else "600"
     for mode in (0o644, 0o604, *(() if root else (0o660, 0o640))):  # as root, 0660 is refused as writable

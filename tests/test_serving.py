@@ -120,3 +120,57 @@ def test_unknown_status_is_never_up() -> None:
                  since=0.0, since_wall=0.0, loop_lag=0.0)
     a = decide(s, cond(), 0.1)
     assert not a.up and a.reason == "db: no result yet"
+
+
+def _guard(state: str = "held", serve: bool = True):
+    from agent.fleet.guard import GuardView
+
+    return GuardView(state=state, serve=serve, reasons=("db",), expected=10, serving=7, budget=3)
+
+
+def _failed_after_up(chk: TcpConfig, at: float) -> CheckState:
+    state = passed(chk, at - 0.5)
+    return next_state(state, Result(False, "refused", "refused", 0.001, at, at, 0.0), chk, POLICY, at, 0.0)
+
+
+@pytest.mark.parametrize("scope, was_up, guard, held", [
+    ("shared", True, _guard(), True),  # a shared fault the fleet cannot spare: held UP
+    ("shared", True, _guard("granted", False), False),  # the guard granted shedding: DOWN
+    ("shared", True, None, False),  # no fleet guard: DOWN as ever
+    ("local", True, _guard(), False),  # a local fault is never held
+    ("shared", False, _guard(), False),  # a check that never passed is never held: start down
+])
+def test_the_fleet_guard_holds_only_shared_faults(scope: str, was_up: bool, guard, held: bool) -> None:
+    """The guard may turn DOWN-for-shared-reasons into held (UP), never a local reason, never a check that
+    was never UP, and only while it says serve."""
+    import dataclasses
+
+    chk = TcpConfig(name="db", type="tcp", port=1, fall=1, rise=1, scope=scope)
+    st_ = _failed_after_up(chk, 10.0) if was_up else next_state(
+        CheckState(), Result(False, "refused", "refused", 0.001, 10.0, 10.0, 0.0), chk, POLICY, 10.0, 0.0)
+    v = view(chk, st_, POLICY)
+    s = Snapshot(verdict=aggregate([v], 10.0), admin=Admin.READY, admin_reason="", checks=(v,), computed_at=10.0,
+                 since=0.0, since_wall=0.0, loop_lag=0.0)
+    a = decide(s, dataclasses.replace(cond(heartbeat=10.0), guard=guard), 10.0)
+    assert (a.up, a.held) == (held, held)
+    if held:
+        assert a.code == 200 and a.note.startswith("held by the fleet guard: db failing")
+        assert describe(a).startswith("up, held by the fleet guard")
+    else:
+        assert a.code == 503
+
+
+def test_the_guard_never_lifts_the_agents_own_condition_or_an_admin_drain() -> None:
+    """A held node that stalls, stops or is drained by an operator is DOWN (or drained) whatever the guard."""
+    import dataclasses
+
+    chk = TcpConfig(name="db", type="tcp", port=1, fall=1, rise=1)
+    v = view(chk, _failed_after_up(chk, 10.0), POLICY)
+    s = Snapshot(verdict=aggregate([v], 10.0), admin=Admin.READY, admin_reason="", checks=(v,), computed_at=10.0,
+                 since=0.0, since_wall=0.0, loop_lag=0.0)
+    held = dataclasses.replace(cond(heartbeat=10.0), guard=_guard())
+    assert decide(s, held, 10.0).up
+    assert not decide(s, dataclasses.replace(held, stopping=True), 10.0).up
+    assert not decide(s, dataclasses.replace(held, loop_ok_at=12.0), 10.0).up
+    assert not decide(s, held, 11.0).up  # stalled: the heartbeat is a second old
+    assert decide(dataclasses.replace(s, admin=Admin.DRAIN), held, 10.0).code == 503

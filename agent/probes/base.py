@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from agent import __version__
 from agent.fields import DAY, HOUR, Strict, duration, format_duration
+from agent.fleet.scope import Scope, default_scope
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
@@ -29,6 +30,11 @@ class CheckBase(Strict):
     fast_interval: duration(DAY, positive=True) | None = Field(
         default=None, description="after a first failure, re-check this soon to confirm it (HAProxy's fastinter)"
     )
+    scope: Scope | None = Field(
+        default=None, description="fleet guard: shared (every node sees this fault: held up while the group can't "
+        "spare the node) or local (down at once); default by type: shared for tcp, http, tls, dns, redis, postgres, "
+        "cpu, load, pressure, listen_queue; local for the rest"
+    )
 
     @field_validator("timeout")
     @classmethod
@@ -37,6 +43,11 @@ class CheckBase(Strict):
         if interval is not None and v >= interval:
             raise ValueError(f"must be shorter than interval ({format_duration(interval)})")
         return v
+
+    @property
+    def fleet_scope(self) -> Scope:
+        """The scope in force: the configured one, else the type's default."""
+        return self.scope or default_scope(getattr(self, "type", ""))
 
     def threshold(self) -> str:
         """The pass condition in words, for /status and the status page."""
