@@ -20,7 +20,9 @@ from agent.admin import (
     read_record,
     sanitize,
     set_admin_cli,
+    setting_group,
     state_path,
+    update_record,
     write_record,
 )
 from agent.cli import main as cli_main
@@ -100,11 +102,13 @@ def test_group_states_round_trip_beside_the_node_record(tmp_path: Path) -> None:
     command keeps the node's record, `ready --group` removes the entry, an expired entry is dropped at the
     next write, and a file without groups (older agents') reads as none."""
     set_admin_cli(str(tmp_path), "drain", "reindex", None, group="api")
-    set_admin_cli(str(tmp_path), "maint", "short", 0.001, group="static")
+    expired = AdminRecord(Admin.MAINT, "short", until=2.0, set_at=1.0, source="cli")  # ran out long ago
+    update_record(tmp_path, setting_group("static", expired))
+    assert [g for g, _ in read_record(state_path(tmp_path)).groups] == ["api", "static"]
     set_admin_cli(str(tmp_path), "maint", "kernel", None)
     record = read_record(state_path(tmp_path))
     assert (record.admin, record.reason) == (Admin.MAINT, "kernel")
-    assert [g for g, _ in record.groups] == ["api"]  # static's 1 ms had run out by the node's write
+    assert [g for g, _ in record.groups] == ["api"]  # the node's write dropped the expired entry
     assert (record.group("api").admin, record.group("api").reason) == (Admin.DRAIN, "reindex")
     set_admin_cli(str(tmp_path), "ready", "", None, group="api")
     assert read_record(state_path(tmp_path)).groups == ()
