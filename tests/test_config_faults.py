@@ -9,14 +9,13 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent.trust import untrusted
-from tests.helpers import ROOT, AgentProcess, agent_toml, memory_check, require, scrape, wait_for
+from tests.helpers import ROOT, AgentProcess, agent_toml, memory_check, require, run_argv, scrape, wait_for
 from tests.test_config import INVALID, expected
 
 
@@ -27,7 +26,7 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="StrictModes applies to
 
 
 def run(path: Path, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*wrapper, sys.executable, "-m", "agent", "run", "-c", str(path)], cwd=ROOT,
+    return subprocess.Popen([*wrapper, *run_argv(path)], cwd=ROOT,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
