@@ -31,7 +31,7 @@ HEALTHGATE_LOOP ?= auto
 export HEALTHGATE_LOOP
 SUPPORTED := 3.11 3.12 3.13
 
-.PHONY: run test serving soak lint bench venv clean test-plain pythons
+.PHONY: run test serving soak lint bench venv clean test-plain pythons python-path
 
 venv: $(VENV)/.installed
 
@@ -73,13 +73,16 @@ $(PLAIN)/.installed: pyproject.toml $(shell find agent -type f -not -name '*.pyc
 # skipped with a note; in CI (CI=true) it is a failure.
 pythons:
 	@status=0; for v in $(SUPPORTED); do \
-	  if ! $(MAKE) --no-print-directory -s PY=$$v VENV=.venv-$$v venv >/dev/null 2>&1 && \
-	     ! $(MAKE) --no-print-directory PY=$$v VENV=.venv-$$v venv; then \
-	    if [ "$${CI:-}" = true ]; then status=1; else echo "Python $$v: skipped (not found)"; fi; continue; fi; \
+	  if ! $(MAKE) -s --no-print-directory PY=$$v python-path >/dev/null 2>&1; then \
+	    if [ "$${CI:-}" = true ]; then echo "Python $$v not found" >&2; status=1; \
+	    else echo "Python $$v not found: skipped"; fi; continue; fi; \
 	  for loop in asyncio uvloop; do \
-	    $(MAKE) --no-print-directory PY=$$v VENV=.venv-$$v HEALTHGATE_LOOP=$$loop serving || status=1; \
+	    $(MAKE) --no-print-directory PY=$$v HEALTHGATE_LOOP=$$loop serving || status=1; \
 	  done; \
 	done; exit $$status
+
+python-path:
+	@command -v $(PYTHON)
 
 lint: venv
 	$(BIN)/ruff check agent tests bench
