@@ -2,15 +2,38 @@
 # `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it), `make test-systemd` the shipped
 # unit under a real systemd in a container (root; about 3 minutes), `make fuzz` the differential fuzz of the
 # fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000). All create .venv when missing.
+#
+# Other interpreters and loops (see Development in the README):
+#   make test PY=3.13                      the suite on Python 3.13, in its own .venv-3.13
+#   make test HEALTHGATE_LOOP=asyncio      in-process tests and every agent the tests start on that loop
+#   make serving                           only the engine and serving tests (the `serving` marker)
+#   make test-plain                        the serving tests against `pip install .` (no uvloop), asyncio
+#   make pythons                           the serving tests on every supported Python with both loops
 
+PY ?=
+ifneq ($(PY),)
+# python$(PY) from PATH when it runs (a pyenv shim of a version that is not selected does not), else the one
+# pyenv has installed. No machine path is written here: PATH and pyenv are the machine's own business.
+find_python = $(firstword $(foreach p,python$(1) $(shell pyenv prefix $(1) 2>/dev/null)/bin/python$(1),\
+  $(shell $(p) -c 'import ssl, venv' >/dev/null 2>&1 && command -v $(p))))
+PYTHON := $(call find_python,$(PY))
+ifeq ($(PYTHON),)
+$(error Python $(PY) not found: neither python$(PY) on PATH nor `pyenv prefix $(PY)` runs)
+endif
+VENV ?= .venv-$(PY)
+endif
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/healthgate.toml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# auto: the loop `healthgate run --loop auto` picks (uvloop when installed); asyncio or uvloop to force one.
+HEALTHGATE_LOOP ?= auto
+export HEALTHGATE_LOOP
+SUPPORTED := 3.11 3.12 3.13
 
-.PHONY: run test soak test-systemd fuzz lint bench venv clean
+.PHONY: run test serving soak test-systemd fuzz lint bench venv clean test-plain pythons python-path
 
 venv: $(VENV)/.installed
 
@@ -26,6 +49,9 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest -m 'not slow and not systemd_boot' $(PYTEST_ARGS)
 
+serving: venv
+	$(BIN)/python -m pytest -m 'serving and not slow' $(PYTEST_ARGS)
+
 soak: venv
 	$(BIN)/python -m pytest -m slow -p no:cacheprovider -s $(PYTEST_ARGS)
 
@@ -35,6 +61,37 @@ test-systemd: venv
 fuzz: venv
 	HEALTHGATE_FUZZ_EXAMPLES=$${HEALTHGATE_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fasthealth_fuzz.py $(PYTEST_ARGS)
+
+# A plain install as a node gets it: `pip install .`, not editable and without the fast extra (no uvloop),
+# plus the test tools. The tests import the installed package, not the checkout: PYTHONSAFEPATH keeps the
+# current directory off sys.path (in the agents the tests start, too) and --import-mode=append puts the
+# checkout, for `tests`, after site-packages. Reinstalled whenever a file of the package changes.
+PLAIN := $(VENV)-plain
+test-plain: $(PLAIN)/.installed
+	PYTHONSAFEPATH=1 HEALTHGATE_INSTALLED=1 HEALTHGATE_LOOP=asyncio \
+	  $(PLAIN)/bin/python -m pytest --import-mode=append -p no:cacheprovider -m 'serving and not slow' $(PYTEST_ARGS)
+
+$(PLAIN)/.installed: pyproject.toml $(shell find agent -type f -not -name '*.pyc' 2>/dev/null)
+	test -x $(PLAIN)/bin/python || $(PYTHON) -m venv $(PLAIN)
+	$(PLAIN)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PLAIN)/bin/python -m pip install --quiet --disable-pip-version-check '.[test]'
+	rm -rf build
+	touch $@
+
+# The serving tests on every supported Python, with both loops. Outside CI a Python this machine lacks is
+# skipped with a note; in CI (CI=true) it is a failure.
+pythons:
+	@status=0; for v in $(SUPPORTED); do \
+	  if ! $(MAKE) -s --no-print-directory PY=$$v python-path >/dev/null 2>&1; then \
+	    if [ "$${CI:-}" = true ]; then echo "Python $$v not found" >&2; status=1; \
+	    else echo "Python $$v not found: skipped"; fi; continue; fi; \
+	  for loop in asyncio uvloop; do \
+	    $(MAKE) --no-print-directory PY=$$v HEALTHGATE_LOOP=$$loop serving || status=1; \
+	  done; \
+	done; exit $$status
+
+python-path:
+	@command -v $(PYTHON)
 
 lint: venv
 	$(BIN)/ruff check agent tests bench
@@ -47,4 +104,4 @@ $(VENV)/.bench-installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf .venv .venv-* .pytest_cache build *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import platform
 import signal
 import stat
 import sys
@@ -160,7 +161,8 @@ class Agent:
             raise
         logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks),
                    agent_check=None if self.agent_check_address is None else
-                   f"{self.agent_check_address[0]}:{self.agent_check_address[1]}")
+                   f"{self.agent_check_address[0]}:{self.agent_check_address[1]}",
+                   python=platform.python_version(), loop=type(loop).__module__.partition(".")[0])
 
     async def _start_agent_check(self, host: str, port: int) -> None:
         assert self.state is not None

@@ -311,11 +311,17 @@ def _dumps(obj: Any) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The exposition, rendered from the state at scrape time.
+
+    A flood of pipelined scrapes (aiohttp runs the handlers of one connection back to back, eagerly on
+    Python 3.12+) must not stall the loop, or the agent would fail closed for junk traffic: the handler
+    yields first, so the heartbeat and the probes run between two renders.
+    """
     from agent.metrics import render
 
-    body = render(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
-                                            **NO_STORE})
+    await asyncio.sleep(0)
+    return web.Response(body=render(request.app[REGISTRY]),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **NO_STORE})
 
 
 ADMIN_ACTIONS = {"drain": Admin.DRAIN, "maint": Admin.MAINT, "ready": Admin.READY}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import os
+import platform
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,12 +13,50 @@ from typing import Any
 import aiohttp
 import pytest
 
+import agent as agent_package
 from agent.app import Agent
 from agent.config import parse_config
 from agent.runner import Runner
-from tests.helpers import AgentProcess, Dependency
+from tests.helpers import LOOP, ROOT, AgentProcess, Dependency, loop_in_use
 
 pytest_plugins = ["tests.servers"]  # real servers (redis, PostgreSQL, TLS, DNS, blackhole) as fixtures
+
+# The engine and serving tests: what decides and what answers. CI runs them on every supported Python with
+# both event loops, and against a plain install (`make pythons`, `make test-plain`); `-m serving` selects them.
+SERVING = frozenset({
+    "test_engine", "test_starvation", "test_faults_deps",  # checks to verdict, under stress
+    "test_fasthealth", "test_http_params", "test_haproxy_agent", "test_admin", "test_cli_status",  # serving
+    "test_lifecycle", "test_hostile", "test_config_faults",  # the agent as a process
+})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if loop_in_use() == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise pytest.UsageError(f"HEALTHGATE_LOOP={LOOP}, but uvloop is not installed (the fast extra)")
+    where = Path(agent_package.__file__).resolve()
+    # `make test-plain` runs against the installed package: a checkout on sys.path would test the wrong copy.
+    if os.environ.get("HEALTHGATE_INSTALLED") == "1" and where.is_relative_to(ROOT / "agent"):
+        raise pytest.UsageError(f"HEALTHGATE_INSTALLED=1, but agent is imported from the checkout: {where}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"healthgate: Python {platform.python_version()}, loop {loop_in_use()} (HEALTHGATE_LOOP={LOOP}), "
+            f"agent from {Path(agent_package.__file__).parent}")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    if loop_in_use() == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SERVING:
+            item.add_marker(pytest.mark.serving)
 
 
 class RunningAgent:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +22,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_E2E = os.environ.get("HEALTHGATE_REQUIRE_E2E") == "1"
+# The event loop of this run (the Makefile's HEALTHGATE_LOOP): auto, asyncio or uvloop. Every agent a test
+# starts gets it as --loop; conftest.py runs the in-process tests on the loop it stands for.
+LOOP = os.environ.get("HEALTHGATE_LOOP", "auto")
+
+
+def run_argv(config: Path | str, loop: str = LOOP) -> list[str]:
+    """The command line of `healthgate run` with `config`, on this run's loop unless told otherwise."""
+    return [sys.executable, "-m", "agent", "run", "--loop", loop, "-c", str(config)]
+
+
+def loop_in_use(choice: str = LOOP) -> str:
+    """The loop `--loop choice` makes the agent run on: asyncio or uvloop."""
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise pytest.UsageError(f"HEALTHGATE_LOOP={choice}: expected auto, asyncio or uvloop")
+    if choice != "auto":
+        return choice
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,8 +105,9 @@ class AgentProcess:
     """`healthgate run` as a real subprocess on a free loopback port."""
 
     def __init__(self, tmp: Path, config: str, port: int | None = None, extra_env: dict[str, str] | None = None,
-                 wrapper: tuple[str, ...] = ()):
+                 wrapper: tuple[str, ...] = (), loop: str = LOOP):
         self.wrapper = wrapper  # a command prefix, e.g. setpriv dropping capabilities
+        self.loop = loop
         self.port = port or free_port()
         self.path = tmp / "healthgate.toml"
         self.path.write_text(config.replace("{port}", str(self.port)))
@@ -105,7 +124,7 @@ class AgentProcess:
 
     def start(self, wait: bool = True) -> AgentProcess:
         self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "agent", "run", "-c", str(self.path)],
+        self.proc = subprocess.Popen([*self.wrapper, *run_argv(self.path, self.loop)],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
             wait_for(lambda: self.get("/live")[0] == 200 or self.proc.poll() is not None, what="agent /live")

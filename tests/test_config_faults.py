@@ -9,7 +9,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.helpers import (
     free_port,
     memory_check,
     require,
+    run_argv,
     scrape,
     toml_table,
     wait_for,
@@ -37,7 +37,7 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="StrictModes applies to
 
 
 def run(path: Path, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*wrapper, sys.executable, "-m", "agent", "run", "-c", str(path)], cwd=ROOT,
+    return subprocess.Popen([*wrapper, *run_argv(path)], cwd=ROOT,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

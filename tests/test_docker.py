@@ -8,7 +8,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import dockerfile
 import pytest
 
 from agent import __version__
-from tests.helpers import ROOT, free_port, http_get, wait_for
+from tests.helpers import ROOT, free_port, http_get, run_argv, wait_for
 
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 README = ROOT / "README.md"
@@ -172,7 +171,7 @@ timeout = "100ms"
 rise = 1
 """)
     env = {**os.environ, **{k: v for k, v in stage.env.items() if k != "PATH"}, "STATE_DIRECTORY": str(state)}
-    agent = [sys.executable, "-m", "agent", "run", "-c", str(config)]
+    agent = run_argv(config)
     script = (f"mount -o remount,bind,ro / && mount -t tmpfs -o size=1m tmpfs {shlex.quote(str(state))} "
               f"&& exec {shlex.join(agent)}")
     log = tmp_path / "agent.log"

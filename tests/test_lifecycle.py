@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, http_get, wait_for
+from tests.helpers import ROOT, AgentProcess, free_port, http_get, loop_in_use, run_argv, wait_for
 
 BASE = """
 [server]
@@ -106,7 +108,7 @@ def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     """`healthgate run` with a bad file exits 2 with the key path."""
     f = tmp_path / "c.toml"
     f.write_text('[[checks]]\nname = "a"\ntype = "tcp"\nport = 1\ninterval = "1s"\ntimeout = "5s"\n')
-    proc = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(f)], capture_output=True, text=True,
+    proc = subprocess.run(run_argv(f), capture_output=True, text=True,
                           cwd=ROOT, timeout=30)
     assert proc.returncode == 2
     assert "checks[0].timeout: must be shorter than interval (1s)" in proc.stderr
@@ -123,7 +125,7 @@ def test_run_refuses_port_in_use(tmp_path: Path) -> None:
         port = s.getsockname()[1]
         f = tmp_path / "c.toml"
         f.write_text((BASE % "0s" + MEM % "mem").replace("{port}", str(port)))
-        proc = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(f)], capture_output=True,
+        proc = subprocess.run(run_argv(f), capture_output=True,
                               text=True, cwd=ROOT, timeout=30)
     assert proc.returncode == 2
     assert f"server.listen: cannot listen on 127.0.0.1:{port}" in proc.stderr
@@ -135,7 +137,7 @@ def test_run_refuses_root_without_allow_root(tmp_path: Path) -> None:
     """As root, `run` refuses to start unless agent.allow_root is set."""
     f = tmp_path / "c.toml"
     f.write_text(MEM % "mem")
-    proc = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(f)], capture_output=True, text=True,
+    proc = subprocess.run(run_argv(f), capture_output=True, text=True,
                           cwd=ROOT, timeout=30)
     assert proc.returncode == 2 and "agent.allow_root: refusing to run as root" in proc.stderr
 
@@ -197,3 +199,22 @@ def test_readme_run_command_serves_up(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(15)
+
+
+@pytest.mark.parametrize("choice", ["auto", "asyncio", "uvloop"])
+def test_run_loop_option(tmp_path: Path, choice: str) -> None:
+    """`run --loop auto` serves on uvloop when it is installed and on asyncio without it (a plain
+    `pip install .`); `--loop uvloop` without uvloop exits 2 saying so instead of falling back."""
+    agent = AgentProcess(tmp_path, BASE % "0s" + MEM % "mem", loop=choice)
+    if choice == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        agent.start(wait=False)
+        assert agent.proc.wait(30) == 2
+        assert "--loop uvloop asked for, but uvloop is not installed" in agent.logs()
+        return
+    try:
+        agent.start()
+        started = next(json.loads(line) for line in agent.logs().splitlines() if '"event": "started"' in line)
+        assert started["loop"] == loop_in_use(choice)
+        assert started["python"] == platform.python_version()
+    finally:
+        agent.stop()
