@@ -256,7 +256,7 @@ class AdminWatcher:
 
 # -- the `healthgate drain | maint | ready` commands --------------------------------------------------
 
-def _who() -> str:
+def who() -> str:
     try:
         import pwd
 
@@ -268,7 +268,7 @@ def _who() -> str:
 def set_admin_cli(state_dir: str, action: str, reason: str, duration: float | None) -> tuple[bool, str]:
     """Write the state file for a command; (written, one line to print)."""
     admin = Admin(action)
-    record = make_record(admin, reason or f"{action} by {_who()}", duration, source="cli")
+    record = make_record(admin, reason or f"{action} by {who()}", duration, source="cli")
     try:
         path = write_record(state_dir, record)
     except AdminWriteError as e:
@@ -287,12 +287,19 @@ def confirm(config: Config, action: str, timeout: float = 2.0) -> str:
     host, port = config.server.listen
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     url = f"http://{format_listen((host, port))}/status"
+    headers = {"Accept": "application/json"}
+    try:  # loopback is not trusted: without the admin socket, details need the status token
+        token = Path(config.server.status_token_file).read_text().strip() if config.server.status_token_file else ""
+    except OSError:
+        token = ""
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     deadline = time.monotonic() + timeout
     seen = ""
     while True:
         try:
             try:
-                with urllib.request.urlopen(url, timeout=0.5) as resp:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=0.5) as resp:
                     body = resp.read()
             except urllib.error.HTTPError as e:  # 503 while down still carries the details
                 body = e.read()

@@ -57,6 +57,7 @@ class Agent:
         self.admin: AdminWatcher | None = None
         self.agent_check: AgentCheckServer | None = None
         self.agent_check_address: tuple[str, int] | None = None
+        self.admin_socket: str | None = None  # the unix socket's path once it listens
         self._tasks: list[asyncio.Task] = []  # the admin watcher and the weight sampler
 
     async def start(self) -> None:
@@ -79,14 +80,33 @@ class Agent:
             self._web = Listener(self.config.server, self.state)
             registry.register(self._web.guard)
             self.address = await self._web.start(app, *self.config.server.listen)
+            await self._start_admin_socket()
             if self.config.agent_check.listen is not None:
                 await self._start_agent_check(*self.config.agent_check.listen)
         except BaseException:
             await self.stop()
             raise
         logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks),
+                   admin_socket=self.admin_socket,
                    agent_check=None if self.agent_check_address is None else
                    f"{self.agent_check_address[0]}:{self.agent_check_address[1]}")
+
+    async def _start_admin_socket(self) -> None:
+        """The local operators' channel. Asked for by name, a failure is a config error; the default place
+        failing (no such directory, a path too long for a unix socket) is logged and the agent runs without."""
+        assert self._web is not None
+        path = self.config.admin_socket()
+        if path is None:
+            return
+        try:
+            await self._web.start_unix(path)
+        except OSError as e:
+            if self.config.server.admin_socket:
+                raise ConfigError(self.config_path or "(config)", [
+                    f"server.admin_socket: cannot listen on {path}: {e.strerror or e}"]) from None
+            logs.event("admin_socket_unavailable", logging.WARNING, path=path, error=e.strerror or str(e))
+            return
+        self.admin_socket = path
 
     async def _start_agent_check(self, host: str, port: int) -> None:
         assert self.state is not None

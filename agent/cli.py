@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import DEFAULT_PATH, Config, ConfigError, json_schema, load_config
-from agent.trust import load_trusted_config
+from agent.trust import load_for_command
 
 EXIT_OK, EXIT_CONFIG = 0, 2
 
@@ -41,7 +41,7 @@ def config_path(args: argparse.Namespace) -> str:
     return args.config or os.environ.get("HEALTHGATE_CONFIG") or DEFAULT_PATH
 
 
-def load_or_report(path: str, loader: Callable[[str], Config] = load_config) -> Config | None:
+def load_or_report(path: str, loader: Callable[[str], Config] = load_for_command) -> Config | None:
     try:
         return loader(path)
     except ConfigError as e:
@@ -57,7 +57,7 @@ def preflight(cfg: Config) -> list[str]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     path = config_path(args)
-    cfg = load_or_report(path)
+    cfg = load_or_report(path, load_config)  # reads the file and acts on nothing in it: any file, any user
     if cfg is None:
         return EXIT_CONFIG
     for line in preflight(cfg):
@@ -86,12 +86,8 @@ def _use_loop(choice: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = config_path(args)
-    cfg = load_or_report(path, load_trusted_config)  # as root, a file others can write is refused
+    cfg = load_or_report(path)
     if cfg is None:
-        return EXIT_CONFIG
-    if os.geteuid() == 0 and not cfg.agent.allow_root:
-        print(f"{path}: agent.allow_root: refusing to run as root; run as an unprivileged user "
-              "or set allow_root = true in [agent]", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.agent.log_level, cfg.secrets())
     for line in preflight(cfg):
@@ -136,9 +132,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_once(cfg, color=args.color)
 
 
-def _agent_access(args: argparse.Namespace) -> tuple[str, str | None] | int:
-    """The agent's URL and status token, from the options, else from the config file when there is one."""
-    from agent.remote import EXIT_UNKNOWN, default_url
+def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None] | int:
+    """The agent's URL, status token and admin socket, from the options, else from the config file when
+    there is one. The socket (when it is there) wins unless --url or --token-file ask for HTTP."""
+    from agent.remote import EXIT_UNKNOWN, admin_socket, default_url
 
     cfg = None
     path = config_path(args)
@@ -148,6 +145,10 @@ def _agent_access(args: argparse.Namespace) -> tuple[str, str | None] | int:
             cfg = load_or_report(path)
             if cfg is None:
                 return EXIT_UNKNOWN
+    if args.url is None and args.token_file is None:
+        sock = admin_socket(cfg)
+        if sock:
+            return "", None, sock
     url = args.url or default_url(cfg)
     token_file = args.token_file or (cfg.server.status_token_file if cfg else None)
     token = None
@@ -158,7 +159,7 @@ def _agent_access(args: argparse.Namespace) -> tuple[str, str | None] | int:
             if args.token_file:  # asked for explicitly: say so; the config's file is only a convenience
                 print(f"healthgate: --token-file {token_file}: {e.strerror}", file=sys.stderr)
                 return EXIT_UNKNOWN
-    return url, token
+    return url, token, None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -168,7 +169,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     access = _agent_access(args)
     if isinstance(access, int):
         return access
-    return run_status(*access, args.timeout, use_color(args.color, sys.stdout), args.transitions)
+    url, token, sock = access
+    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -177,11 +179,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     access = _agent_access(args)
     if isinstance(access, int):
         return access
-    return run_explain(*access, args.timeout)
+    url, token, sock = access
+    return run_explain(url, token, args.timeout, sock)
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from agent.admin import confirm, set_admin_cli
+    """Over the admin socket when the agent has one (it writes and applies the state at once); else the
+    state file is written here and the agent picks it up."""
+    from agent.admin import confirm, set_admin_cli, who
+    from agent.remote import admin_socket, post_admin
 
     if args.state_dir:
         state_dir, cfg = args.state_dir, None
@@ -190,6 +196,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
         if cfg is None:
             return EXIT_CONFIG
         state_dir = cfg.agent.state_dir
+        sock = admin_socket(cfg)
+        if sock:
+            ok, message = post_admin(sock, args.command, args.reason or f"{args.command} by {who()}",
+                                     args.duration, timeout=5.0)
+            print(message, file=sys.stdout if ok else sys.stderr)
+            return EXIT_OK if ok else EXIT_CONFIG
     ok, message = set_admin_cli(state_dir, args.command, args.reason, args.duration)
     print(message, file=sys.stdout if ok else sys.stderr)
     if not ok:

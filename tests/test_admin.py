@@ -140,6 +140,7 @@ AGENT = """
 listen = "127.0.0.1:{port}"
 shutdown_drain = "0s"
 drain_status = %s
+trusted_networks = ["127.0.0.1/32"]
 [agent]
 allow_root = true
 state_dir = "%s"
@@ -227,7 +228,7 @@ def test_unparseable_state_file_fails_closed_until_ready(agent_process, tmp_path
 def test_cli_warns_when_no_agent_runs(tmp_path: Path) -> None:
     """With no agent running, the state is still written (exit 0) and a warning says when it applies."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n')
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nallow_root = true\nstate_dir = "{tmp_path / "s"}"\n')
     proc = run_cli("maint", "-c", str(cfg))
     assert proc.returncode == 0
     assert "no agent answers at http://127.0.0.1:1/status; it will apply the state when it starts" in proc.stderr

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from agent import statuspage
+from agent.config import parse_config
 from agent.http_api import TOKENS
 from agent.statuspage import add_routes, prefers_html
 from tests.browser import Browser
@@ -192,9 +193,10 @@ async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: s
 
     app = web.Application()
     app[TOKENS] = {"status": "s3cret"}
-    app[STATE] = type("S", (), {"journal": [], "answer": lambda self, now: type("A", (), {"up": True})()})()
+    app[STATE] = type("S", (), {"journal": [], "config": parse_config({}),
+                                "answer": lambda self, now: type("A", (), {"up": True})()})()
     add_routes(app)
-    transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 40000)})()
+    transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 40000) if k == "peername" else d})()
     req = make_mocked_request("GET", path, headers={"Authorization": auth} if auth else {}, app=app,
                               transport=transport)
     match = await app.router.resolve(req)
