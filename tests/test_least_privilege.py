@@ -13,6 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, AgentProcess, agent_toml, free_port, toml_table, wait_for
 
 
@@ -165,3 +167,86 @@ def test_hostile_text_reaches_no_terminal(tmp_path: Path) -> None:
         assert outputs[name].count("\n") == 1, outputs[name]
     assert "\\x1b[2J\\x1b]0;owned\\x07first second" in outputs["/health/noisy"], outputs["/health/noisy"]
     assert "\\x1b]0;pwned\\x07" in outputs["status"] and "\\x1b" in outputs["explain"]
+
+
+class Echo(Hostile):
+    """A dependency that echoes the X-Api-Key it was sent in its Location header."""
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = conn.recv(65536)
+                key = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"x-api-key:")), b"")
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /?k=" + key +
+                             b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def test_secrets_with_quotes_backslashes_and_non_ascii_leave_through_no_output(tmp_path: Path) -> None:
+    """A dependency and an exec check that echo their secrets back (with `"`, `\\` and non-ASCII in them)
+    leak them into no output: /status, ?verbose, /health/<check>, the journal, /metrics, the log and the
+    agent-check reply; the exec check also echoes the other check's secret, which its own runner pass
+    does not know."""
+    api_key = 'k3y"with\\back'
+    token = 'tök"en\\ü-5ecret'
+    dep = Echo()
+    script = tmp_path / "echo.sh"
+    script.write_text('#!/bin/sh\nprintf "CRITICAL: token %s key %s\\n" "$HG_TOKEN" "$1"\nexit 2\n')
+    script.chmod(0o755)
+    ac_port = free_port()
+    config = agent_toml({"admin_socket": ""}, log_level="debug") + toml_table(
+        "[agent_check]", listen=f"127.0.0.1:{ac_port}", weight_source="off")
+    config += (f'\n[[checks]]\nname = "api"\ntype = "http"\nurl = "http://127.0.0.1:{dep.port}/"\n'
+               f'interval = "200ms"\ntimeout = "150ms"\nrise = 1\nfall = 1\n'
+               f'headers = {{ X-Api-Key = {json.dumps(api_key)} }}\n'
+               f'\n[[checks]]\nname = "job"\ntype = "exec"\ncommand = ["{script}", {json.dumps(api_key)}]\ninterval = "200ms"\n'
+               f'timeout = "150ms"\nrise = 1\nfall = 1\nenv = {{ HG_TOKEN = {json.dumps(token)} }}\n')
+    agent = AgentProcess(tmp_path, config).start()
+    try:
+        wait_for(lambda: "***" in agent.get("/health/job")[1] and "***" in agent.get("/health/api")[1],
+                 what="both checks failed with their secret masked")
+        outputs = {p: agent.get(p)[1] for p in ("/status", "/health?verbose", "/health/api", "/health/job",
+                                                 "/status/journal", "/metrics")}
+        for p in ("/status", "/status/journal"):
+            outputs[p + " (decoded)"] = json.dumps(json.loads(outputs[p]), ensure_ascii=False)
+        with socket.create_connection(("127.0.0.1", ac_port), timeout=5) as s:
+            outputs["agent-check"] = s.recv(4096).decode()
+    finally:
+        agent.stop()
+        dep.close()
+    outputs["log"] = agent.logs()
+    outputs["log (decoded)"] = "\n".join(json.dumps(json.loads(line), ensure_ascii=False)
+                                         for line in agent.logs().splitlines() if line.startswith("{"))
+    forms = [api_key, token, json.dumps(api_key)[1:-1], json.dumps(token)[1:-1], "5ecret", "with\\back"]
+    for name, text in outputs.items():
+        assert not [f for f in forms if f in text], f"{name} leaks a secret: {text[:2000]}"
+    assert "down ready" in outputs["agent-check"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root rule applies as root")
+def test_every_command_applies_the_same_trust_and_root_rules(tmp_path: Path) -> None:
+    """As root, check, status, explain, drain, maint and ready refuse a config others can write (no exec
+    check runs, no token file is read and sent), and refuse a config without allow_root = true."""
+    marker = tmp_path / "ran-as-root"
+    base = (toml_table("[server]", listen="127.0.0.1:1", admin_socket="")
+            + toml_table("[agent]", state_dir=str(tmp_path / "state"))
+            + f'\n[[checks]]\nname = "x"\ntype = "exec"\ncommand = ["/bin/touch", "{marker}"]\n')
+    commands = (("check",), ("status",), ("explain",), ("drain", "--no-wait"), ("maint", "--no-wait"),
+                ("ready", "--no-wait"))
+    shared = tmp_path / "shared.toml"
+    shared.write_text(base.replace("[agent]", "[agent]\nallow_root = true"))
+    shared.chmod(0o664)
+    no_root = tmp_path / "no-root.toml"
+    no_root.write_text(base)
+    no_root.chmod(0o644)
+    for cmd in commands:
+        proc = cli(*cmd, "-c", str(shared))
+        assert proc.returncode in (2, 3) and "refusing a file others can change while running as root" in \
+            proc.stderr, (cmd, proc.stderr)
+        proc = cli(*cmd, "-c", str(no_root))
+        assert proc.returncode in (2, 3) and "agent.allow_root: refusing to run as root" in proc.stderr, (cmd, proc.stderr)
+    assert not marker.exists() and not (tmp_path / "state").exists()
