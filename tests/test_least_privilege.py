@@ -114,7 +114,8 @@ async def test_allow_lists_close_other_clients_without_a_reply(start_agent) -> N
 
 
 class Hostile:
-    """A dependency that answers every request with a redirect whose Location carries terminal escapes."""
+    """A dependency that answers every request with a redirect whose Location `location(request head)` says:
+    by default one carrying terminal escapes."""
 
     LOCATION = b"/x\x1b]0;pwned\x07\x1b[2J\x1b[31mred"
 
@@ -123,6 +124,9 @@ class Hostile:
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
 
+    def location(self, head: bytes) -> bytes:
+        return self.LOCATION
+
     def _serve(self) -> None:
         while True:
             try:
@@ -130,8 +134,8 @@ class Hostile:
             except OSError:
                 return
             with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + self.LOCATION +
+                location = self.location(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + location +
                              b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
     def close(self) -> None:
@@ -172,18 +176,10 @@ def test_hostile_text_reaches_no_terminal(tmp_path: Path) -> None:
 class Echo(Hostile):
     """A dependency that echoes the X-Api-Key it was sent in its Location header."""
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                head = conn.recv(65536)
-                key = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                            if line.lower().startswith(b"x-api-key:")), b"")
-                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /?k=" + key +
-                             b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    def location(self, head: bytes) -> bytes:
+        key = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"x-api-key:")), b"")
+        return b"/?k=" + key
 
 
 def test_secrets_with_quotes_backslashes_and_non_ascii_leave_through_no_output(tmp_path: Path) -> None:
