@@ -20,7 +20,8 @@ from agent.text import mask_all
 PAGE_FILE = "static/status.html"
 JSON_TYPES = ("application/json", "application/health+json", "application/*", "*/*")
 HTML_TYPES = ("text/html", "text/*")
-DENIED = "status details: loopback clients only, or send Authorization: Bearer <status token>\n"
+DENIED = ("status details: the admin socket or a trusted network only, or send "
+          "Authorization: Bearer <status token>\n")
 
 
 @dataclass(frozen=True, slots=True)
