@@ -421,7 +421,7 @@ class AdminWatcher:
 
 # -- the `healthgate drain | maint | ready` commands --------------------------------------------------
 
-def _who() -> str:
+def who() -> str:
     try:
         import pwd
 
@@ -443,7 +443,7 @@ def set_admin_cli(state_dir: str, action: str, reason: str, duration: float | No
     """Write the state file for a command, for the node or for one verdict group: (the record, the file,
     one line to print); None, None and the error when it could not be written."""
     admin = Admin(action)
-    record = make_record(admin, reason or f"{action} by {_who()}", duration, source="cli")
+    record = make_record(admin, reason or f"{action} by {who()}", duration, source="cli")
     change = keeping_groups(record) if group is None else setting_group(group, record)
     try:
         path, _ = update_record(state_dir, change)
@@ -479,7 +479,7 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
     url = f"http://{format_listen((host, port))}/status"
     headers = {"Accept": "application/json"}
     token_file = config.server.status_token_file
-    if token_file:  # loopback gets the details without it, but a token, when set, is what the agent expects
+    if token_file:  # loopback is not trusted: without the admin socket, details need the status token
         try:
             token = Path(token_file).read_text().strip()
         except OSError as e:

@@ -118,12 +118,13 @@ class Agent:
         self.admin: AdminWatcher | None = None
         self.agent_check: AgentCheckServer | None = None
         self.agent_check_address: tuple[str, int] | None = None
-        self._tasks: list[asyncio.Task] = []  # the admin watcher, the reloader and the weight sampler
+        self._tasks: list[asyncio.Task] = []  # the admin watcher, the reloader, the config watcher, the weight sampler
         self._reload_wanted = asyncio.Event()
         self.lookups = LookupPool(32)  # the default executor, once started
         self._slots: dict[str, object] = {}  # off_loop's: the config read and the watcher's stat in flight
         self._config_seen: tuple | None = None  # the file as the last read (start or reload) saw it
         self._watch_asked: tuple | None = None  # the look the watcher last asked a reload for
+        self.admin_socket: str | None = None  # the unix socket's path once it listens
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -154,15 +155,34 @@ class Agent:
             self._web = Listener(self.config.server, self.state)
             registry.register(self._web.guard)
             self.address = await self._web.start(app, *self.config.server.listen)
+            await self._start_admin_socket()
             if self.config.agent_check.listen is not None:
                 await self._start_agent_check(*self.config.agent_check.listen)
         except BaseException:
             await self.stop()
             raise
         logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks),
+                   admin_socket=self.admin_socket,
                    agent_check=None if self.agent_check_address is None else
                    f"{self.agent_check_address[0]}:{self.agent_check_address[1]}",
                    python=platform.python_version(), loop=type(loop).__module__.partition(".")[0])
+
+    async def _start_admin_socket(self) -> None:
+        """The local operators' channel. Asked for by name, a failure is a config error; the default place
+        failing (no such directory, a path too long for a unix socket) is logged and the agent runs without."""
+        assert self._web is not None
+        path = self.config.admin_socket()
+        if path is None:
+            return
+        try:
+            await self._web.start_unix(path)
+        except OSError as e:
+            if self.config.server.admin_socket:
+                raise ConfigError(self.config_path or "(config)", [
+                    f"server.admin_socket: cannot listen on {path}: {e.strerror or e}"]) from None
+            logs.event("admin_socket_unavailable", logging.WARNING, path=path, error=e.strerror or str(e))
+            return
+        self.admin_socket = path
 
     async def _start_agent_check(self, host: str, port: int) -> None:
         assert self.state is not None

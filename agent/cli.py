@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import DEFAULT_PATH, Config, ConfigError, json_schema, load_config
-from agent.trust import load_trusted_config
+from agent.trust import load_for_command
 
 EXIT_OK, EXIT_UNCONFIRMED, EXIT_CONFIG = 0, 1, 2
 
@@ -43,7 +43,7 @@ def config_path(args: argparse.Namespace) -> str:
     return args.config or os.environ.get("HEALTHGATE_CONFIG") or DEFAULT_PATH
 
 
-def load_or_report(path: str, loader: Callable[[str], Config] = load_config) -> Config | None:
+def load_or_report(path: str, loader: Callable[[str], Config] = load_for_command) -> Config | None:
     try:
         return loader(path)
     except ConfigError as e:
@@ -59,7 +59,7 @@ def preflight(cfg: Config) -> list[str]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     path = config_path(args)
-    cfg = load_or_report(path)
+    cfg = load_or_report(path, load_config)  # reads the file and acts on nothing in it: any file, any user
     if cfg is None:
         return EXIT_CONFIG
     for line in preflight(cfg):
@@ -88,12 +88,8 @@ def _use_loop(choice: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = config_path(args)
-    cfg = load_or_report(path, load_trusted_config)  # as root, a file others can write is refused
+    cfg = load_or_report(path)
     if cfg is None:
-        return EXIT_CONFIG
-    if os.geteuid() == 0 and not cfg.agent.allow_root:
-        print(f"{path}: agent.allow_root: refusing to run as root; run as an unprivileged user "
-              "or set allow_root = true in [agent]", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.agent.log_level, cfg.secrets())
     for line in preflight(cfg):
@@ -139,9 +135,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_once(cfg, color=args.color)
 
 
-def _agent_access(args: argparse.Namespace) -> tuple[str, str | None] | int:
-    """The agent's URL and status token, from the options, else from the config file when there is one."""
-    from agent.remote import EXIT_UNKNOWN, default_url
+def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None] | int:
+    """The agent's URL, status token and admin socket, from the options, else from the config file when
+    there is one. The socket (when it is there) wins unless --url or --token-file ask for HTTP."""
+    from agent.remote import EXIT_UNKNOWN, admin_socket, default_url
 
     cfg = None
     path = config_path(args)
@@ -151,6 +148,10 @@ def _agent_access(args: argparse.Namespace) -> tuple[str, str | None] | int:
             cfg = load_or_report(path)
             if cfg is None:
                 return EXIT_UNKNOWN
+    if args.url is None and args.token_file is None:
+        sock = admin_socket(cfg)
+        if sock:
+            return "", None, sock
     url = args.url or default_url(cfg)
     token_file = args.token_file or (cfg.server.status_token_file if cfg else None)
     token = None
@@ -161,7 +162,7 @@ def _agent_access(args: argparse.Namespace) -> tuple[str, str | None] | int:
             if args.token_file:  # asked for explicitly: say so; the config's file is only a convenience
                 print(f"healthgate: --token-file {token_file}: {e.strerror}", file=sys.stderr)
                 return EXIT_UNKNOWN
-    return url, token
+    return url, token, None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -171,7 +172,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     access = _agent_access(args)
     if isinstance(access, int):
         return access
-    return run_status(*access, args.timeout, use_color(args.color, sys.stdout), args.transitions)
+    url, token, sock = access
+    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -180,11 +182,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     access = _agent_access(args)
     if isinstance(access, int):
         return access
-    return run_explain(*access, args.timeout)
+    url, token, sock = access
+    return run_explain(url, token, args.timeout, sock)
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from agent.admin import confirm, set_admin_cli
+    """Over the admin socket when the agent has one (it writes and applies the state at once); else the
+    state file is written here and the agent picks it up."""
+    from agent.admin import confirm, set_admin_cli, who
+    from agent.remote import admin_socket, post_admin
 
     cfg = None
     path = config_path(args)
@@ -197,6 +203,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
         known = ", ".join(cfg.groups) or "none"
         print(f"{path}: --group: no group named {args.group!r} in groups (known: {known})", file=sys.stderr)
         return EXIT_CONFIG
+    sock = admin_socket(cfg) if cfg is not None and not args.state_dir and args.group is None else None
+    if sock:  # the agent writes the state file and applies it at once: nothing left to confirm
+        ok, message = post_admin(sock, args.command, args.reason or f"{args.command} by {who()}",
+                                 args.duration, timeout=5.0)
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return EXIT_OK if ok else EXIT_UNCONFIRMED
     state_dir = args.state_dir or cfg.agent.state_dir
     record, written, message = set_admin_cli(state_dir, args.command, args.reason, args.duration, args.group)
     print(message, file=sys.stdout if record else sys.stderr)

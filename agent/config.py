@@ -10,12 +10,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from agent.fields import DAY, HOUR, Listen, Strict, duration
+from agent.fields import DAY, HOUR, Listen, Network, Strict, duration
 from agent.fleet.config import FleetConfig
 from agent.probes import PROBES
 from agent.probes.base import NAME_PATTERN
 
 DEFAULT_PATH = "/etc/healthgate/healthgate.toml"
+SOCKET_NAME = "healthgate.sock"
 
 CheckConfig = Annotated[
     Union[tuple(m.Config for m in PROBES.values())],  # noqa: UP007 - built from the registry
@@ -46,7 +47,19 @@ class ServerConfig(Strict):
         default=True, description="answer /health /ready /live with a minimal responder; false = aiohttp only"
     )
     status_token_file: str | None = Field(
-        default=None, description="bearer token that unlocks /status details for non-loopback clients"
+        default=None, description="bearer token that unlocks details (/status, reasons, the journal, the page)"
+    )
+    trusted_networks: list[Network] = Field(
+        default_factory=list, description="clients from these networks see details without a token; loopback is "
+        "not trusted unless listed (a local proxy or a pod's other containers are loopback too)"
+    )
+    allow_from: list[Network] | None = Field(
+        default=None, min_length=1, description="only clients from these networks may connect; others are closed "
+        "without a reply. Unset: any client"
+    )
+    admin_socket: str | None = Field(
+        default=None, description="unix socket for local operators (mode 0660, details and drain/maint/ready "
+        "without a token); default $RUNTIME_DIRECTORY/healthgate.sock, else healthgate.sock in state_dir; \"\" = none"
     )
     admin_token_file: str | None = Field(
         default=None, description="bearer token for POST /admin/drain|maint|ready; without it those paths are 404"
@@ -64,6 +77,13 @@ class AgentCheckConfig(Strict):
         default=30.0, description="after a recovery the weight ramps from weight_floor over this long"
     )
     max_connections: int = Field(default=64, ge=1, le=4096, description="agent-check connections beyond this are closed")
+    allow_from: list[Network] | None = Field(
+        default=None, min_length=1, description="only clients from these networks may connect (HAProxy's "
+        "addresses); others are closed without a reply. Unset: any client"
+    )
+    send_reasons: bool = Field(
+        default=True, description="add the reason after '#' (shown in HAProxy's stats); false = the state words only"
+    )
 
 
 class PolicyConfig(Strict):
@@ -144,6 +164,13 @@ class Config(Strict):
     def secrets(self) -> tuple[str, ...]:
         fleet = self.fleet.secrets() if self.fleet else ()
         return tuple(s for s in (*fleet, *(s for c in self.checks for s in c.secrets())) if s)
+
+    def admin_socket(self) -> str | None:
+        """The admin socket's path, or None when `server.admin_socket = ""` turns it off."""
+        if self.server.admin_socket is not None:
+            return self.server.admin_socket or None
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]  # systemd's RuntimeDirectory=
+        return os.path.join(runtime or self.agent.state_dir, SOCKET_NAME)
 
 
 class ConfigError(Exception):

@@ -183,6 +183,9 @@ class HealthProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self.front
         self.transport = transport
+        if front.guard.refuse(transport):
+            self.closing = True
+            return
         self._due = front.loop.time() + front.guard.read_timeout
         front.conns.add(self)
         front.guard.admit(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from fractions import Fraction
@@ -201,6 +202,24 @@ Listen = Annotated[
     PlainSerializer(format_listen, return_type=str),
     WithJsonSchema({"type": "string", "pattern": rf"^[\s\S]*:0*{_below(65536)}\s*$",
                     "description": "HOST:PORT, [IPv6]:PORT or :PORT"}),
+]
+
+
+def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address block from "10.0.0.0/8", "2001:db8::/32" or one address ("127.0.0.1" = /32)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string such as 10.0.0.0/8 or ::1")
+    try:
+        return ipaddress.ip_network(value)
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a network: {e}") from None
+
+
+Network = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network,
+    BeforeValidator(parse_network),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "description": "an address or a CIDR block: 10.0.0.0/8, ::1"}),
 ]
 
 

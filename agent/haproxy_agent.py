@@ -6,9 +6,11 @@ import asyncio
 import logging
 
 from agent import logs
+from agent.access import admitted
 from agent.admin import sanitize
 from agent.serving import Answer, agent_check_reason, agent_check_words, unknown_group
 from agent.state import AgentState
+from agent.text import mask
 from agent.weight import WeightTracker
 
 REASON_MAX = 120  # HAProxy shows the text after '#' in its stats and logs; keep it short
@@ -18,17 +20,18 @@ CONN_DEADLINE = 1.0  # no connection lives longer than this, whatever the client
 SEND_WAIT = 0.2  # with verdict groups: how long to wait for agent-send to name one
 
 
-def format_reply(answer: Answer, weight: int | None) -> str:
+def format_reply(answer: Answer, weight: int | None, secrets: tuple[str, ...] = (), reasons: bool = True) -> str:
     """One line in HAProxy's agent-check grammar carrying the FULL state: health word, admin word, weight.
 
     HAProxy keeps whatever a reply leaves out (a bare `up` does not clear DRAIN or MAINT, and an
     empty or unknown reply changes nothing), so every reply says all three. The weight is sent only
-    when up. The description after ` #` is one sanitised line: the admin reason, then why down.
+    when up. The description after ` #` is one sanitised line: the admin reason, then why down, with
+    `secrets` masked first (sanitising turns non-ASCII into `?`); none at all when `reasons` is false.
     """
     words = list(agent_check_words(answer))
     if answer.healthy:
         words.append(f"{max(1, min(100, weight if weight is not None else 100))}%")
-    text = sanitize(agent_check_reason(answer), REASON_MAX)
+    text = sanitize(mask(agent_check_reason(answer), secrets), REASON_MAX) if reasons else ""
     return " ".join(words) + (f" #{text}" if text else "") + "\n"
 
 
@@ -45,15 +48,18 @@ class AgentCheckServer:
         self.weights = weights
         self.active = 0
         self.refused = 0  # connections closed unanswered because of the cap
+        self.denied = 0  # connections closed unanswered because they came from outside allow_from
         self._server: asyncio.Server | None = None
 
     def reply(self, group: str | None = None) -> str:
         """The reply for the node, or for the verdict group HAProxy named with agent-send."""
         now = asyncio.get_running_loop().time()
+        config = self.state.config
         if group is not None and group not in self.state.snapshot.groups:
-            return format_reply(unknown_group(group), None)
+            return format_reply(unknown_group(group), None, config.secrets(), config.agent_check.send_reasons)
         answer = self.state.answer(now, group)
-        return format_reply(answer, self.weights.weight(now) if answer.healthy else None)
+        return format_reply(answer, self.weights.weight(now) if answer.healthy else None, config.secrets(),
+                            config.agent_check.send_reasons)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._server = await asyncio.start_server(self._handle, host, port, backlog=256, reuse_address=True)
@@ -70,6 +76,10 @@ class AgentCheckServer:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not admitted(writer.transport, self.state.config.agent_check.allow_from):
+            self.denied += 1  # closed without a word: the reply names the node's state and its reasons
+            writer.transport.abort()
+            return
         if self.active >= self.state.config.agent_check.max_connections:
             self.refused += 1
             writer.transport.abort()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -16,8 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__, logs
+from agent.access import is_unix, trusted
 from agent.admin import AdminWatcher, AdminWriteError, make_record, parse_for, state_path
-from agent.logs import mask
 from agent.model import Admin, CheckView, Snapshot
 from agent.serving import (
     Answer,
@@ -31,6 +30,7 @@ from agent.serving import (
     live_response,
 )
 from agent.state import AgentState
+from agent.text import mask_all, one_line
 
 STATE = web.AppKey("state", AgentState)
 REGISTRY = web.AppKey("registry", object)
@@ -64,21 +64,11 @@ async def live(request: web.Request) -> web.Response:
     return web.Response(status=code, text=text, headers=NO_STORE)
 
 
-def _loopback(request: web.Request) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if not peer:
-        return False
-    if isinstance(peer, str):  # unix socket
-        return True
-    try:
-        return ipaddress.ip_address(peer[0].split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def authorized(request: web.Request, token: str | None) -> bool:
-    """Loopback clients, or a bearer token compared in constant time."""
-    return _loopback(request) or bearer(request, token) is True
+    """May see details: a client of the admin socket or of a trusted network, or one presenting the
+    status token (compared in constant time)."""
+    networks = request.app[STATE].config.server.trusted_networks
+    return trusted(request.transport, networks) or bearer(request, token) is True
 
 
 def bearer(request: web.Request, token: str | None) -> bool | None:
@@ -138,7 +128,7 @@ def verbose_lines(snap: Snapshot, answer: Answer, t: float, excluded: frozenset[
     the agent's own conditions."""
 
     def failed(text: str) -> str:
-        return text if reasons else "reason withheld"
+        return one_line(text) if reasons else "reason withheld"
 
     lines = []
     members = None if group is None else snap.groups[group].members
@@ -181,6 +171,7 @@ def health_detail(request: web.Request, state: AgentState, group: str | None = N
     reasons = authorized(request, request.app[TOKENS].get("status"))
     lines = verbose_lines(snap, answer, t, excluded, reasons, group)
     lines.append("healthz check passed" if code == 200 else "healthz check failed")
+    lines = mask_all(lines, state.config.secrets())
     return web.Response(status=code, text="\n".join(lines) + "\n", headers=NO_STORE)
 
 
@@ -204,7 +195,7 @@ async def one_check(request: web.Request) -> web.Response:
         return web.Response(text="up\n", headers=NO_STORE)
     text = "down\n"
     if authorized(request, request.app[TOKENS].get("status")):
-        text = f"down: {check_reason(answer.fresh, v, t)}\n"
+        text = mask_all(f"down: {one_line(check_reason(answer.fresh, v, t))}\n", state.config.secrets())
     return web.Response(status=503, text=text, headers=NO_STORE)
 
 
@@ -301,9 +292,10 @@ async def status(request: web.Request) -> web.Response:
         return await page(request, code)
     detailed = authorized(request, request.app[TOKENS].get("status"))
     body = status_body(state, snap, answer, t, detailed)
-    secrets = state.config.secrets()  # results are masked already; this also covers thresholds and journals
+    # Results are masked already; this also covers thresholds and admin reasons. Before serialising.
+    body = mask_all(body, state.config.secrets())
     return web.json_response(body, status=code, content_type=HEALTH_JSON,
-                             headers={**NO_STORE, "Vary": "Accept"}, dumps=lambda obj: mask(_dumps(obj), secrets))
+                             headers={**NO_STORE, "Vary": "Accept"}, dumps=_dumps)
 
 
 def _dumps(obj: Any) -> str:
@@ -331,16 +323,18 @@ ADMIN_WRITE_TIMEOUT = 5.0
 async def admin_action(request: web.Request) -> web.Response:
     """POST /admin/{drain,maint,ready}?for=10m&reason=...: the CLI's drain/maint/ready over HTTP.
 
-    Without an admin token configured these paths do not exist (404), for every method and client,
-    loopback included: nothing changes state over HTTP unless an operator opted in.
+    Over TCP, without an admin token configured these paths do not exist (404), for every method and
+    client, loopback included: nothing changes state over the network unless an operator opted in. Over
+    the admin socket no token is asked for: its file mode already decided who may connect.
     """
     token = request.app[TOKENS].get("admin")
     admin = ADMIN_ACTIONS.get(request.match_info["action"])
-    if not token or admin is None:
+    local = is_unix(request.transport)
+    if not (token or local) or admin is None:
         raise web.HTTPNotFound()
     if request.method != "POST":
         raise web.HTTPMethodNotAllowed(request.method, ["POST"])
-    ok = bearer(request, token)
+    ok = True if local else bearer(request, token)
     if ok is None:
         return web.json_response({"error": "a bearer token is required"}, status=401, headers={
             "WWW-Authenticate": 'Bearer realm="healthgate"', **NO_STORE})
@@ -360,7 +354,7 @@ async def admin_action(request: web.Request) -> web.Response:
             return web.json_response({"error": "for: must be a positive duration, with drain or maint"},
                                      status=400)
     reason = request.query.get("reason", "")
-    record = make_record(admin, reason, duration, source="http")
+    record = make_record(admin, reason, duration, source="socket" if local else "http")
     try:
         async with asyncio.timeout(ADMIN_WRITE_TIMEOUT):  # a hung state directory must not hang the request
             path = await request.app[ADMIN].write(record)

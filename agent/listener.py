@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
+import os
+import socket
+import stat
 from collections.abc import Iterator
 from operator import attrgetter
 from typing import Any
@@ -14,6 +18,7 @@ from aiohttp.http_exceptions import LineTooLong
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent import logs
+from agent.access import admitted
 from agent.config import ServerConfig
 from agent.fasthealth import FastHealth
 from agent.state import AgentState
@@ -48,6 +53,15 @@ class Guard:
         """Limits from [server]; a reload applies them to connections accepted from then on."""
         self.limit = server.max_connections
         self.read_timeout = server.read_timeout
+        self.allow_from = server.allow_from
+
+    def refuse(self, transport: asyncio.BaseTransport) -> bool:
+        """Close a connection from outside `allow_from` without a reply (and before it can evict anyone)."""
+        if admitted(transport, self.allow_from):
+            return False
+        self.dropped["refused"] += 1
+        transport.abort()  # type: ignore[attr-defined]
+        return True
 
     def admit(self, handler: Handler) -> None:
         while len(self.open) >= self.limit:
@@ -69,9 +83,10 @@ class Guard:
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("healthgate_http_connections", "open HTTP connections", value=len(self.open))
         dropped = CounterMetricFamily("healthgate_http_dropped_connections",
-                                      "connections closed by the agent: capacity (evicted at max_connections) "
-                                      "or deadline (no complete request within read_timeout)", labels=["reason"])
-        for reason in ("capacity", "deadline"):
+                                      "connections closed by the agent: capacity (evicted at max_connections), "
+                                      "deadline (no complete request within read_timeout) or refused (a client "
+                                      "outside allow_from)", labels=["reason"])
+        for reason in ("capacity", "deadline", "refused"):
             dropped.add_metric([reason], float(self.dropped[reason]))
         yield dropped
         bad = CounterMetricFamily("healthgate_http_bad_requests", "malformed requests refused, by status",
@@ -87,21 +102,27 @@ class Handler(web.RequestHandler):
     stops reading). The deadline moves only when a response completes, so nothing runs per byte read.
     """
 
-    __slots__ = ("_guard", "_due", "_deadline")
+    __slots__ = ("_guard", "_due", "_deadline", "_refused")
 
     def __init__(self, manager: web.Server, guard: Guard, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._due = 0.0
         self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._guard.refuse(transport):
+            self._refused = True
+            return
         self._due = self._loop.time() + self._guard.read_timeout
         self._guard.admit(self)
         self._deadline = self._loop.call_at(self._due, self._expire)
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:  # aiohttp never saw it
+            return
         self._guard.open.pop(self, None)
         if self._deadline is not None:
             self._deadline.cancel()
@@ -137,6 +158,28 @@ class Handler(web.RequestHandler):
         return resp
 
 
+def _clear_stale(path: str) -> None:
+    """Remove the socket file a dead agent left; refuse to touch a live agent's socket or any other file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process answers on {path}")
+
+
 class Listener:
     """The HTTP server of one agent: aiohttp's runner for the app, our own protocol factory for the socket."""
 
@@ -148,6 +191,22 @@ class Listener:
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
+        # The admin socket has a guard of its own: a flood on the TCP port cannot evict an operator.
+        self.local_guard = Guard(server)
+        self._local: asyncio.AbstractServer | None = None
+        self._local_path: str | None = None
+        self._local_id: tuple[int, int] | None = None
+
+    def _factory(self, guard: Guard) -> Any:
+        assert self._runner is not None
+        manager, loop = self._runner.server, asyncio.get_running_loop()
+
+        def factory() -> Handler:
+            return Handler(manager, guard, loop=loop, access_log=None, keepalive_timeout=guard.read_timeout,
+                           lingering_time=0, max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
+                           max_headers=MAX_HEADERS)
+
+        return factory
 
     async def start(self, app: web.Application, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (for port 0). On failure nothing is left open."""
@@ -155,14 +214,8 @@ class Listener:
         self.app = app
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        manager = self._runner.server
         guard = self.guard
-
-        def factory() -> Handler:
-            return Handler(manager, guard, loop=loop, access_log=None, keepalive_timeout=guard.read_timeout,
-                           lingering_time=0, max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
-                           max_headers=MAX_HEADERS)
-
+        factory = self._factory(guard)
         protocol: Any = factory
         if self.fast_health:  # probes answered from precomputed bytes; anything else goes on to aiohttp
             self._fast = FastHealth(self.state, factory, guard)
@@ -174,7 +227,41 @@ class Listener:
             raise
         return self._server.sockets[0].getsockname()[:2]
 
+    async def start_unix(self, path: str) -> None:
+        """Serve the same app on a unix socket of mode 0660, after start(). Its clients are the node's
+        operators: the file's owner and group, as for HAProxy's stats socket or Docker's. OSError when a
+        live agent already answers there or the path cannot be bound; a stale socket file is replaced."""
+        loop = asyncio.get_running_loop()
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        _clear_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # umask, not a chmod after bind: no moment in which the socket is open to others. The loop's
+            # thread does nothing else meanwhile, and nothing else here forks from other threads.
+            old = os.umask(0o117)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o660)
+            st = os.stat(path)
+            self._local = await loop.create_unix_server(self._factory(self.local_guard), sock=sock, backlog=64)
+        except BaseException:
+            sock.close()
+            raise
+        self._local_path, self._local_id = path, (st.st_dev, st.st_ino)
+
     async def stop(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+            try:  # only our own file: another agent may have replaced it since
+                st = os.stat(self._local_path)
+                if (st.st_dev, st.st_ino) == self._local_id:
+                    os.unlink(self._local_path)
+            except OSError:
+                pass
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from agent.text import mask_all
+
 log = logging.getLogger("healthgate")
 
 
@@ -24,14 +26,8 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return mask(json.dumps(entry, default=str), self.secrets)
-
-
-def mask(text: str, secrets: tuple[str, ...]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
+        # Masked before serialising: json.dumps escapes a secret holding `"`, `\\` or non-ASCII.
+        return json.dumps(mask_all(entry, self.secrets, default=str), default=str)
 
 
 def setup(level: str = "info", secrets: tuple[str, ...] = ()) -> None:

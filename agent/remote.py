@@ -1,10 +1,15 @@
-"""`healthgate status` and `explain`: ask a running agent over HTTP and print what it answers."""
+"""`healthgate status`, `explain`, `drain`...: ask a running agent over its admin socket, else HTTP."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import socket
+import stat
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -24,6 +29,15 @@ class Denied(Exception):
     """The agent answered but withholds details from this client."""
 
 
+def admin_socket(cfg: Config | None) -> str | None:
+    """The config's admin socket when one is there to connect to, else None (then HTTP and the token)."""
+    path = cfg.admin_socket() if cfg is not None else None
+    try:
+        return path if path and stat.S_ISSOCK(os.stat(path).st_mode) else None
+    except OSError:
+        return None
+
+
 def default_url(cfg: Config | None) -> str:
     """The agent's own listen address, with a wildcard host turned into loopback."""
     if cfg is None:
@@ -33,10 +47,51 @@ def default_url(cfg: Config | None) -> str:
     return f"http://{format_listen((host, port))}"
 
 
-def fetch_json(url: str, token: str | None, timeout: float) -> dict[str, Any]:
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the agent's admin socket."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _unix_request(path: str, method: str, target: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    conn = _UnixConnection(path, timeout)
+    try:
+        conn.request(method, target, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def fetch_json(url: str, token: str | None, timeout: float, sock: str | None = None) -> dict[str, Any]:
+    """GET `url` as JSON; over the admin socket at `sock` when given (then `url` is only a path)."""
     headers = {"Accept": "application/json", "User-Agent": "healthgate-cli"}
-    if token:
+    if token and sock is None:  # the socket needs none, and a token is never sent where it is not needed
         headers["Authorization"] = f"Bearer {token}"
+    if sock is not None:
+        try:
+            code, raw = _unix_request(sock, "GET", url, headers, timeout)
+        except TimeoutError:
+            raise Unreachable(f"no answer within {timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise Unreachable(getattr(e, "strerror", None) or str(e) or type(e).__name__) from None
+        if code in (401, 403):
+            raise Denied(f"HTTP {code}")
+        if code not in (200, 503):
+            raise Unreachable(f"HTTP {code} from {sock}")
+        return _json(raw, sock)
     # No proxy: the agent is asked directly, whatever http_proxy says.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -53,46 +108,71 @@ def fetch_json(url: str, token: str | None, timeout: float) -> dict[str, Any]:
         raise Unreachable(getattr(reason, "strerror", None) or str(reason)) from None
     except (TimeoutError, OSError) as e:
         raise Unreachable(f"no answer within {timeout:g}s" if isinstance(e, TimeoutError) else str(e)) from None
+    return _json(raw, url)
+
+
+def _json(raw: bytes, where: str) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError:
-        raise Unreachable(f"{url} did not answer JSON: is it a healthgate agent?") from None
+        raise Unreachable(f"{where} did not answer JSON: is it a healthgate agent?") from None
     if not isinstance(body, dict):
-        raise Unreachable(f"{url} answered unexpected JSON")
+        raise Unreachable(f"{where} answered unexpected JSON")
     return body
 
 
-def ask(base: str, token: str | None, timeout: float, journal: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    base = base.rstrip("/")
-    status = fetch_json(base + "/status", token, timeout)
+def post_admin(sock: str, action: str, reason: str, duration: float | None, timeout: float) -> tuple[bool, str]:
+    """POST /admin/<action> over the admin socket: the agent writes the state file and applies it at once.
+    (ok, one line to print)."""
+    query = {"reason": reason} if reason else {}
+    if duration:
+        query["for"] = f"{duration:g}s"
+    target = f"/admin/{action}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    try:
+        code, raw = _unix_request(sock, "POST", target, {"User-Agent": "healthgate-cli"}, timeout)
+        body = json.loads(raw)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return False, f"healthgate: the agent at {sock} did not answer: {getattr(e, 'strerror', None) or e}"
+    if code != 200 or not isinstance(body, dict):
+        return False, f"healthgate: the agent at {sock} refused: {body.get('error') if isinstance(body, dict) else code}"
+    until = f" until {body['until']}" if body.get("until") else ""
+    return True, f"{body.get('admin')}{until}: {body.get('reason')} ({body.get('stateFile')}, applied by the agent)"
+
+
+def ask(base: str, token: str | None, timeout: float, journal: bool,
+        sock: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    base = "" if sock else base.rstrip("/")
+    status = fetch_json(base + "/status", token, timeout, sock)
     if "healthgate" not in status:
         raise Denied("no details")
-    entries = fetch_json(base + "/status/journal", token, timeout) if journal else {}
+    entries = fetch_json(base + "/status/journal", token, timeout, sock) if journal else {}
     return status, entries
 
 
 def _report(base: str, e: Exception) -> int:
     if isinstance(e, Denied):
-        print(f"NOT AUTHORIZED  {base}\nthe agent withholds status details from this client ({e}): run this on "
-              "the node itself, or pass --token-file with the status token", file=sys.stderr)
+        print(f"NOT AUTHORIZED  {render.printable(base)}\nthe agent withholds status details from this client "
+              f"({e}): run this on the node as a member of the agent's group (its admin socket), or pass "
+              "--token-file with the status token", file=sys.stderr)
     else:
         print(render.unreachable(base, str(e)), file=sys.stderr)
     return EXIT_UNKNOWN
 
 
-def run_status(base: str, token: str | None, timeout: float, color: bool, transitions: int) -> int:
+def run_status(base: str, token: str | None, timeout: float, color: bool, transitions: int,
+               sock: str | None = None) -> int:
     try:
-        status, journal = ask(base, token, timeout, journal=transitions > 0)
+        status, journal = ask(base, token, timeout, journal=transitions > 0, sock=sock)
     except (Unreachable, Denied) as e:
-        return _report(base, e)
+        return _report(sock or base, e)
     print(render.status_report(status, journal, color, transitions))
     return render.exit_code(status)
 
 
-def run_explain(base: str, token: str | None, timeout: float) -> int:
+def run_explain(base: str, token: str | None, timeout: float, sock: str | None = None) -> int:
     try:
-        status, _ = ask(base, token, timeout, journal=False)
+        status, _ = ask(base, token, timeout, journal=False, sock=sock)
     except (Unreachable, Denied) as e:
-        return _report(base, e)
+        return _report(sock or base, e)
     print(render.explain(status))
     return render.exit_code(status)

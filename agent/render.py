@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from agent.text import printable
+
 GREEN, RED, YELLOW, BLUE, DIM, BOLD, RESET = (
     "\033[32m", "\033[31m", "\033[33m", "\033[34m", "\033[2m", "\033[1m", "\033[0m")
 STATE_COLOR = {"up": GREEN, "down": RED, "drain": YELLOW, "maint": BLUE}
@@ -24,6 +26,18 @@ def use_color(choice: str, stream: TextIO) -> bool:
 
 def paint(text: str, code: str, color: bool) -> str:
     return f"{code}{text}{RESET}" if color and text else text
+
+
+def clean(obj: Any) -> Any:
+    """The agent's JSON with every string escaped (agent.text.printable): what a dependency or another
+    agent wrote cannot move the cursor, retitle the terminal or clear the screen, whatever --color says."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {clean(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean(v) for v in obj]
+    return obj
 
 
 # -- values --------------------------------------------------------------------------------------
@@ -117,6 +131,7 @@ def checks(status: dict[str, Any]) -> list[dict[str, Any]]:
 
 def check_rows(status: dict[str, Any], history: int = 20) -> list[tuple[str, ...]]:
     """One row per check, with the status page's columns; `history` = how many recent results to show."""
+    status = clean(status)
     now = now_of(status)
     rows = [HEADER]
     for c in checks(status):
@@ -184,6 +199,7 @@ def journal_lines(journal: dict[str, Any], now: datetime | None, limit: int, col
 
 
 def status_report(status: dict[str, Any], journal: dict[str, Any], color: bool, transitions: int = 10) -> str:
+    status, journal = clean(status), clean(journal)
     now = now_of(status)
     parts = [headline(status, color), "", table(check_rows(status), color)]
     if transitions:
@@ -260,6 +276,7 @@ def _next_risk(crit: list[dict[str, Any]], now: datetime | None) -> str:
 
 def explain(status: dict[str, Any]) -> str:
     """One paragraph: why the node is down now, or what would take it down next."""
+    status = clean(status)
     hg = status["healthgate"]
     now = now_of(status)
     host = status.get("serviceId") or "this node"
@@ -305,5 +322,6 @@ def explain(status: dict[str, Any]) -> str:
 
 
 def unreachable(url: str, error: str) -> str:
+    url, error = printable(url), printable(error)
     return (f"UNREACHABLE  {url}\nagent unreachable ({error}): the node's state is unknown from here; a load "
             f"balancer that cannot reach the agent either counts the node as down.")

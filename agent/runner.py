@@ -10,10 +10,10 @@ import time
 from collections.abc import Mapping
 from types import ModuleType
 
-from agent.logs import mask
 from agent.model import Observation, Result
 from agent.probes import PROBES
 from agent.probes.base import CheckBase, CheckFailed, Context
+from agent.text import mask, one_line
 
 # Tasks a probe spawns (and they spawn) are recorded in the set this variable holds while it runs. A probe
 # may leave a few behind on purpose (a client library's background task); past LEAK_LIMIT per check they
@@ -88,10 +88,12 @@ class Runner:
 
         def result(ok: bool, reason: str, kind: str, obs: Observation | None = None) -> Result:
             duration = time.perf_counter() - t0
-            if secrets:  # a driver's error text may quote a URL or DSN: nothing leaves with a secret in it
-                reason = mask(reason, secrets)
-                if obs is not None and obs.detail:
-                    obs = dataclasses.replace(obs, detail=mask(obs.detail, secrets))
+            # A driver's error text may quote a URL or DSN: nothing leaves with a secret in it. And it is
+            # the dependency's text (a Location header, a command's output): one printable line, masked
+            # first so that a secret holding a newline or a control character still matches.
+            reason = one_line(mask(reason, secrets))
+            if obs is not None and obs.detail:
+                obs = dataclasses.replace(obs, detail=one_line(mask(obs.detail, secrets)))
             return Result(ok, reason, kind, duration, started, loop.time(), time.time(), obs)
 
         previous = self.hung.get(check.name)

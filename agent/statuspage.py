@@ -15,11 +15,13 @@ from aiohttp import web
 
 from agent import logs
 from agent.http_api import NO_STORE, STATE, TOKENS, _dumps, authorized, iso
+from agent.text import mask_all
 
 PAGE_FILE = "static/status.html"
 JSON_TYPES = ("application/json", "application/health+json", "application/*", "*/*")
 HTML_TYPES = ("text/html", "text/*")
-DENIED = "status details: loopback clients only, or send Authorization: Bearer <status token>\n"
+DENIED = ("status details: the admin socket or a trusted network only, or send "
+          "Authorization: Bearer <status token>\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,9 @@ def journal_body(entries: Any) -> dict[str, Any]:
 async def journal(request: web.Request) -> web.Response:
     if not authorized(request, request.app[TOKENS].get("status")):
         return _denied()
-    return web.json_response(journal_body(list(request.app[STATE].journal)), headers=NO_STORE, dumps=_dumps)
+    state = request.app[STATE]
+    body = mask_all(journal_body(list(state.journal)), state.config.secrets())
+    return web.json_response(body, headers=NO_STORE, dumps=_dumps)
 
 
 def add_routes(app: web.Application) -> None:

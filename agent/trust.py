@@ -104,3 +104,19 @@ def load_trusted_config(path: str | os.PathLike[str]) -> Config:
     """load_config, after refusing (as root) a config file that others could have written."""
     check_trusted(path)
     return load_config(path)
+
+
+def load_for_command(path: str | os.PathLike[str]) -> Config:
+    """The config as every command that loads one may use it: the same rules for all of them.
+
+    As root, a file others could have written is refused (its exec checks would run as root, and
+    `status` would send the token file it names to the address it names), and so is any config without
+    `allow_root = true`: a command that loads a config acts on what the config says, as the agent would.
+    """
+    check_trusted(path)
+    cfg = load_config(path)
+    if os.geteuid() == 0 and not cfg.agent.allow_root:
+        raise ConfigError(str(path), ["agent.allow_root: refusing to run as root; run as an unprivileged user "
+                                      "(the agent's group may use its admin socket) or set allow_root = true "
+                                      "in [agent]"])
+    return cfg

@@ -77,13 +77,14 @@ class RunningAgent:
 
 @pytest.fixture
 async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Start an Agent in this event loop from a config dict; listen is forced to 127.0.0.1:0 and the
-    state directory defaults to the test's own."""
+    """Start an Agent in this event loop from a config dict; listen is forced to 127.0.0.1:0, loopback is
+    trusted with details unless the config says otherwise, and the state directory defaults to the test's own."""
     started: list[RunningAgent] = []
     session = aiohttp.ClientSession()
 
     async def start(data: dict[str, Any], probes: dict | None = None, config_path: str | None = None) -> RunningAgent:
-        data = {**data, "server": {**data.get("server", {}), "listen": "127.0.0.1:0"},
+        data = {**data, "server": {"trusted_networks": ["127.0.0.1/32"], **data.get("server", {}),
+                                   "listen": "127.0.0.1:0"},
                 "agent": {"state_dir": str(tmp_path / "state"), **data.get("agent", {})}}
         cfg = parse_config(data)
         agent = Agent(cfg, config_path)  # config_path: the file a reload reads

@@ -203,8 +203,10 @@ def toml_table(header: str, **keys: object) -> str:
 
 
 def agent_toml(server: dict | None = None, policy: dict | None = None, **agent: object) -> str:
-    """[server] on 127.0.0.1:{port} without a drain, [agent] allowed to run as root (tests do), [policy]."""
-    text = toml_table("[server]", listen="127.0.0.1:{port}", shutdown_drain="0s", **(server or {}))
+    """[server] on 127.0.0.1:{port} without a drain, trusting loopback clients with details (a test that
+    needs them untrusted passes trusted_networks=[]), [agent] allowed to run as root (tests do), [policy]."""
+    server = {"trusted_networks": ["127.0.0.1/32"], **(server or {})}
+    text = toml_table("[server]", listen="127.0.0.1:{port}", shutdown_drain="0s", **server)
     text += toml_table("[agent]", allow_root=True, **agent)
     return text + (toml_table("[policy]", **policy) if policy else "")
 

@@ -234,6 +234,7 @@ AGENT = """
 listen = "127.0.0.1:{port}"
 shutdown_drain = "0s"
 drain_status = %s
+trusted_networks = ["127.0.0.1/32"]
 [agent]
 allow_root = true
 state_dir = "%s"
@@ -322,7 +323,8 @@ def test_cli_exits_1_when_no_agent_confirms(tmp_path: Path) -> None:
     """With no agent running, the state is still written but the command exits 1 saying nobody confirmed it;
     --no-wait writes it and exits 0 without asking."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nstate_dir = "{tmp_path / "s"}"\n' + memory_check())
+    cfg.write_text(f'[server]\nlisten = "127.0.0.1:1"\n[agent]\nallow_root = true\nstate_dir = "{tmp_path / "s"}"\n'
+                   + memory_check())
     proc = run_cli("maint", "-c", str(cfg))
     assert proc.returncode == 1, proc.stderr
     assert (f"healthgate: maint written to {tmp_path / 's' / 'admin.json'} but not confirmed: no agent answers "

@@ -194,7 +194,7 @@ async def test_haproxy_follows_verdict_weight_drain_and_maint(haproxy, dependenc
     await agent.start()
     try:
         cfg_file.write_text(f'[server]\nlisten = "127.0.0.1:{agent.address[1]}"\n'
-                            f'[agent]\nstate_dir = "{state_dir}"\n' + TOML_MEM % "mem")
+                            f'[agent]\nallow_root = true\nstate_dir = "{state_dir}"\n' + TOML_MEM % "mem")
         h = haproxy(agent.address[1], agent.agent_check_address[1])
         await h.wait(is_up("75"), timeout=10, what="UP with weight 75")
 

@@ -21,6 +21,7 @@ BASE = """
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_drain = "%s"
+trusted_networks = ["127.0.0.1/32"]
 [agent]
 allow_root = true
 """
@@ -145,9 +146,9 @@ def test_run_refuses_root_without_allow_root(tmp_path: Path) -> None:
 def test_check_command_exit_codes(tmp_path: Path) -> None:
     """`healthgate check` exits 0 when the node would be up and 2 (CRITICAL) when down, with a table."""
     good = tmp_path / "good.toml"
-    good.write_text(MEM % "mem")
+    good.write_text("[agent]\nallow_root = true\n" + MEM % "mem")  # tests run as root
     bad = tmp_path / "bad.toml"
-    bad.write_text(MEM % "mem" + f'[[checks]]\nname = "db"\ntype = "tcp"\nport = {free_port()}\n')
+    bad.write_text("[agent]\nallow_root = true\n" + MEM % "mem" + f'[[checks]]\nname = "db"\ntype = "tcp"\nport = {free_port()}\n')
     ok = subprocess.run([sys.executable, "-m", "agent", "check", "-c", str(good)], capture_output=True, text=True,
                         cwd=ROOT, timeout=30)
     assert ok.returncode == 0 and "OK: node would be UP" in ok.stdout

@@ -22,7 +22,7 @@ HEALTH_CHECK_PARAMS = {"interval", "jitter", "fails", "passes", "uri", "mandator
                        "type", "grpc_service", "grpc_status", "keepalive_time"}
 MATCH_TESTS = {"status", "header", "body", "require"}
 
-AGENT = agent_toml() + """
+AGENT = agent_toml({"trusted_networks": []}) + """
 [[checks]]
 name = "dep"
 type = "tcp"
@@ -163,7 +163,11 @@ def test_proxy_never_answers_200_unless_the_agent_says_up(agent_process, depende
     assert (status, body) == (503, "down\n"), "the agent's own 503 passes through"
     assert headers["Cache-Control"] == "no-store"
     assert not plus_matches(match, status, headers, body)
-    assert "[-]dep failed: tcp 127.0.0.1:" in request(url + "/ready?verbose&exclude=nosuch")[1]
+    # Every client of nginx arrives from loopback: none of them may read the reasons.
+    verbose = request(url + "/ready?verbose&exclude=nosuch")[1]
+    assert "[-]dep failed: reason withheld" in verbose and "tcp 127.0.0.1" not in verbose
+    assert request(url + "/health?verbose")[1].count("reason withheld") == 1
+    assert request(url + "/health/dep")[:2] == (503, "down\n")
 
     agent.stop()  # SIGKILL: the agent process is dead
     status, body, headers = request(url + "/health")

@@ -27,6 +27,7 @@ BASE = """
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_drain = 0
+trusted_networks = ["127.0.0.1/32"]
 [agent]
 allow_root = true
 log_level = "debug"

@@ -1,4 +1,4 @@
-"""Bearer tokens: details for loopback or the token only (a real non-loopback client in network namespaces
+"""Bearer tokens: details for a trusted network or the token only (a real non-loopback client in network namespaces
 of our own), bad credentials of any shape, token file modes and rotation; the token never leaves the agent."""
 
 from __future__ import annotations
@@ -101,9 +101,9 @@ def client(ip: str, ns: str, base: str, cases: list) -> list[tuple[int, str]]:
     return [tuple(x) for x in json.loads(proc.stdout)]
 
 
-def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_path: Path) -> None:
+def test_status_details_need_a_trusted_network_or_the_token(netns: dict[str, str], tmp_path: Path) -> None:
     """A non-loopback client gets pass/fail only, unless it presents the bearer token (a token that is not
-    UTF-8 is just wrong); loopback gets details; the token appears in no response, metric or log line."""
+    UTF-8 is just wrong); a trusted network gets details; the token appears in no response, metric or log line."""
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
@@ -135,7 +135,7 @@ def test_status_details_need_loopback_or_the_token(netns: dict[str, str], tmp_pa
     for body in bodies[:5]:
         assert body in ({"status": "pass"}, {"status": "fail"}), body  # pass/fail only, no detail
     assert "checks" in bodies[5] and "mem:memory" in bodies[5]["checks"]  # the token unlocks details
-    assert "checks" in json.loads(local[0][1])  # loopback inside the namespace: details
+    assert "checks" in json.loads(local[0][1])  # 127.0.0.1 is a trusted network here (agent_toml lists it)
     everything = "\n".join(body for _, body in seen + local) + agent.logs()
     assert token not in everything and token[4:] not in everything
     assert netns["client_ip"] not in json.dumps(bodies[5])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tomllib
+import types
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from agent import statuspage
+from agent.config import parse_config
 from agent.http_api import TOKENS
 from agent.statuspage import add_routes, prefers_html
 from tests.browser import Browser
@@ -192,9 +194,10 @@ async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: s
 
     app = web.Application()
     app[TOKENS] = {"status": "s3cret"}
-    app[STATE] = type("S", (), {"journal": [], "answer": lambda self, now: type("A", (), {"up": True})()})()
+    app[STATE] = type("S", (), {"journal": [], "config": parse_config({}),
+                                "answer": lambda self, now: type("A", (), {"up": True})()})()
     add_routes(app)
-    transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 40000)})()
+    transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 40000) if k == "peername" else d})()
     req = make_mocked_request("GET", path, headers={"Authorization": auth} if auth else {}, app=app,
                               transport=transport)
     match = await app.router.resolve(req)
@@ -209,3 +212,31 @@ def test_page_is_package_data() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["agent"]
     rel = Path(statuspage.PAGE_FILE)
     assert (ROOT / "agent" / rel).is_file() and any(fnmatch(str(rel), pat) for pat in data)
+
+
+HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>\x1b[2J'
+
+
+async def test_a_hostile_reason_is_shown_as_text(start_agent, browser) -> None:
+    """A reason carrying markup and escapes is shown as literal text on the page: no element is made of it,
+    no script of it runs (textContent under a strict CSP), and the escape arrives made visible."""
+    from agent.probes import PROBES
+    from agent.probes.base import CheckFailed
+
+    async def hostile(cfg, ctx):
+        raise CheckFailed(HOSTILE, "error")
+
+    mod = types.ModuleType("hostile")
+    mod.Config, mod.probe = PROBES["tcp"].Config, hostile
+    agent = await start_agent({"checks": [fast("evil", type="tcp", port=free_port())]}, probes={"tcp": mod})
+    await async_wait_for(lambda: _down_with_results(agent, 1), what="the hostile result")
+    await browser.send("Page.enable")
+    await browser.send("Page.navigate", url=agent.url + "/")
+
+    async def row():
+        got = await browser.evaluate(ROWS)
+        return got[0] if got and got[0]["why"] else None
+
+    shown = await async_wait_for(row, timeout=20, what="the row")
+    assert shown["why"] == HOSTILE.replace("\x1b", "\\x1b")
+    assert await browser.evaluate("window.__pwned === undefined && document.querySelectorAll('img').length === 0")

@@ -133,6 +133,7 @@ AGENT = """
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_drain = "300ms"
+trusted_networks = ["127.0.0.1/32"]
 [agent]
 allow_root = true
 [policy]
