@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
+from tests.helpers import ROOT, agent_toml, free_port, http_get, memory_check, wait_for
 
 LAG = 0.4
 
@@ -140,3 +140,66 @@ async def test_excluding_every_critical_check_does_not_serve_up(start_agent) -> 
     assert (await agent.get("/health"))[0] == 503
     code, body = await agent.get("/health?exclude=db&verbose")
     assert code == 503, body
+
+
+def test_an_idle_agent_with_a_tiny_max_loop_lag_is_refused_or_never_stalled(tmp_path: Path) -> None:
+    """max_loop_lag = 2ms is either refused at start (exit 2, naming the key) or honoured: an idle agent
+    never answers /live 503 over 3 s of polling (the OS's own scheduling jitter exceeds 2 ms)."""
+    cfg = agent_toml(policy={"max_loop_lag": "2ms", "loop_recovery": "0s"}) + memory_check(interval="1s",
+                                                                                          timeout="500ms")
+    proc, port = _start(tmp_path, cfg, "auto")
+    try:
+        first = wait_for(lambda: proc.poll() is not None or http_get(f"http://127.0.0.1:{port}/live")[0],
+                         timeout=20, what="refused or serving")
+        if proc.poll() is not None:
+            assert proc.returncode == 2 and "max_loop_lag" in (tmp_path / "agent.log").read_text()
+            return
+        codes = [first]
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            codes.append(http_get(f"http://127.0.0.1:{port}/live")[0])
+            time.sleep(0.01)  # the polling period of a busy load balancer, not a synchronisation
+        assert codes.count(503) == 0, f"{codes.count(503)} of {len(codes)} polls said stalled"
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_a_short_stall_does_not_starve_the_systemd_watchdog(tmp_path: Path) -> None:
+    """After a 0.8 s SIGSTOP, an agent under a 3 s systemd watchdog pings again before the watchdog
+    expires, even with loop_recovery = 4s: a loop that runs again is alive, and a restart would turn a
+    blip into a cold start (or, with a start limit, a dead service); else the agent refuses to start."""
+    from tests.test_systemd import Listener
+
+    address = f"@healthgate-hostile-{os.getpid()}-{time.monotonic_ns()}"
+    listener = Listener(address)
+    cfg = agent_toml(policy={"loop_recovery": "4s"}) + memory_check(interval="100ms", timeout="50ms")
+    port = free_port()
+    path = tmp_path / "healthgate.toml"
+    path.write_text(cfg.replace("{port}", str(port)))
+    env = {**{k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}, "XDG_STATE_HOME": str(tmp_path),
+           "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "3000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)], cwd=ROOT,
+                            stdout=open(tmp_path / "agent.log", "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+    try:
+        wait_for(lambda: proc.poll() is not None or len(listener.times("WATCHDOG=1")) >= 2, timeout=20,
+                 what="refused or pinging")
+        if proc.poll() is not None:
+            assert proc.returncode == 2 and "loop_recovery" in (tmp_path / "agent.log").read_text()
+            return
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: _stopped(proc.pid), timeout=5, interval=0.001, what="stopped")
+            time.sleep(0.8)  # the stall itself
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        wait_for(lambda: any(t > resumed for t in listener.times("WATCHDOG=1")) or time.monotonic() > resumed + 6,
+                 timeout=10, what="a ping after the stall")
+        pings = listener.times("WATCHDOG=1")
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert any(t > resumed for t in pings) and max(gaps) < 3.0, gaps
+    finally:
+        proc.kill()
+        proc.wait(5)
+        listener.close()
