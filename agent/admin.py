@@ -486,17 +486,25 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
             return f"cannot read server.status_token_file {token_file} to ask the agent: {e.strerror or e}"
         if token:
             headers["Authorization"] = f"Bearer {token}"
+    from agent.remote import admin_socket, unix_request
+
+    sock = admin_socket(config)  # the operators' channel: details without a token
+    if sock is not None:
+        url = f"{sock} (the admin socket)"
     action = record.admin.value
     deadline = time.monotonic() + timeout
     seen = ""
     while True:
         try:
-            request = urllib.request.Request(url, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=0.5) as resp:
-                    body = resp.read()
-            except urllib.error.HTTPError as e:  # 503 while down still carries the details
-                body = e.read()
+            if sock is not None:
+                body = unix_request(sock, "GET", "/status", {"Accept": "application/json"}, 0.5)[1]
+            else:
+                request = urllib.request.Request(url, headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=0.5) as resp:
+                        body = resp.read()
+                except urllib.error.HTTPError as e:  # 503 while down still carries the details
+                    body = e.read()
             info = json.loads(body)["healthgate"]
             watched = info.get("adminStateFile")
             if watched is not None and not _same_file(watched, str(path)):

@@ -86,6 +86,19 @@ def _use_loop(choice: str) -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def watchdog_problem(cfg, ping_every: float | None) -> str:
+    """The service manager's watchdog must outlast a stall's recovery: no WATCHDOG=1 is sent while the loop
+    recovers (loop_recovery after a lag over max_loop_lag), so a shorter watchdog kills a healthy agent."""
+    if ping_every is None:
+        return ""
+    policy = cfg.policy
+    if ping_every <= policy.loop_recovery + policy.max_loop_lag:
+        return (f"policy.loop_recovery: the service manager's watchdog (WatchdogSec={ping_every * 2:g}s) must be more "
+                f"than twice loop_recovery + max_loop_lag ({policy.loop_recovery + policy.max_loop_lag:g}s), or a "
+                "short stall gets the agent killed: raise WatchdogSec or lower loop_recovery")
+    return ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = config_path(args)
     cfg = load_or_report(path)
@@ -100,6 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.sdnotify import Notifier
 
     notifier = Notifier.from_env()  # under systemd: READY/WATCHDOG/STOPPING; otherwise a no-op
+    problem = watchdog_problem(cfg, notifier.watchdog)
+    if problem:
+        print(f"{path}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
 
     async def main() -> None:
         agent = Agent(cfg, path, notifier=notifier)

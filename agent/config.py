@@ -86,18 +86,32 @@ class AgentCheckConfig(Strict):
     )
 
 
+MIN_LOOP_LAG = 0.05
+
+
 class PolicyConfig(Strict):
     stale_grace: duration(HOUR) = Field(
         default=1.0, description="a check whose last result is older than interval + timeout + this counts as failing"
     )
     max_loop_lag: duration(HOUR, positive=True) = Field(
-        default=0.5, description="event-loop lag beyond this makes the verdict DOWN (the agent can't vouch)"
+        default=0.5, description="event-loop lag beyond this makes the verdict DOWN (the agent can't vouch); "
+                                 "at least 50ms"
     )
     loop_recovery: duration(HOUR) = Field(
         default=2.0, description="the loop must stay under max_loop_lag this long before the verdict can be UP"
     )
     flap_window: duration(DAY, positive=True) = Field(
         default=60.0, description="window in which flaps (failures after a pass) are counted")
+
+    @field_validator("max_loop_lag")
+    @classmethod
+    def _honourable_lag(cls, v: float) -> float:
+        # A Python event loop's own scheduling jitter on a busy host reaches a few milliseconds: a limit
+        # below this would report a healthy, idle agent as stalled (a false DOWN).
+        if v < MIN_LOOP_LAG:
+            raise ValueError(f"must be at least {MIN_LOOP_LAG * 1000:g}ms: below that, an idle agent's own "
+                             "scheduling jitter would read as a stall")
+        return v
     flap_threshold: int = Field(
         default=5, ge=0, le=1000, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
     )

@@ -102,13 +102,19 @@ class AgentCheckServer:
 
     @staticmethod
     async def _group_named(reader: asyncio.StreamReader) -> str | None:
-        """The first line HAProxy sent (`agent-send "api\\n"`), or None when it sends nothing in time."""
+        """The group HAProxy named (`agent-send "api\\n"`): the first line, or what came within SEND_WAIT
+        when no newline did (a name sent without one still names its group); None when nothing came."""
+        got = b""
         try:
             async with asyncio.timeout(SEND_WAIT):
-                line = await reader.readuntil(b"\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            return None
-        name = line.decode("ascii", "replace").strip()
+                while b"\n" not in got and len(got) < READ_CAP:
+                    chunk = await reader.read(READ_CAP - len(got))
+                    if not chunk:
+                        break
+                    got += chunk
+        except TimeoutError:
+            pass
+        name = got.split(b"\n", 1)[0].decode("ascii", "replace").strip()
         return name or None
 
     @staticmethod

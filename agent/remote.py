@@ -65,7 +65,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _unix_request(path: str, method: str, target: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+def unix_request(path: str, method: str, target: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
     conn = _UnixConnection(path, timeout)
     try:
         conn.request(method, target, headers=headers)
@@ -82,7 +82,7 @@ def fetch_json(url: str, token: str | None, timeout: float, sock: str | None = N
         headers["Authorization"] = f"Bearer {token}"
     if sock is not None:
         try:
-            code, raw = _unix_request(sock, "GET", url, headers, timeout)
+            code, raw = unix_request(sock, "GET", url, headers, timeout)
         except TimeoutError:
             raise Unreachable(f"no answer within {timeout:g}s") from None
         except (OSError, http.client.HTTPException) as e:
@@ -129,7 +129,7 @@ def post_admin(sock: str, action: str, reason: str, duration: float | None, time
         query["for"] = f"{duration:g}s"
     target = f"/admin/{action}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     try:
-        code, raw = _unix_request(sock, "POST", target, {"User-Agent": "healthgate-cli"}, timeout)
+        code, raw = unix_request(sock, "POST", target, {"User-Agent": "healthgate-cli"}, timeout)
         body = json.loads(raw)
     except (OSError, http.client.HTTPException, ValueError) as e:
         return False, f"healthgate: the agent at {sock} did not answer: {getattr(e, 'strerror', None) or e}"

@@ -13,7 +13,7 @@ from agent import logs
 from agent.config import Config
 from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Status, Verdict
 from agent.probes.base import CheckBase
-from agent.serving import Answer, Condition, decide
+from agent.serving import Answer, Condition, beat, decide
 from agent.verdict import Tally, holdable, next_state, stale_limit, view
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class AgentState:
         self.loop_lag = 0.0
         self.loop_bad_until = now  # the loop must be healthy past this before the verdict can be UP
         self.loop_reason = ""
+        self._ticked = False  # the first heartbeat has no previous one to measure a gap from
         self.condition = self._condition()
         self._rebuild_views()
         self.journal: collections.deque[dict] = collections.deque(maxlen=JOURNAL)
@@ -129,15 +130,24 @@ class AgentState:
         self.lag_stats.add(lag)
 
     def tick(self, now: float, lag: float) -> None:
-        """The heartbeat: called every beat by the scheduler with the loop lag it measured."""
+        """The heartbeat: called every beat by the scheduler with the loop lag it measured.
+
+        A stall is measured as a consumer sees it: the time since the previous heartbeat (the rule that
+        agent.serving applies to every answer), not only how late this one is, so a pause a little longer
+        than max_loop_lag is held down too. It is held for loop_recovery, and at least until the next
+        heartbeat, so that requests answered right after it are DOWN even with loop_recovery = 0.
+        """
+        limit = self.config.policy.max_loop_lag
+        gap = now - self.heartbeat if self._ticked else 0.0
+        self._ticked = True
         self.heartbeat = now
         self.loop_lag = lag
-        limit = self.config.policy.max_loop_lag
-        if lag > limit:
+        stall = max(lag, gap)
+        if stall > limit:
             if now >= self.loop_bad_until:
-                logs.event("loop_stalled", logging.WARNING, lag_seconds=round(lag, 3), limit_seconds=limit)
-            self.loop_bad_until = now + self.config.policy.loop_recovery
-            self.loop_reason = f"event loop lag {lag * 1000:.0f} ms > {limit * 1000:.0f} ms"
+                logs.event("loop_stalled", logging.WARNING, lag_seconds=round(stall, 3), limit_seconds=limit)
+            self.loop_bad_until = now + max(self.config.policy.loop_recovery, beat(limit))
+            self.loop_reason = f"event loop lag {stall * 1000:.0f} ms > {limit * 1000:.0f} ms"
         self.condition = self._condition()
         self.refresh(now)
 

@@ -128,20 +128,21 @@ def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] =
     shutdown) is not part of it: agent.serving.decide() adds that.
     """
     failing = []
-    critical = 0
+    critical = skipped = 0
     until = math.inf
     for v in views:
         if not (v.critical if members is None else v.name in members):
             continue
         critical += 1
         if v.name in excluded:
+            skipped += 1
             continue
         if passing(v, now):
             until = min(until, v.fresh_until)
         else:
             failing.append(v)
-    if not critical:
-        return Verdict(False, NOTHING_CRITICAL)
+    if critical == skipped:
+        return Verdict(False, NOTHING_CRITICAL)  # nothing counted, or all of it excluded: nothing vouches
     if not failing:
         return Verdict(True, "", until=until)
     first = failing[0]

@@ -40,11 +40,15 @@ def test_a_result_landing_before_the_heartbeat_after_a_stall_is_not_up() -> None
     assert not after.up and not after.live and after.reason == "agent stalled: no fresh verdict"
     state.tick(1.5, 1.4)  # the heartbeat runs next and measures the stall
     assert not state.answer(1.5).up
-    state.tick(1.5 + RECOVERY - 0.1, 0.0)
-    state.record("mem", _pass(1.5 + RECOVERY - 0.1), 1.5 + RECOVERY - 0.1)
-    assert not state.answer(1.5 + RECOVERY - 0.1).up  # still recovering
-    state.tick(1.5 + RECOVERY, 0.0)
-    assert state.answer(1.5 + RECOVERY).up
+    t = 1.5
+    while t < 1.5 + RECOVERY - 0.15:  # a healthy loop again: a heartbeat every 100 ms
+        t += 0.1
+        state.tick(t, 0.0)
+        state.record("mem", _pass(t), t)
+        assert not state.answer(t).up, t  # still recovering
+    t = 1.5 + RECOVERY
+    state.tick(t, 0.0)
+    assert state.answer(t).up
 
 
 def test_a_reload_landing_before_the_heartbeat_after_a_stall_is_not_up() -> None:

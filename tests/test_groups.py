@@ -190,6 +190,7 @@ GROUPS_TOML = """
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_drain = "0s"
+trusted_networks = ["127.0.0.1/32"]
 [agent]
 allow_root = true
 state_dir = "%s"
