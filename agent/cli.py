@@ -223,9 +223,13 @@ def cmd_admin(args: argparse.Namespace) -> int:
     sock = admin_socket(cfg) if cfg is not None and not args.state_dir and args.group is None else None
     if sock:  # the agent writes the state file and applies it at once: nothing left to confirm
         ok, message = post_admin(sock, args.command, args.reason or f"{args.command} by {who()}",
-                                 args.duration, timeout=5.0)
-        print(message, file=sys.stdout if ok else sys.stderr)
-        return EXIT_OK if ok else EXIT_UNCONFIRMED
+                                 args.duration, timeout=2.0)
+        if ok:
+            print(message)
+            return EXIT_OK
+        # A stopped or hung agent: write the file here all the same, so the change is not lost and applies
+        # once the agent reads it, and say that it was not confirmed (exit 1).
+        print(message, file=sys.stderr)
     state_dir = args.state_dir or cfg.agent.state_dir
     record, written, message = set_admin_cli(state_dir, args.command, args.reason, args.duration, args.group)
     print(message, file=sys.stdout if record else sys.stderr)

@@ -41,7 +41,9 @@ def release(fifo: Path, content: str = "") -> threading.Thread:
 
 def config_text(state_dir: Path, *checks: str, watch: bool = False) -> str:
     """A config file for an in-process agent whose test reloads it by itself (the watcher off unless asked)."""
-    return toml_table("[agent]", state_dir=str(state_dir), watch_config=watch) + "".join(memory_check(c) for c in checks)
+    return (toml_table("[server]", trusted_networks=["127.0.0.1/32"])
+            + toml_table("[agent]", state_dir=str(state_dir), watch_config=watch)
+            + "".join(memory_check(c) for c in checks))
 
 
 async def _up(agent) -> bool:

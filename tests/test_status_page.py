@@ -18,7 +18,7 @@ from agent.config import parse_config
 from agent.http_api import TOKENS
 from agent.statuspage import add_routes, prefers_html
 from tests.browser import Browser
-from tests.helpers import ROOT, async_wait_for, free_port, require
+from tests.helpers import PASSING, ROOT, async_wait_for, free_port, require
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -194,7 +194,7 @@ async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: s
 
     app = web.Application()
     app[TOKENS] = {"status": "s3cret"}
-    app[STATE] = type("S", (), {"journal": [], "config": parse_config({}),
+    app[STATE] = type("S", (), {"journal": [], "config": parse_config({"checks": [PASSING]}),
                                 "answer": lambda self, now: type("A", (), {"up": True})()})()
     add_routes(app)
     transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 40000) if k == "peername" else d})()
