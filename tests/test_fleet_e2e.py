@@ -253,7 +253,7 @@ async def test_a_held_node_says_so_everywhere(start_agent, redis_factory) -> Non
     await async_wait_for(lambda: _guard_state(agent, "held"), what="held")
     assert await code() == 200
     reader, writer = await asyncio.open_connection(*agent.agent.agent_check_address)
-    reply = (await reader.readline()).decode()
+    reply = (await asyncio.wait_for(reader.readline(), 3)).decode()
     writer.close()
     assert reply.startswith("up ready 100% #held by the fleet guard: db failing"), reply
     body = json.loads((await agent.get("/status", headers={"Accept": "application/json"}))[1])

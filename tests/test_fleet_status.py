@@ -38,7 +38,7 @@ async def populate(url: str) -> None:
             await s.close()
 
 
-MEM = '[[checks]]\nname = "mem"\ntype = "memory"\n'
+MEM = '[agent]\nallow_root = true\n[[checks]]\nname = "mem"\ntype = "memory"\n'  # tests run as root
 
 
 def write_config(tmp_path: Path, url: str) -> Path:
