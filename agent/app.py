@@ -141,6 +141,8 @@ class Agent:
 
     def _beat(self, now: float) -> None:
         assert self.state is not None and self.scheduler is not None
+        if not self.systemd.notifier.enabled:  # not under systemd: no answer to compute every beat
+            return
         self.systemd.beat(now, self.state.answer(now), self.scheduler.ready.is_set())
 
     def request_reload(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -85,6 +86,7 @@ class AgentState:
             computed_at=now, since=now, since_wall=time.time(), loop_lag=0.0,
         )
         self._answer = decide(self.snapshot, self.condition, now)
+        self._settled_until = -math.inf  # refresh() sets it: until then every heartbeat refreshes
         self.refresh(now)
 
     # -- readers -------------------------------------------------------------------------------
@@ -123,12 +125,24 @@ class AgentState:
         """The heartbeat: called every beat by the scheduler with the loop lag it measured."""
         self.heartbeat = now
         self.loop_lag = lag
-        limit = self.config.policy.max_loop_lag
+        policy = self.config.policy
+        limit = policy.max_loop_lag
         if lag > limit:
             if now >= self.loop_bad_until:
                 logs.event("loop_stalled", logging.WARNING, lag_seconds=round(lag, 3), limit_seconds=limit)
-            self.loop_bad_until = now + self.config.policy.loop_recovery
+            self.loop_bad_until = now + policy.loop_recovery
             self.loop_reason = f"event loop lag {lag * 1000:.0f} ms > {limit * 1000:.0f} ms"
+        elif now < self._settled_until:
+            # Nothing the answer depends on can have changed since the last refresh (every result, admin
+            # change and reload refreshes at once; the clock's effects start at _settled_until): the same
+            # snapshot and answer, stamped with this beat. The heartbeat stays every beat; it costs two small
+            # objects instead of a recomputed verdict and answer.
+            self.condition = Condition(now, self.loop_bad_until, self.loop_reason, self.stopping,
+                                       policy.max_loop_lag, self.config.server.drain_status)
+            old = self.snapshot
+            self.snapshot = Snapshot(old.verdict, old.admin, old.admin_reason, old.checks, now, old.since,
+                                     old.since_wall, lag, old.groups)
+            return
         self.condition = self._condition()
         self.refresh(now)
 
@@ -227,6 +241,19 @@ class AgentState:
             self._journal("verdict", "node", "up" if was.healthy else "down",
                           "up" if ans.healthy else "down", ans.down_reason or "all critical checks pass")
         self.snapshot, self._answer = snap, ans
+        self._settled_until = self._next_change(snap, now)
+
+    def _next_change(self, snap: Snapshot, now: float) -> float:
+        """The first moment the clock alone can change what decide() says about `snap`: a passing check goes
+        stale (verdict.until), the first failing check's reason turns to "stale", the loop's recovery ends."""
+        until = self.loop_bad_until if self.loop_bad_until > now else math.inf
+        for verdict, tally in ((snap.verdict, self.tally),
+                               *((g.verdict, self.groups[name][1]) for name, g in snap.groups.items())):
+            if verdict.up:
+                until = min(until, verdict.until)
+            elif verdict.failing:
+                until = min(until, tally.views[verdict.failing[0]].fresh_until)
+        return until
 
     def _journal(self, kind: str, name: str, old: str, new: str, reason: str, **extra: object) -> None:
         entry = {"time": time.time(), "kind": kind, "name": name, "from": old, "to": new, "reason": reason,
