@@ -13,6 +13,8 @@ from agent.runner import Runner
 from agent.serving import beat
 from agent.state import AgentState
 
+START_RATE = 1000.0  # first samples per second at most, spread over the checks' intervals
+
 
 class Scheduler:
     """Owns every check loop and the heartbeat; `run()` returns only when cancelled.
@@ -59,8 +61,13 @@ class Scheduler:
     async def _loop(self, check: CheckBase) -> None:
         loop = asyncio.get_running_loop()
         fast = check.confirm_interval()
-        # Spread first samples a little so many checks don't all start in the same millisecond.
-        due = loop.time() + random.uniform(0, min(check.interval, 1.0) * check.jitter)
+        # Spread first samples so many checks don't all start in the same millisecond: over a tenth of the
+        # interval (at most 100 ms) for a few checks, over up to the whole interval for thousands, so the
+        # first round starts at most about START_RATE samples a second (the steady rate of 1,000 checks at 1
+        # s). A burst of 2,000 connects in 100 ms would make the first samples late, fail them as timeouts
+        # and mark healthy checks flapping.
+        spread = max(min(check.interval, 1.0) * check.jitter, len(self.state.checks) / START_RATE)
+        due = loop.time() + random.uniform(0, min(check.interval, spread))
         while True:
             delay = due - loop.time()
             if delay > 0:

@@ -244,14 +244,13 @@ class AgentState:
         self._settled_until = self._next_change(snap, now)
 
     def _next_change(self, snap: Snapshot, now: float) -> float:
-        """The first moment the clock alone can change what decide() says about `snap`: a passing check goes
-        stale (verdict.until), the first failing check's reason turns to "stale", the loop's recovery ends."""
+        """The first moment the clock alone can change `snap` or what decide() says about it: a passing check
+        goes stale, the first failing check's reason turns to "stale", the loop's recovery ends."""
         until = self.loop_bad_until if self.loop_bad_until > now else math.inf
         for verdict, tally in ((snap.verdict, self.tally),
                                *((g.verdict, self.groups[name][1]) for name, g in snap.groups.items())):
-            if verdict.up:
-                until = min(until, verdict.until)
-            elif verdict.failing:
+            until = min(until, tally.next_expiry())  # up or down, a passing check going stale changes it
+            if verdict.failing:
                 until = min(until, tally.views[verdict.failing[0]].fresh_until)
         return until
 

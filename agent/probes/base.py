@@ -17,13 +17,13 @@ FAST_FLOOR = 0.05  # seconds: the default re-check after a first failure is neve
 
 
 def default_fast_interval(interval: float) -> float:
-    """HAProxy's fastinter idea, on by default: a first failure is re-checked after interval/4 (at least
-    FAST_FLOOR, at most interval), so `fall` failures confirm an outage in about a quarter of the time.
+    """HAProxy's fastinter idea, on by default: a first failure is re-checked after interval/5 (at least
+    FAST_FLOOR, at most interval), so `fall` failures confirm an outage in about a fifth of the time.
 
     It costs a failing dependency fall - 1 extra samples per outage (the re-checks before it is down);
     a passing check, and one already down, sample at `interval` as before.
     """
-    return min(interval, max(interval / 4, FAST_FLOOR))
+    return min(interval, max(interval / 5, FAST_FLOOR))
 
 
 class CheckBase(Strict):
@@ -39,7 +39,7 @@ class CheckBase(Strict):
     jitter: float = Field(default=0.1, ge=0, le=0.5, description="random spread of the interval, as a fraction")
     fast_interval: duration(DAY, positive=True) | None = Field(
         default=None, description="after a failure, re-check this soon until `fall` confirms it (HAProxy's "
-                                  "fastinter); unset = interval/4, at least 50ms"
+                                  "fastinter); unset = interval/5, at least 50ms"
     )
 
     @field_validator("timeout")
