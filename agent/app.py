@@ -140,7 +140,7 @@ class Agent:
         logs.set_secrets(self.config.secrets())
         self.admin = AdminWatcher(self.state)
         await self.admin.sync(force=True)  # before anything serves: maintenance survives a restart
-        self._tasks.append(asyncio.create_task(self.admin.run(), name="admin-watcher"))
+        self._tasks.append(asyncio.create_task(self.admin.run(paced=True), name="admin-watcher"))  # see _beat
         self._tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
         self._start_fleet_guard()
         if self.config_path is not None:
@@ -198,6 +198,10 @@ class Agent:
 
     def _beat(self, now: float) -> None:
         assert self.state is not None and self.scheduler is not None
+        if self.admin is not None:
+            self.admin.beat(now)
+        if not self.systemd.notifier.enabled:  # not under systemd: no answer to compute every beat
+            return
         self.systemd.beat(now, self.state.answer(now), self.scheduler.ready.is_set())
 
     def request_reload(self) -> None:

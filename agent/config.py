@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -18,10 +19,15 @@ from agent.probes.base import NAME_PATTERN
 DEFAULT_PATH = "/etc/healthgate/healthgate.toml"
 SOCKET_NAME = "healthgate.sock"
 
-CheckConfig = Annotated[
-    Union[tuple(m.Config for m in PROBES.values())],  # noqa: UP007 - built from the registry
-    Field(discriminator="type"),
-]
+
+
+def check_union(types: tuple[str, ...]) -> Any:
+    """The discriminated union of the check models of `types` (imports those probe modules)."""
+    return Annotated[
+        Union[tuple(PROBES[t].Config for t in types)],  # noqa: UP007 - built from the registry
+        Field(discriminator="type"),
+    ]
+
 
 
 def _default_state_dir() -> str:
@@ -153,7 +159,7 @@ class Config(Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     agent_check: AgentCheckConfig = Field(default_factory=AgentCheckConfig)
     fleet: FleetConfig | None = Field(default=None, description="the fleet guard; off when the table is absent")
-    checks: list[CheckConfig] = Field(
+    checks: list[CheckConfig] = Field(  # noqa: F821 - the union of all types, see full_config()
         default_factory=list, validate_default=True,
         description="at least one must be critical: the verdict is UP only when every critical check passes",
         json_schema_extra={"minItems": 1, "contains": _CRITICAL},
@@ -262,9 +268,45 @@ def errors_of(exc: ValidationError, data: Any) -> list[str]:
     return out
 
 
+@functools.cache
+def config_model(types: frozenset[str]) -> type[Config]:
+    """Config with its checks' union narrowed to `types`: only their models are built, their modules loaded.
+
+    Validation is the same as Config's for a file naming only these types; a type outside the registry is
+    still refused with the full list of known ones (_message reads the registry, not the union).
+    """
+    if types >= frozenset(PROBES):
+        return full_config()
+    union = check_union(tuple(t for t in PROBES if t in types))
+    field = Config.model_fields["checks"]
+    return type("Config", (Config,), {
+        "__module__": __name__, "__qualname__": "Config",
+        "__annotations__": {"checks": list[union]},  # type: ignore[valid-type]
+        "checks": Field(default_factory=list, validate_default=True, description=field.description,
+                        json_schema_extra=field.json_schema_extra),
+    })
+
+
+def full_config() -> type[Config]:
+    """Config with every check type: for the schema, and for a file naming none it knows."""
+    if not Config.__pydantic_complete__:
+        # Config's `checks` names CheckConfig, which exists only here: building the union of all 17 models
+        # (and importing their modules) waits until something needs every type.
+        Config.model_rebuild(_types_namespace={"CheckConfig": check_union(tuple(PROBES))})
+    return Config
+
+
+def named_types(data: Any) -> frozenset[str]:
+    """The known check types a parsed file names; all of them when it names none (it will be refused)."""
+    checks = data.get("checks") if isinstance(data, dict) else None
+    found = frozenset(c.get("type") for c in checks if isinstance(c, dict)) if isinstance(checks, list) else frozenset()
+    found = frozenset(t for t in found if isinstance(t, str) and t in PROBES)
+    return found or frozenset(PROBES)
+
+
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     try:
-        cfg = Config.model_validate(data)
+        cfg = config_model(named_types(data)).model_validate(data)
     except ValidationError as e:
         raise ConfigError(source, errors_of(e, data)) from None
     seen: dict[str, int] = {}
@@ -315,7 +357,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def json_schema() -> dict[str, Any]:
-    schema = TypeAdapter(Config).json_schema(mode="validation")
+    schema = TypeAdapter(full_config()).json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "healthgate configuration"
     return schema

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live"}
 MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and partial ones) go to aiohttp
 MAX_HEADERS = 32
-SWEEP = 1.0  # seconds between refreshes of the Date header and read-timeout checks
+SWEEP = 1.0  # seconds: the Date header's age at most, and between read-timeout checks of open connections
 
 ALLOWED = (
     "user-agent", "accept", "accept-encoding", "accept-language", "connection", "keep-alive", "cache-control",
@@ -118,8 +118,8 @@ class FastHealth:
         self.loop = asyncio.get_running_loop()
         self._cache: dict[tuple, bytes] = {}
         self._date = b""
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep()
+        self._date_until = -1.0  # loop time after which the Date header (and so the cache) is renewed
+        self._sweeper: asyncio.TimerHandle | None = None  # armed only while there are connections
 
     def protocol(self) -> HealthProtocol:
         """The protocol factory for the listening socket."""
@@ -133,14 +133,18 @@ class FastHealth:
         for conn in list(self.conns):
             conn.transport.close()
 
+    def admit(self, conn: HealthProtocol) -> None:
+        self.conns.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP, self._sweep)
+
     def _sweep(self) -> None:
-        """Once a second: a fresh Date (so fresh cached responses); drop clients past their read deadline."""
-        self._date = email.utils.formatdate(usegmt=True).encode()
-        self._cache.clear()
+        """Once a second while connections are open: drop clients past their read deadline. With none open
+        nothing runs: an idle agent has no timer here."""
         now = self.loop.time()
         for conn in [c for c in self.conns if now > c._due]:
             self.guard.drop(conn, "deadline")
-        self._sweeper = self.loop.call_later(SWEEP, self._sweep)
+        self._sweeper = self.loop.call_later(SWEEP, self._sweep) if self.conns else None
 
     def kind_of(self, path: bytes) -> str | None:
         """"health", "live", a verdict group's name, or None: /health/<check> goes to aiohttp."""
@@ -153,7 +157,12 @@ class FastHealth:
     def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
         """The response to one probe: agent.serving's answer, as http_api's handlers give it."""
         group = kind[6:] if kind.startswith("group:") else None
-        answer = self.state.answer(self.loop.time(), group)
+        now = self.loop.time()
+        if now >= self._date_until:  # at most a second old, as aiohttp's own Date header
+            self._date = email.utils.formatdate(usegmt=True).encode()
+            self._date_until = now + SWEEP
+            self._cache.clear()
+        answer = self.state.answer(now, group)
         code, text = live_response(answer) if kind == "live" else health_response(answer)
         body = text.encode()
         key = (code, body, head, close, http10)
@@ -187,7 +196,7 @@ class HealthProtocol(asyncio.Protocol):
             self.closing = True
             return
         self._due = front.loop.time() + front.guard.read_timeout
-        front.conns.add(self)
+        front.admit(self)
         front.guard.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

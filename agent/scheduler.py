@@ -14,6 +14,9 @@ from agent.runner import Runner
 from agent.serving import beat
 from agent.state import AgentState
 
+START_RATE = 1000.0  # first samples per second at most, spread over the checks' intervals
+
+
 WARM_UP_MAX = 30.0  # seconds a reload's first samples may take at most, whatever the checks' timeouts
 WARM_UP_SLACK = 0.5  # room for the loop's own scheduling beyond the probes' timeouts
 
@@ -74,11 +77,13 @@ class Scheduler:
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()  # set once every check has reported at least once
         self.on_beat: Callable[[float], None] | None = None  # called after each heartbeat (systemd watchdog)
+        self._unreported: set[str] = set()  # checks without a first result, until `ready` is set
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tg.create_task(self._heartbeat(), name="heartbeat")
+            self._unreported = set(self.state.checks)
             for check in self.state.checks.values():
                 self._start(check)
             if not self.state.checks:
@@ -91,6 +96,10 @@ class Scheduler:
                 self.loops.pop(name).cancel()
         for name in changed:
             self._start(self.state.checks[name])
+        if not self.ready.is_set():
+            self._unreported = {n for n, st in self.state.states.items() if st.last is None}
+            if not self._unreported:
+                self.ready.set()
 
     def _start(self, check: CheckBase) -> None:
         assert self._tg is not None
@@ -98,8 +107,14 @@ class Scheduler:
 
     async def _loop(self, check: CheckBase) -> None:
         loop = asyncio.get_running_loop()
-        # Spread first samples a little so many checks don't all start in the same millisecond.
-        due = loop.time() + random.uniform(0, min(check.interval, 1.0) * check.jitter)
+        fast = check.confirm_interval()
+        # Spread first samples so many checks don't all start in the same millisecond: over a tenth of the
+        # interval (at most 100 ms) for a few checks, over up to the whole interval for thousands, so the
+        # first round starts at most about START_RATE samples a second (the steady rate of 1,000 checks at 1
+        # s). A burst of 2,000 connects in 100 ms would make the first samples late, fail them as timeouts
+        # and mark healthy checks flapping.
+        spread = max(min(check.interval, 1.0) * check.jitter, len(self.state.checks) / START_RATE)
+        due = loop.time() + random.uniform(0, min(check.interval, spread))
         while True:
             delay = due - loop.time()
             if delay > 0:
@@ -109,11 +124,13 @@ class Scheduler:
                 self.state.schedule_lag(max(0.0, start - due))
                 result = await self.runner.run(check)
                 self.state.record(check.name, result, loop.time())
-                if not self.ready.is_set() and all(s.last is not None for s in self.state.states.values()):
-                    self.ready.set()
+                if self._unreported:  # O(1) per result, however many checks there are
+                    self._unreported.discard(check.name)
+                    if not self._unreported:
+                        self.ready.set()
                 interval = check.interval
-                if not result.ok and check.fast_interval and self.state.states[check.name].consecutive_fail < check.fall:
-                    interval = check.fast_interval  # confirm a first failure quickly (HAProxy's fastinter)
+                if not result.ok and self.state.states[check.name].consecutive_fail < check.fall:
+                    interval = fast  # confirm a first failure quickly (HAProxy's fastinter), by default
             except asyncio.CancelledError:
                 raise
             except Exception as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -94,6 +95,7 @@ class AgentState:
             computed_at=now, since=now, since_wall=time.time(), loop_lag=0.0,
         )
         self._answer = decide(self.snapshot, self.condition, now)
+        self._settled_until = -math.inf  # refresh() sets it: until then every heartbeat refreshes
         self.refresh(now)
 
     # -- readers -------------------------------------------------------------------------------
@@ -148,6 +150,17 @@ class AgentState:
                 logs.event("loop_stalled", logging.WARNING, lag_seconds=round(stall, 3), limit_seconds=limit)
             self.loop_bad_until = now + max(self.config.policy.loop_recovery, beat(limit))
             self.loop_reason = f"event loop lag {stall * 1000:.0f} ms > {limit * 1000:.0f} ms"
+        elif now < self._settled_until and self.guard is None:
+            # Nothing the answer depends on can have changed since the last refresh (every result, admin
+            # change and reload refreshes at once; the clock's effects start at _settled_until): the same
+            # snapshot and answer, stamped with this beat. The heartbeat stays every beat; it costs two small
+            # objects instead of a recomputed verdict and answer. (With a fleet guard every beat refreshes:
+            # the guard's view moves on its own.)
+            self.condition = replace(self.condition, heartbeat=now, loop_ok_at=self.loop_bad_until,
+                                     loop_reason=self.loop_reason)
+            old = self.snapshot
+            self.snapshot = replace(old, computed_at=now, loop_lag=lag)
+            return
         self.condition = self._condition()
         self.refresh(now)
 
@@ -300,6 +313,18 @@ class AgentState:
             self._journal("verdict", "node", "up" if was.healthy else "down",
                           "up" if ans.healthy else "down", ans.down_reason or "all critical checks pass")
         self.snapshot, self._answer = snap, ans
+        self._settled_until = self._next_change(snap, now)
+
+    def _next_change(self, snap: Snapshot, now: float) -> float:
+        """The first moment the clock alone can change `snap` or what decide() says about it: a passing check
+        goes stale, the first failing check's reason turns to "stale", the loop's recovery ends."""
+        until = self.loop_bad_until if self.loop_bad_until > now else math.inf
+        for verdict, tally in ((snap.verdict, self.tally),
+                               *((g.verdict, self.groups[name][1]) for name, g in snap.groups.items())):
+            until = min(until, tally.next_expiry())  # up or down, a passing check going stale changes it
+            if verdict.failing:
+                until = min(until, tally.views[verdict.failing[0]].fresh_until)
+        return until
 
     def _journal(self, kind: str, name: str, old: str, new: str, reason: str, **extra: object) -> None:
         entry = {"time": time.time(), "kind": kind, "name": name, "from": old, "to": new, "reason": reason,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections.abc import Iterable
@@ -157,36 +158,55 @@ class Tally:
     `update()` takes one check's new view; `verdict(now)` equals aggregate(views, now) over the latest
     view of every check (tests/test_properties.py holds it to that), for `now` that never goes back. The
     checks that pass are kept in a heap by the time they would go stale, so a tick with nothing about to
-    expire is O(1), and an expiry costs O(log n).
+    expire is O(1), and an expiry costs O(log n). The failing checks are kept as a sorted list of their
+    config positions (one bisect per change), and the names a down verdict lists are built only when that
+    list changed: with every check down (at start, or in an outage) a result still costs O(log n), not a sort.
     """
 
-    __slots__ = ("order", "views", "failing", "_heap")
+    __slots__ = ("order", "views", "failing", "_heap", "_sorted", "_names", "_listed")
 
     def __init__(self, views: Iterable[CheckView], members: Iterable[str] | None = None):
         """`members`: the checks that count (a verdict group's); None = the critical ones (the node's)."""
         self.views: dict[str, CheckView] = {}
         self.failing: set[str] = set()  # counted checks not passing, as of the last update or expiry
+        self._sorted: list[int] = []  # config positions of the failing checks, ascending
+        self._listed: tuple[str, ...] | None = None  # the failing names in config order, when still current
         self._heap: list[tuple[float, str]] = []  # (fresh_until, name) of counted checks that were UP
         views = list(views)
         if members is None:
             members = [v.name for v in views if v.critical]
         self.order: dict[str, int] = {}  # the counted checks, in config order
+        self._names: list[str] = []  # position -> name
         wanted = set(members)
         for v in views:
             if v.name in wanted:
                 self.order[v.name] = len(self.order)
+                self._names.append(v.name)
         for v in views:
             self.update(v)
+
+    def _fail(self, name: str) -> None:
+        if name not in self.failing:
+            self.failing.add(name)
+            bisect.insort(self._sorted, self.order[name])
+            self._listed = None
+
+    def _pass(self, name: str) -> None:
+        if name in self.failing:
+            self.failing.discard(name)
+            sorted_ = self._sorted
+            del sorted_[bisect.bisect_left(sorted_, self.order[name])]
+            self._listed = None
 
     def update(self, v: CheckView) -> None:
         self.views[v.name] = v
         if v.name not in self.order:
             return
         if v.state.status is Status.UP:
-            self.failing.discard(v.name)
+            self._pass(v.name)
             heapq.heappush(self._heap, (v.fresh_until, v.name))
         else:
-            self.failing.add(v.name)
+            self._fail(v.name)
 
     def _current(self, entry: tuple[float, str]) -> bool:
         """Whether a heap entry still describes its check (a newer result supersedes it)."""
@@ -194,19 +214,25 @@ class Tally:
         v = self.views[name]
         return v.fresh_until == until and v.state.status is Status.UP and name not in self.failing
 
+    def next_expiry(self) -> float:
+        """When the next passing check goes stale (as of the last verdict()), or inf."""
+        return self._heap[0][0] if self._heap else math.inf
+
     def verdict(self, now: float) -> Verdict:
         heap = self._heap
         while heap and heap[0][0] < now:  # went stale since the last look
             entry = heapq.heappop(heap)
             if self._current(entry):
-                self.failing.add(entry[1])
+                self._fail(entry[1])
         while heap and not self._current(heap[0]):
             heapq.heappop(heap)
         if not self.order:
             return Verdict(False, NOTHING_CRITICAL)
         if not self.failing:
             return Verdict(True, "", until=heap[0][0] if heap else math.inf)
-        failing = sorted(self.failing, key=self.order.__getitem__)
+        failing = self._listed
+        if failing is None:
+            failing = self._listed = tuple(map(self._names.__getitem__, self._sorted))
         first = self.views[failing[0]]
         more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
         return Verdict(False, f"{first.name}: {why(first, now)}{more}", tuple(failing),

@@ -48,10 +48,11 @@ class Section:
     plot: Callable[[Any], None] | None = None  # draws on a matplotlib Axes
 
 
-def agent_config(checks: str | None = None, server: str = "", tables: str = "") -> str:
-    """config/healthgate.toml (the default config) on a free loopback port; `checks` replaces its checks,
+def agent_config(checks: str | None = None, server: str = "", tables: str = "",
+                 base: str = "config/healthgate.toml") -> str:
+    """`base` (default: the default config) on a free loopback port; `checks` replaces its checks,
     `server` adds [server] keys and `tables` adds other tables (TOML text)."""
-    text = (ROOT / "config" / "healthgate.toml").read_text()
+    text = (ROOT / base).read_text()
     if checks is not None:
         text = text[:text.index("[[checks]]")] if "[[checks]]" in text else text
     text, n = re.subn(r'(?m)^listen\s*=.*$', 'listen = "127.0.0.1:{port}"\n' + server, text, count=1)

@@ -127,9 +127,22 @@ def smaps(pid: int) -> dict[str, int]:
         return proc_smaps_rollup(f.read())
 
 
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds on a CPU of every thread of `pid` (schedstat): clock ticks are 10 ms, too coarse for an
+    idle process that uses a few ms a second."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
 def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[str, Footprint]:
     """CPU% of a core and RSS of several processes over the same window, read from /proc."""
-    start = {name: cpu_ticks(pid) for name, pid in pids.items()}
+    start = {name: cpu_ns(pid) for name, pid in pids.items()}
     sw = {name: switches(pid) for name, pid in pids.items()}
     t0 = time.monotonic()
     samples: dict[str, list[int]] = {name: [] for name in pids}
@@ -143,16 +156,17 @@ def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[
     elapsed = time.monotonic() - t0
     out = {}
     for name, pid in pids.items():
-        ticks = cpu_ticks(pid) - start[name]
+        used = (cpu_ns(pid) - start[name]) / 1e9
         vals = sorted(samples[name])
         roll = smaps(pid)
-        out[name] = Footprint(100.0 * ticks / CLK_TCK / elapsed, float(vals[len(vals) // 2]), float(vals[-1]),
+        out[name] = Footprint(100.0 * used / elapsed, float(vals[len(vals) // 2]), float(vals[-1]),
                               float(roll["Pss"]), float(roll["Private_Clean"] + roll["Private_Dirty"]),
                               (switches(pid) - sw[name]) / elapsed)
     return out
 
 
-IMPORT_STAGES = ["asyncio", "uvloop", "aiohttp.web", "pydantic", "prometheus_client", "agent.config", "agent.app"]
+IMPORT_STAGES = ["asyncio", "uvloop", "pydantic", "aiohttp.web", "prometheus_client", "agent.config", "agent.app",
+                 "(the default config)"]
 HEAVY = ["redis", "asyncpg", "dns", "cryptography", "psutil"]
 _STAGES_SCRIPT = """
 import importlib, re, sys
@@ -160,6 +174,11 @@ def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 print("python", rss())
 for m in sys.argv[1].split(","):
+    if m == "(the default config)":
+        from agent.config import load_config
+        load_config("config/healthgate.toml")
+        print(m.replace(" ", "_"), rss())
+        continue
     try:
         importlib.import_module(m)
     except ImportError:
@@ -180,7 +199,7 @@ def import_costs(root: str) -> tuple[list[tuple[str, float]], list[str]]:
         if name == "heavy":
             heavy = [h for h in value.split(",") if h]
             continue
-        stages.append((name, float(value) - prev))
+        stages.append((name.replace("_", " ") if name.startswith("(") else name, float(value) - prev))
         prev = float(value)
     return stages, heavy
 

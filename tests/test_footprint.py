@@ -1,4 +1,4 @@
-"""Memory footprint: client libraries of dependency checks load only with a config that uses them."""
+"""Memory footprint: probe modules, their models and client libraries load only with a config that uses them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ import agent.app, agent.cli
 from agent.config import parse_config
 parse_config(tomllib.loads(sys.argv[1]))
 print(",".join(m for m in sys.argv[2].split(",") if m in sys.modules))
+"""
+PROBE_MODULES = """
+import sys, tomllib
+import agent.app, agent.cli
+from agent.config import parse_config
+parse_config(tomllib.loads(sys.argv[1]))
+print(",".join(sorted(m.rsplit(".", 1)[1] for m in sys.modules
+                      if m.startswith("agent.probes.") and m.rsplit(".", 1)[1] in sys.argv[2].split(","))))
 """
 
 
@@ -54,3 +62,13 @@ body_regex = "ok+"
 """
     assert loaded(config) == set(LIBS)
     assert loaded('[[checks]]\nname = "d"\ntype = "dns"\nquery_name = "example.test"\n') == set()
+
+
+def test_a_config_loads_only_the_probe_modules_of_its_types() -> None:
+    """The default config (a memory and a disk check) imports those two probe modules and no other."""
+    from agent.probes import TYPES
+
+    config = (ROOT / "config" / "healthgate.toml").read_text()
+    out = subprocess.run([sys.executable, "-c", PROBE_MODULES, config, ",".join(TYPES)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["disk,memory"]

@@ -14,6 +14,17 @@ from agent.fields import DAY, HOUR, Strict, duration, format_duration
 from agent.fleet.scope import Scope, default_scope
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+FAST_FLOOR = 0.05  # seconds: the default re-check after a first failure is never sooner than this
+
+
+def default_fast_interval(interval: float) -> float:
+    """HAProxy's fastinter idea, on by default: a first failure is re-checked after interval/5 (at least
+    FAST_FLOOR, at most interval), so `fall` failures confirm an outage in about a fifth of the time.
+
+    It costs a failing dependency fall - 1 extra samples per outage (the re-checks before it is down);
+    a passing check, and one already down, sample at `interval` as before.
+    """
+    return min(interval, max(interval / 5, FAST_FLOOR))
 
 
 class CheckBase(Strict):
@@ -28,7 +39,8 @@ class CheckBase(Strict):
     critical: bool = Field(default=True, description="a non-critical check is reported but never moves the verdict")
     jitter: float = Field(default=0.1, ge=0, le=0.5, description="random spread of the interval, as a fraction")
     fast_interval: duration(DAY, positive=True) | None = Field(
-        default=None, description="after a first failure, re-check this soon to confirm it (HAProxy's fastinter)"
+        default=None, description="after a failure, re-check this soon until `fall` confirms it (HAProxy's "
+                                  "fastinter); unset = interval/5, at least 50ms"
     )
     scope: Scope | None = Field(
         default=None, description="fleet guard: shared (every node sees this fault: held up while the group can't "
@@ -48,6 +60,10 @@ class CheckBase(Strict):
     def fleet_scope(self) -> Scope:
         """The scope in force: the configured one, else the type's default."""
         return self.scope or default_scope(getattr(self, "type", ""))
+
+    def confirm_interval(self) -> float:
+        """The delay before the next sample while a failure is not yet confirmed (fewer than `fall`)."""
+        return self.fast_interval or default_fast_interval(self.interval)
 
     def threshold(self) -> str:
         """The pass condition in words, for /status and the status page."""

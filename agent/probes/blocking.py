@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import Callable, MutableMapping
@@ -22,15 +23,50 @@ class StillBlocked(Exception):
         self.stuck = stuck
 
 
+IDLE_EXIT = 30.0  # seconds a slot's thread waits for its next call before it ends
+
+
+class _Worker:
+    """A slot's own daemon thread, kept between calls: starting a thread per call (twice a second for the
+    state file, once per sample of every system check) cost more than the calls themselves. It ends after
+    IDLE_EXIT seconds without work, and the slot starts a new one on its next call."""
+
+    def __init__(self, name: str):
+        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # orders "idle, so exit" against a new job
+        self.alive = True
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Queue `job`; False when the thread has ended (the caller starts another)."""
+        with self.lock:
+            if not self.alive:
+                return False
+            self.jobs.put(job)
+            return True
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get(timeout=IDLE_EXIT)
+            except queue.Empty:
+                with self.lock:
+                    if self.jobs.empty():
+                        self.alive = False
+                        return
+                continue
+            job()
+
+
 async def off_loop(slots: MutableMapping[Any, Any], slot: object, fn: Callable[..., T], *args: Any,
                    name: str = "healthgate") -> T:
-    """Run fn(*args) in its own daemon thread (called `name`) and await it; StillBlocked while the slot's
-    last call still runs.
+    """Run fn(*args) in the slot's own daemon thread (called `name`) and await it; StillBlocked while the
+    slot's last call still runs.
 
     A call that hangs in the kernel (statvfs on a dead NFS mount, a /proc/PID/cmdline read of a process
     stuck in mmap_sem, a config file on a stalled mount) cannot be interrupted: a timeout around the
-    await cancels the wait, the thread stays. Two rules contain that. The thread is our own, never one
-    of the loop's shared executor, so a hung call cannot starve anyone else's threads (the executor is
+    await cancels the wait, the thread stays. Two rules contain that. The thread is the slot's own, never
+    one of the loop's shared executor, so a hung call cannot starve anyone else's threads (the executor is
     where drivers resolve host names, and a hung resolver fills it). And while a slot's previous call is
     still stuck, the next one fails at once instead of starting another: at most one stuck thread per slot.
     """
@@ -60,8 +96,11 @@ async def off_loop(slots: MutableMapping[Any, Any], slot: object, fn: Callable[.
             pass  # the loop closed while we were blocked: nobody is waiting any more
 
     finished = threading.Event()
-    slots[slot] = (finished, time.monotonic())
-    threading.Thread(target=work, name=name, daemon=True).start()
+    worker = previous[2] if previous is not None else None
+    if worker is None or not worker.submit(work):
+        worker = _Worker(name)
+        worker.submit(work)
+    slots[slot] = (finished, time.monotonic(), worker)
     return await done
 
 
