@@ -98,7 +98,9 @@ class Runner:
 
         previous = self.hung.get(check.name)
         if previous is not None and not previous.done():
-            return result(False, "timeout: the previous sample is still hung", "timeout")
+            # The reason an operator reads stays the one that started it; this sample is not run beside it.
+            return result(False, f"timeout after {check.timeout * 1000:.0f} ms: the previous sample is still hung",
+                          "timeout")
 
         probe = self.probes[check.type].probe
         context = contextvars.copy_context()
