@@ -36,6 +36,7 @@ CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHECKOUT = "/root/healthgate"  # where the README's commands run, as from a checkout
 CONFIG = "/etc/healthgate/healthgate.toml"
 URL = "http://127.0.0.1:8080"  # the default config's listener, inside the container's own network
+ADMIN_SOCKET = "/var/lib/healthgate/healthgate.sock"  # StateDirectory=healthgate: the default admin socket
 DEFAULT = load_config(ROOT / "config" / "healthgate.toml")
 
 # What a caller's pip needs to reach its index (a proxy, a mirror, a CA) is passed to the install.
@@ -118,8 +119,11 @@ class Machine:
         out = self.sh(f"systemctl show healthgate -p {','.join(props)}")
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def get(self, path: str) -> tuple[int, str]:
-        out = self.sh(f"curl -s --max-time 2 -w '\\n%{{http_code}}' {URL}{path}", check=False)
+    def get(self, path: str, socket: bool = False) -> tuple[int, str]:
+        """GET over TCP, or over the agent's admin socket (the operators' channel: details without a token,
+        since TCP loopback is as untrusted as any other network client)."""
+        via = f"--unix-socket {ADMIN_SOCKET} http://localhost" if socket else URL
+        out = self.sh(f"curl -s --max-time 2 -w '\\n%{{http_code}}' {via}{path}", check=False)
         body, _, code = out.rpartition("\n")
         return int(code or 0), body
 
@@ -245,7 +249,7 @@ def test_default_config_goes_up(machine: Machine) -> None:
     props = machine.show("ActiveState", "SubState", "Type")
     assert props == {"ActiveState": "active", "SubState": "running", "Type": "notify"}, props
     machine.wait(lambda: machine.get("/health")[0] == 200, 30, "/health 200")
-    status = json.loads(machine.get("/status")[1])
+    status = json.loads(machine.get("/status", socket=True)[1])
     disk = status["checks"]["root-disk:disk"][0]
     assert disk["status"] == "pass"
     assert disk["detail"].endswith("mounted read-only for this agent, the filesystem is writable"), disk
@@ -337,7 +341,7 @@ def test_node_check_catalogue_passes(machine: Machine) -> None:
     machine.sh("systemctl restart healthgate", timeout=60)
 
     def every_check_passes() -> bool | str:
-        status = json.loads(machine.get("/status")[1] or "{}")
+        status = json.loads(machine.get("/status", socket=True)[1] or "{}")
         checks = {k: v[0] for k, v in status.get("checks", {}).items()}
         failing = {k: c.get("output") for k, c in checks.items() if c["status"] != "pass"}
         return status.get("status") == "pass" and len(checks) == CATALOGUE.count("[[checks]]") or str(failing)
@@ -352,7 +356,7 @@ def test_fds_drop_in_counts_another_users_fds(machine: Machine) -> None:
     config = (ROOT / "config" / "healthgate.toml").read_text() + check
 
     def fds_check() -> dict:
-        return json.loads(machine.get("/status")[1])["checks"]["journald-fds:fds"][0]
+        return json.loads(machine.get("/status", socket=True)[1])["checks"]["journald-fds:fds"][0]
 
     (machine.root / CONFIG.lstrip("/")).write_text(config)
     machine.sh("systemctl restart healthgate", timeout=60)
