@@ -150,26 +150,38 @@ class AgentProcess:
 
 
 class Dependency:
-    """A TCP server a check depends on: accepts and closes every connection until `close()`."""
+    """A TCP server a check depends on: accepts and closes every connection until `close()`; `start()`
+    listens again on the same port (a dependency that comes back)."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.port = 0
+        self.sock: socket.socket | None = None
+        self.start()
+
+    def start(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(256)
+        self.sock, self.port = sock, sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
         self.thread.start()
 
-    def _serve(self) -> None:
+    @staticmethod
+    def _serve(sock: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
             conn.close()
 
     def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(2)
+        if self.sock is not None:
+            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            self.sock = None
+            self.thread.join(2)
 
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:

@@ -7,7 +7,6 @@ import io
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,43 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.fleet import TIMINGS, StoreServer
-from tests.helpers import AgentProcess, free_port, require, toml_table, wait_for
+from tests.helpers import AgentProcess, Dependency, free_port, require, toml_table, wait_for
 
 pytestmark = pytest.mark.e2e
 
 N, MAX_DOWN = 10, 3
-
-
-class Dependency:
-    """A TCP listener every node's db check connects to, in a thread; stop() refuses, start() accepts again."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.sock: socket.socket | None = None
-        self.start()
-
-    def start(self) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(256)
-        self.sock = sock
-        threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    @staticmethod
-    def _serve(sock: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            conn.close()
-
-    def stop(self) -> None:
-        if self.sock is not None:
-            self.sock.shutdown(socket.SHUT_RDWR)
-            self.sock.close()
-            self.sock = None
 
 
 def _code(port: int) -> int:
@@ -169,7 +136,7 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest):
             haproxy.stop()
         for n in nodes:
             n.proc.stop()
-        dep.stop()
+        dep.close()
 
 
 @pytest.mark.parametrize("fleet", ["redis"], indirect=True)
@@ -183,7 +150,7 @@ def test_a_shared_outage_sheds_no_more_than_the_budget(fleet) -> None:
     watch = Watch(nodes, haproxy)
     watch.until(lambda down, lb: down == 0 and lb == 0, 20, "every node UP in HAProxy")
 
-    dep.stop()
+    dep.close()
     watch.until(lambda down, lb: down == MAX_DOWN and lb == MAX_DOWN, 10, "the budget used")
     watch.hold(2.0)
 
@@ -220,7 +187,7 @@ def test_the_same_outage_through_etcd(fleet) -> None:
     store, dep, nodes, haproxy = fleet
     watch = Watch(nodes, haproxy)
     watch.until(lambda down, lb: down == 0 and lb == 0, 20, "every node UP in HAProxy")
-    dep.stop()
+    dep.close()
     watch.until(lambda down, lb: down == MAX_DOWN and lb == MAX_DOWN, 15, "the budget used")
     watch.hold(2.0)
     dep.start()
@@ -249,7 +216,7 @@ async def test_a_held_node_says_so_everywhere(start_agent, redis_factory) -> Non
         return (await agent.get("/health"))[0]
 
     await async_wait_for(lambda: _is(code, 200), what="up")
-    dep.stop()
+    dep.close()
     await async_wait_for(lambda: _guard_state(agent, "held"), what="held")
     assert await code() == 200
     reader, writer = await asyncio.open_connection(*agent.agent.agent_check_address)
