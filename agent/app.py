@@ -141,14 +141,15 @@ class Agent:
         self.admin = AdminWatcher(self.state)
         await self.admin.sync(force=True)  # before anything serves: maintenance survives a restart
         self._tasks.append(asyncio.create_task(self.admin.run(paced=True), name="admin-watcher"))  # see _beat
-        self._tasks.append(asyncio.create_task(self._reloader(), name="reloader"))
         self._start_fleet_guard()
         if self.config_path is not None:
             self._config_seen = await self._look()
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watcher"))
         self.scheduler = Scheduler(self.state, self.runner)
         self.scheduler.on_beat = self._beat
-        self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        # The listeners bind before the first probe runs: nothing the probes do (lookups stuck on a dead
+        # resolver, above all) can stand between the agent and its sockets. Until the scheduler's first
+        # heartbeat every consumer hears DOWN.
         try:
             registry = make_registry(self.state, lambda: len(self.runner.hung))
             app = make_app(self.state, registry, self.tokens, self.admin)
@@ -161,6 +162,8 @@ class Agent:
         except BaseException:
             await self.stop()
             raise
+        self._sched_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self._tasks.append(asyncio.create_task(self._reloader(), name="reloader"))  # a SIGHUP so far waits here
         logs.event("started", listen=f"{self.address[0]}:{self.address[1]}", checks=len(self.config.checks),
                    admin_socket=self.admin_socket,
                    agent_check=None if self.agent_check_address is None else
@@ -341,12 +344,22 @@ class Agent:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT, then drain: DOWN at once, kept for shutdown_drain, then stop."""
+    def handle_signals(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads; called before start(), so that a SIGTERM while the agent
+        starts (a slow disk, a service manager giving up) still stops it in order instead of killing it."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain: DOWN at once, kept for shutdown_drain, then stop."""
+        loop = asyncio.get_running_loop()
+        if self._stop.is_set():  # asked to stop while it started: nothing was ever up to drain
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+            return
         try:
             waiter = asyncio.create_task(self._stop.wait())
             await asyncio.wait({waiter, self._sched_task}, return_when=asyncio.FIRST_COMPLETED)

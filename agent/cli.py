@@ -118,28 +118,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{path}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
 
-    async def main() -> None:
+    def report(e: ConfigError | OSError) -> None:
+        if isinstance(e, ConfigError):
+            for line in e.errors:
+                print(f"{e.source}: {line}", file=sys.stderr)
+        else:
+            host, port = cfg.server.listen
+            print(f"{path}: server.listen: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+
+    async def main() -> int:
         agent = Agent(cfg, path, notifier=notifier)
-        await agent.start()
-        # What is alive now (modules, config, the app) lives as long as the process. Frozen, the cyclic
-        # GC never walks it again: a full collection over it stalls the loop ~30 ms (a probe-latency
-        # spike and a late check sample); after the freeze it takes well under a millisecond.
-        gc.collect()
-        gc.freeze()
-        await agent.serve()
-        end_past_stuck_lookups(agent, EXIT_OK)
+        agent.handle_signals()
+        try:
+            await agent.start()
+        except (ConfigError, OSError) as e:
+            report(e)
+            code = EXIT_CONFIG
+        else:
+            # What is alive now (modules, config, the app) lives as long as the process. Frozen, the cyclic
+            # GC never walks it again: a full collection over it stalls the loop ~30 ms (a probe-latency
+            # spike and a late check sample); after the freeze it takes well under a millisecond.
+            gc.collect()
+            gc.freeze()
+            await agent.serve()
+            code = EXIT_OK
+        end_past_stuck_lookups(agent, code)  # a failed start may have left lookups stuck as well
+        return code
 
     try:
-        asyncio.run(main())
-    except ConfigError as e:
-        for line in e.errors:
-            print(f"{e.source}: {line}", file=sys.stderr)
+        return asyncio.run(main())
+    except (ConfigError, OSError) as e:
+        report(e)
         return EXIT_CONFIG
-    except OSError as e:
-        host, port = cfg.server.listen
-        print(f"{path}: server.listen: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_CONFIG
-    return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from agent import logs
 from agent.access import admitted
 from agent.admin import sanitize
+from agent.listener import listen_tcp
 from agent.serving import Answer, agent_check_reason, agent_check_words, unknown_group
 from agent.state import AgentState
 from agent.text import mask
@@ -62,7 +64,8 @@ class AgentCheckServer:
                             config.agent_check.send_reasons)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._handle, host, port, backlog=256, reuse_address=True)
+        self._server = await listen_tcp(functools.partial(asyncio.start_server, self._handle), host, port,
+                                        backlog=256)
         return self._server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from operator import attrgetter
 from typing import Any
 
@@ -27,6 +28,35 @@ from agent.state import AgentState
 MAX_LINE = 4096  # the request line
 MAX_FIELD = 4096  # one header, name and value
 MAX_HEADERS = 32
+RESOLVE_TIMEOUT = 5.0  # a listen address given as a name: how long its lookup may take before start fails
+
+
+async def listen_tcp(start: Callable[..., Awaitable[Any]], host: str, port: int, **kw: Any) -> Any:
+    """`start(...)` (loop.create_server or asyncio.start_server, the protocol bound) on HOST:PORT.
+
+    An IP address is bound here, numerically: uvloop would hand even a numeric host to getaddrinfo in
+    libuv's pool of 4 threads, where lookups stuck on a dead resolver hold every worker for 30 s and more,
+    and the listener would wait behind them. A name goes to the loop's resolver, bounded in time."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                return await start(host=host, port=port, reuse_address=True, **kw)
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, f"resolving {host!r} took over {RESOLVE_TIMEOUT:g}s "
+                                           "(an IP address needs no resolver)") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio does: "::" is IPv6 alone; "0.0.0.0" is IPv4
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        return await start(sock=sock, **kw)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _too_large(exc: BaseException | None) -> bool:
@@ -221,7 +251,8 @@ class Listener:
             self._fast = FastHealth(self.state, factory, guard)
             protocol = self._fast.protocol
         try:
-            self._server = await loop.create_server(protocol, host, port, backlog=1024, reuse_address=True)
+            self._server = await listen_tcp(functools.partial(loop.create_server, protocol), host, port,
+                                            backlog=1024)
         except BaseException:
             await self.stop()
             raise

@@ -124,6 +124,7 @@ def test_maintenance_takes_effect_while_the_resolver_hangs(agent_process, silent
     # SIGTERM: the stuck lookups are not waited for (they would hold the exit for the resolver's 30 s).
     agent.signal(signal.SIGTERM)
     t0 = time.monotonic()
+    assert '"event": "started"' in agent.logs()  # every listener bound although lookups hold the pool
     assert agent.proc.wait(15) == 0
     print(f"exit after SIGTERM: {time.monotonic() - t0:.2f}s")
     assert time.monotonic() - t0 < 5
@@ -144,3 +145,25 @@ def test_commands_exit_1_when_the_agent_does_not_answer(agent_process, tmp_path:
     finally:
         agent.signal(signal.SIGCONT)
     wait_for(lambda: agent.get("/health")[0] == 503, timeout=5, what="maint applied after SIGCONT")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_listen_name_the_resolver_never_answers_is_a_config_error(agent_process, silent_dns, tmp_path: Path,
+                                                                    loop: str) -> None:
+    """agent_check.listen given as a name the resolver never answers: start fails within the lookup's bound
+    with exit 2 and a line that names the key and the cure, instead of hanging before it serves."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(silent_dns.resolv_conf())
+    port = free_port()
+    config = agent_toml(state_dir=str(tmp_path / "state")) + memory_check()
+    config += toml_table("[agent_check]", listen=f"agent.hung.test:{port}")
+    agent = agent_process(config, wait=False, wrapper=hung_resolver_wrapper(resolv, loop))
+    t0 = time.monotonic()
+    assert agent.proc.wait(20) == 2, agent.logs()
+    took = time.monotonic() - t0
+    assert f"agent_check.listen: cannot listen on agent.hung.test:{port}: resolving 'agent.hung.test' took " \
+           "over 5s (an IP address needs no resolver)" in agent.logs(), agent.logs()
+    assert "Traceback" not in agent.logs()
+    assert took < 15, took
