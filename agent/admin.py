@@ -22,9 +22,11 @@ from agent.model import Admin
 from agent.probes.base import NAME_PATTERN
 from agent.probes.blocking import StillBlocked, off_loop
 from agent.state import AgentState
+from agent.watch import DirWatch
 
 STATE_FILE = "admin.json"
 POLL = 0.5  # seconds between looks at the state file: one stat(), a read only when it changed
+SAFETY_POLL = 10.0  # the same while inotify watches the state directory: changes wake the watcher at once
 READ_TIMEOUT = 1.0  # a state directory that hangs (dead network mount) is given up on for this round
 REASON_MAX = 200
 MAX_FOR = YEAR  # the longest --for / ?for=: further out is a typo, not a plan
@@ -266,8 +268,11 @@ class AdminWatcher:
         self._slots: dict[str, object] = {}  # off_loop's: the read and the write in flight
         self._lock = asyncio.Lock()
         self._read_once = False
-        self._due = asyncio.Event()  # set by beat() when the next look is due
+        self._due = asyncio.Event()  # set by beat() when the next look is due, and by inotify on a change
         self._next_look = 0.0
+        self._expires: float | None = None  # the wall time the next `--for` runs out
+        self._watch: DirWatch | None = None  # made in run(): it needs the running loop
+        self._looked_with: Config | None = None  # the config of the last look: a reload may move the file
 
     @property
     def path(self) -> Path:
@@ -290,7 +295,10 @@ class AdminWatcher:
         remembered by the caller only when it takes the result: a read that outlived its round and was
         given up on must not make the next round believe the file was seen.
         """
+        self._looked_with = self.state.config
         path = self.path
+        if self._watch is not None:  # first, so that a change after this look is sure to wake us
+            self._watch.arm({str(path.parent): frozenset({STATE_FILE})})
         sig = self._signature(path)
         if not force and sig == self._sig and sig[0] != "error":
             return sig, None
@@ -395,6 +403,8 @@ class AdminWatcher:
         self._apply_node(wall)
         self.state.set_group_admin({g: (r.admin, r.reason, r.until) for g, r in self.record.groups
                                     if r.admin is not Admin.READY and not r.expired(wall)})
+        self._expires = min((r.until for r in (self.record, *(g for _, g in self.record.groups))
+                             if r.admin is not Admin.READY and r.until and r.until > wall), default=None)
 
     def _apply_node(self, wall: float) -> None:
         r = self.record
@@ -412,13 +422,28 @@ class AdminWatcher:
 
     def beat(self, now: float) -> None:
         """Called by the heartbeat: a look every POLL seconds rides on a wake-up the loop has anyway, instead
-        of a timer of its own waking it twice a second more."""
+        of a timer of its own waking it twice a second more. While inotify watches the directory a change
+        wakes the watcher itself and the look is a safety net every SAFETY_POLL; a made-up record (an
+        unreadable file) is looked at every POLL whatever, and a `--for` running out is applied on time."""
+        if (self._expires is not None and time.time() >= self._expires) or self.state.config is not self._looked_with:
+            self._next_look = now
         if now >= self._next_look:
-            self._next_look = now + POLL
+            watched = self._watch is not None and self._watch.armed and self.record.source != "agent"
+            self._next_look = now + (SAFETY_POLL if watched else POLL)
             self._due.set()
 
     async def run(self, paced: bool = False) -> None:
-        """Look at the file every POLL seconds: on its own timer, or when `paced`, as beat() says."""
+        """Look at the file every POLL seconds: on its own timer, or when `paced`, as beat() says; and
+        whenever inotify says it changed."""
+        if self._watch is None:
+            self._watch = DirWatch(self._due.set)
+        try:
+            await self._run(paced)
+        finally:
+            self._watch.close()
+            self._watch = None
+
+    async def _run(self, paced: bool) -> None:
         while True:
             try:
                 await self.sync()
@@ -430,7 +455,12 @@ class AdminWatcher:
                 await self._due.wait()
                 self._due.clear()
             else:
-                await asyncio.sleep(POLL)
+                try:
+                    async with asyncio.timeout(POLL):
+                        await self._due.wait()
+                except TimeoutError:
+                    pass
+                self._due.clear()
 
 
 # -- the `healthgate drain | maint | ready` commands --------------------------------------------------

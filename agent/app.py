@@ -25,10 +25,12 @@ from agent.scheduler import Scheduler, first_samples
 from agent.sdnotify import Notifier, ServiceManager
 from agent.state import AgentState
 from agent.trust import check_trusted, load_trusted_config, read_secret
+from agent.watch import DirWatch, config_dirs
 from agent.weight import WeightTracker
 
 RELOAD_TIMEOUT = 5.0  # seconds a SIGHUP's config read may take before the reload is given up on
 WATCH_EVERY = 1.0  # seconds between looks at the config file (one stat(), off the loop)
+WATCH_SAFETY = 10.0  # the same while inotify watches it: a change wakes the watcher at once
 WATCH_SETTLE = 0.25  # a change must hold this long before it is reloaded: a file being written changes again
 WATCH_TIMEOUT = 1.0  # a look that takes longer (a hung mount) is given up on for this round
 
@@ -124,6 +126,7 @@ class Agent:
         self._slots: dict[str, object] = {}  # off_loop's: the config read and the watcher's stat in flight
         self._config_seen: tuple | None = None  # the file as the last read (start or reload) saw it
         self._watch_asked: tuple | None = None  # the look the watcher last asked a reload for
+        self._config_changed = asyncio.Event()  # inotify, or a reload (which may turn watching on)
         self.admin_socket: str | None = None  # the unix socket's path once it listens
 
     async def start(self) -> None:
@@ -225,31 +228,55 @@ class Agent:
                 self.state.reloaded(False)
                 logs.event("reload_failed", logging.ERROR, file=self.config_path, errors=[repr(e)])
 
-    async def _look(self) -> tuple | None:
-        """The config file's signature, from a thread of its own; None when the look is stuck or slow."""
+    async def _look(self, watch: DirWatch | None = None) -> tuple | None:
+        """The config file's signature, from a thread of its own; None when the look is stuck or slow.
+        With `watch`, the same thread first (re)arms it on where the file now is."""
         assert self.config_path is not None
+        path = self.config_path
+
+        def look() -> tuple:
+            if watch is not None:
+                watch.arm(config_dirs(path))
+            return file_signature(path)
+
         try:
             async with asyncio.timeout(WATCH_TIMEOUT):
-                return await off_loop(self._slots, "watch", file_signature, self.config_path, name="config-watch")
+                return await off_loop(self._slots, "watch", look, name="config-watch")
         except (TimeoutError, StillBlocked):
             return None
 
     async def _watch_config(self) -> None:
         """Reload when the config file changed since it was last read, exactly as SIGHUP does.
 
-        One stat() a second at idle. A change is taken once it has held for WATCH_SETTLE, and asked for
-        once: a reload in progress, or one that refused this very file, is not asked for again.
+        Woken by inotify when the file, its directory's `..data` (a ConfigMap volume) or a symlink's
+        target changes, with a look every WATCH_SAFETY as a safety net; without inotify, one stat() every
+        WATCH_EVERY. A change is taken once it has held for WATCH_SETTLE, and asked for once: a reload in
+        progress, or one that refused this very file, is not asked for again.
         """
+        changed = self._config_changed
+        watch = DirWatch(changed.set)
+        try:
+            await self._watch_config_with(watch, changed)
+        finally:
+            watch.close()
+
+    async def _watch_config_with(self, watch: DirWatch, changed: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(WATCH_EVERY)
+            try:
+                quiet = watch.armed or not self.config.agent.watch_config
+                async with asyncio.timeout(WATCH_SAFETY if quiet else WATCH_EVERY):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+            changed.clear()
             try:
                 if not self.config.agent.watch_config:
                     continue
-                seen = await self._look()
+                seen = await self._look(watch)
                 if seen is None or seen == self._config_seen or seen == self._watch_asked:
                     continue
                 await asyncio.sleep(WATCH_SETTLE)
-                if await self._look() != seen or seen == self._config_seen:  # still changing, or read meanwhile
+                if await self._look(watch) != seen or seen == self._config_seen:  # still changing, or read meanwhile
                     continue
                 self._watch_asked = seen
                 logs.event("config_changed", file=self.config_path)
@@ -316,6 +343,7 @@ class Agent:
             self._stop_fleet_guard()
             self._start_fleet_guard()
         self.state.reloaded(True)
+        self._config_changed.set()  # the watcher looks again now: the reload may have turned it on
         logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks),
                    seconds=round(loop.time() - began, 3))
         return True

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.helpers import AgentProcess, agent_toml, memory_check, scrape
+from tests.helpers import AgentProcess, agent_toml, memory_check, scrape, wait_for
 
 CAP = 64
 READ_TIMEOUT = 1.0
@@ -23,6 +23,7 @@ CONFIG = agent_toml({"max_connections": CAP, "read_timeout": READ_TIMEOUT}) + me
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     proc = AgentProcess(tmp_path_factory.mktemp("hostile"), CONFIG).start()
+    wait_for(lambda: proc.get("/health")[0] == 200, what="up: the tests that expect 200 start right away")
     yield proc
     proc.stop()
 

@@ -87,7 +87,7 @@ async def test_reload_that_hangs_keeps_the_old_config(start_agent, tmp_path: Pat
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         assert await agent.agent.reload() is False
-        assert 0.3 <= loop.time() - t0 < 1.0
+        assert 0.29 <= loop.time() - t0 < 1.0  # uvloop timers have a resolution of 1 ms
         t0 = loop.time()
         assert await agent.agent.reload() is False
         assert loop.time() - t0 < 0.1  # refused at once: the first read still holds its thread
