@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -15,6 +17,7 @@ from agent.serving import beat
 from agent.state import AgentState
 
 START_RATE = 1000.0  # first samples per second at most, spread over the checks' intervals
+RIDE_AFTER = 10  # a wait of at least this many heartbeats rides on a heartbeat's wake-up (see _wait)
 
 
 WARM_UP_MAX = 30.0  # seconds a reload's first samples may take at most, whatever the checks' timeouts
@@ -78,6 +81,8 @@ class Scheduler:
         self.ready = asyncio.Event()  # set once every check has reported at least once
         self.on_beat: Callable[[float], None] | None = None  # called after each heartbeat (systemd watchdog)
         self._unreported: set[str] = set()  # checks without a first result, until `ready` is set
+        self._riders: list[tuple[float, int, asyncio.Future[float]]] = []  # (due, seq, waiter): a heap
+        self._seq = itertools.count()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -116,12 +121,10 @@ class Scheduler:
         spread = max(min(check.interval, 1.0) * check.jitter, len(self.state.checks) / START_RATE)
         due = loop.time() + random.uniform(0, min(check.interval, spread))
         while True:
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            lag = await self._wait(due)
             start = loop.time()
             try:
-                self.state.schedule_lag(max(0.0, start - due))
+                self.state.schedule_lag(lag)
                 result = await self.runner.run(check)
                 self.state.record(check.name, result, loop.time())
                 if self._unreported:  # O(1) per result, however many checks there are
@@ -141,14 +144,43 @@ class Scheduler:
             due = start + interval * (1 + random.uniform(-check.jitter, check.jitter))
             due = max(due, loop.time())
 
+    async def _wait(self, due: float) -> float:
+        """Until `due`; returns how late the loop was. A long wait (a check's next sample, seconds away)
+        ends on the last heartbeat before `due` instead of on a timer of its own: the heartbeat wakes the
+        loop every beat anyway, and each extra wake-up of an idle loop costs about as much CPU as the
+        heartbeat's. Such a sample starts at most one beat early (<= 10% of its wait, less than the checks'
+        own jitter), never late, so no result ages past its staleness limit for it. Short waits (a first
+        failure's quick confirmation, the first samples' spread) keep their exact timers."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        delay = due - now
+        if delay <= 0:
+            return -delay
+        if delay < RIDE_AFTER * beat(self.state.config.policy.max_loop_lag):
+            await asyncio.sleep(delay)
+            return max(0.0, loop.time() - due)
+        waiter: asyncio.Future[float] = loop.create_future()
+        heapq.heappush(self._riders, (due, next(self._seq), waiter))
+        return await waiter  # cancelled with the check's loop (a reload): the heartbeat skips it
+
+    def _release(self, now: float, period: float, lag: float) -> None:
+        """The heartbeat's: start every rider due before the next heartbeat, with this one's lateness."""
+        riders = self._riders
+        while riders and riders[0][0] <= now + period:
+            waiter = heapq.heappop(riders)[2]
+            if not waiter.done():
+                waiter.set_result(lag)
+
     async def _heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
             now = loop.time()
-            self.state.tick(now, max(0.0, now - due))
+            lag = max(0.0, now - due)
+            self.state.tick(now, lag)
             if self.on_beat is not None:
                 self.on_beat(now)
             period = beat(self.state.config.policy.max_loop_lag)  # a reload may change the limit
+            self._release(now, period, lag)
             due = now + period
             await asyncio.sleep(period)

@@ -9,6 +9,7 @@ import types
 import pytest
 from aiohttp import web
 
+from agent import serving
 from agent.model import Observation, Status
 from agent.probes import PROBES
 from agent.probes.base import Context
@@ -265,3 +266,25 @@ async def test_probe_that_leaks_tasks_is_bounded(start_agent, upstream, deaf: bo
     for t in leftovers:
         t.cancel()
     await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+async def test_long_waits_ride_on_the_heartbeat_never_late(start_agent) -> None:
+    """A check sampled every 1.2 s (no jitter) waits on the heartbeat instead of a timer of its own: each
+    sample starts at most one beat before its time and never after it (beyond the loop's own lag)."""
+    mem = {"name": "mem", "type": "memory", "interval": "1200ms", "timeout": "100ms", "jitter": 0, "rise": 1,
+           "max_used_percent": 100}
+    agent = await start_agent({"checks": [mem]})
+    scheduler = agent.agent.scheduler
+    starts: list[float] = []
+
+    async def sampled() -> bool:
+        last = agent.state.states["mem"].last
+        if last is not None and (not starts or last.started != starts[-1]):
+            starts.append(last.started)
+            assert scheduler._riders, "the next sample waits on the heartbeat"
+        return len(starts) >= 4
+
+    await async_wait_for(sampled, timeout=10, interval=0.01, what="four samples")
+    beat = serving.beat(agent.state.config.policy.max_loop_lag)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(1.2 - beat - 0.01 <= g <= 1.2 + 0.05 for g in gaps), gaps
