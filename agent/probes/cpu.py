@@ -10,7 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from agent.fields import DAY, duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.blocking import blocking
+from agent.probes.blocking import kernel_read
 from agent.probes.procfs import CpuTimes, read_cpu
 
 FIRST_SAMPLE = 0.2  # seconds between the two reads of a first sample (capped at a quarter of the timeout)
@@ -47,11 +47,11 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     if not kept:
         # No earlier sample: measure over a short pair of reads rather than report nothing, so the
         # check has a real value from its first sample (a check starts down until it rises anyway).
-        first, _ = await blocking(ctx, cfg.name, "cpu", read_cpu, ctx.proc)
+        first, _ = await kernel_read(ctx, cfg.name, "cpu", ("stat",), read_cpu, ctx.proc)
         kept = [(loop.time(), first)]
         await asyncio.sleep(min(FIRST_SAMPLE, cfg.timeout / 4))
     now = loop.time()
-    current, cpus = await blocking(ctx, cfg.name, "cpu", read_cpu, ctx.proc)
+    current, cpus = await kernel_read(ctx, cfg.name, "cpu", ("stat",), read_cpu, ctx.proc)
 
     if current.total < kept[-1][1].total or current.busy < kept[-1][1].busy:
         ctx.memo[key] = [(now, current)]

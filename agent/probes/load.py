@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.blocking import blocking
+from agent.probes.blocking import kernel_read
 from agent.probes.procfs import read_cpu
 
 
@@ -36,7 +36,7 @@ def read_load(proc: Path) -> tuple[tuple[float, float, float], int]:
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
-    loads, cpus = await blocking(ctx, cfg.name, "load", read_load, ctx.proc)
+    loads, cpus = await kernel_read(ctx, cfg.name, "load", ("loadavg", "stat"), read_load, ctx.proc)
     load = loads[{1: 0, 5: 1, 15: 2}[cfg.minutes]]
     per_cpu = round(load / cpus, 3)
     obs = Observation(

@@ -10,7 +10,7 @@ from pydantic import Field
 from agent.fields import ByteSize, format_size, human_size
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context, headroom
-from agent.probes.blocking import blocking
+from agent.probes.blocking import kernel_read
 
 
 class Config(CheckBase):
@@ -35,7 +35,7 @@ def read_meminfo(proc: Path) -> dict[str, int]:
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
-    info = await blocking(ctx, cfg.name, "memory", read_meminfo, ctx.proc)
+    info = await kernel_read(ctx, cfg.name, "memory", ("meminfo",), read_meminfo, ctx.proc)
     total = info["MemTotal"]
     available = info.get("MemAvailable", info.get("MemFree", 0))  # MemAvailable exists since Linux 3.14
     used = 100.0 * (total - available) / total

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.blocking import blocking
+from agent.probes.blocking import kernel_read
 
 WINDOWS = ("avg10", "avg60", "avg300")
 
@@ -68,7 +68,8 @@ def read_pressure(proc: Path, resource: str) -> dict[str, dict[str, float]]:
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
-    lines = await blocking(ctx, cfg.name, "pressure", read_pressure, ctx.proc, cfg.resource)
+    lines = await kernel_read(ctx, cfg.name, "pressure", (f"pressure/{cfg.resource}",), read_pressure, ctx.proc,
+                              cfg.resource)
     if cfg.stall not in lines:
         raise CheckFailed(f"pressure: this kernel reports no {cfg.stall!r} line for {cfg.resource}", "unsupported")
     avg = lines[cfg.stall]

@@ -9,7 +9,7 @@ from pydantic import Field
 from agent.fields import human_size
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
-from agent.probes.blocking import blocking
+from agent.probes.blocking import kernel_read
 from agent.probes.memory import read_meminfo
 
 
@@ -22,7 +22,7 @@ class Config(CheckBase):
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
-    info = await blocking(ctx, cfg.name, "swap", read_meminfo, ctx.proc)
+    info = await kernel_read(ctx, cfg.name, "swap", ("meminfo",), read_meminfo, ctx.proc)
     total = info.get("SwapTotal", 0)
     if total == 0:
         # Nothing can be swapped out, so swap can't be what hurts: pass, and say why.
