@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import tomllib
@@ -356,8 +357,25 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, source)
 
 
+def check_definition_name(name: str) -> str:
+    """The definition name an editor shows for a check type's table: agent__probes__listen_queue__Config
+    becomes ListenQueueCheck (every probe module's model is called Config, so pydantic spells out the
+    module); the other definitions keep their own names."""
+    parts = name.split("__")
+    if len(parts) == 4 and parts[:2] == ["agent", "probes"] and parts[3] == "Config":
+        return "".join(word.capitalize() for word in parts[2].split("_")) + "Check"
+    return name
+
+
 def json_schema() -> dict[str, Any]:
     schema = TypeAdapter(full_config()).json_schema(mode="validation")
+    names = {old: check_definition_name(old) for old in schema.get("$defs", {})}
+    text = json.dumps(schema)
+    for old, new in names.items():
+        if old != new:
+            text = text.replace(f'"#/$defs/{old}"', f'"#/$defs/{new}"')
+    schema = json.loads(text)
+    schema["$defs"] = {names[k]: v for k, v in schema.get("$defs", {}).items()}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "healthgate configuration"
     return schema

@@ -66,8 +66,8 @@ async def test_samples_follow_the_interval_within_its_jitter() -> None:
     finally:
         await stop(task)
     a, b = runner.times("a"), runner.times("b")
-    gaps_a = [y - x for x, y in zip(a, a[1:])]
-    gaps_b = [y - x for x, y in zip(b, b[1:])]
+    gaps_a = [y - x for x, y in zip(a, a[1:], strict=False)]
+    gaps_b = [y - x for x, y in zip(b, b[1:], strict=False)]
     assert all(0.08 - 0.005 <= g <= 0.12 + 0.05 for g in gaps_a), gaps_a  # 100 ms +- 20%, plus loop slack
     assert all(0.25 - 0.005 <= g <= 0.25 + 0.05 for g in gaps_b), gaps_b
     assert scheduler.ready.is_set()
@@ -84,7 +84,7 @@ async def test_a_first_failure_is_confirmed_at_the_fast_interval_then_the_interv
     finally:
         await stop(task)
     t = runner.times("a")[start - 1:]
-    gaps = [y - x for x, y in zip(t, t[1:])]
+    gaps = [y - x for x, y in zip(t, t[1:], strict=False)]
     # The sample that fails first waits the normal interval; the next two (fall - 1 unconfirmed) come fast;
     # once confirmed (3 in a row) the interval resumes.
     assert gaps[0] >= 0.45, gaps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ValidationError
 
-from agent.config import Config, ConfigError, json_schema, parse_config
+from agent.config import Config, ConfigError, check_definition_name, json_schema, parse_config
 from agent.fields import DAY, HOUR, bounded_duration, duration_pattern, format_duration
 from agent.probes import PROBES
 from tests.helpers import PASSING
@@ -27,7 +28,7 @@ def models() -> Iterator[tuple[str, type[BaseModel]]]:
         model = Config.model_fields[field].annotation
         yield model.__name__, model
     for kind, module in PROBES.items():
-        yield f"agent__probes__{kind}__Config", module.Config
+        yield check_definition_name(f"agent__probes__{kind}__Config"), module.Config
 
 
 def definition(name: str) -> dict[str, Any]:
@@ -41,6 +42,7 @@ def fields() -> Iterator[tuple[str, str, type[BaseModel], str]]:
 
 
 FIELDS = list(fields())
+CHECK_KINDS = {check_definition_name(f"agent__probes__{kind}__Config"): kind for kind in PROBES}
 
 
 def accepts(schema: dict[str, Any], value: Any) -> bool:
@@ -60,15 +62,14 @@ MINIMAL: dict[str, dict[str, Any]] = {
 ACROSS_KEYS = {"max_latency": "must be shorter than timeout", "window": "must be 0 or at least interval"}
 # Strings a parser reads (a URL, an IP address with an optional port, an HTTP status range): the schema
 # gives their type and format; JSON Schema has no exact pattern for them, so only their type is compared.
-PARSED = {"agent__probes__http__Config.url", "agent__probes__http__Config.expect_status",
-          "agent__probes__dns__Config.server", "agent__probes__listen_queue__Config.host"}
+PARSED = {"HttpCheck.url", "HttpCheck.expect_status", "DnsCheck.server", "ListenQueueCheck.host"}
 
 
 def minimal(name: str) -> dict[str, Any]:
     if name == "(top level)":
         return {"checks": [PASSING]}
-    if name.startswith("agent__probes__"):
-        kind = name.split("__")[2]
+    if name in CHECK_KINDS:
+        kind = CHECK_KINDS[name]
         return {"name": "a", "type": kind, **CHECK, **MINIMAL.get(kind, {})}
     return {}
 
@@ -185,3 +186,13 @@ def test_duration_strings_validate_iff_the_pattern_matches(text: str) -> None:
             except ValueError:
                 ok = False
             assert bool(re.search(duration_pattern(maximum, positive), text)) == ok, (text, maximum, positive)
+
+
+def test_check_definitions_have_readable_names() -> None:
+    """Editors show the definition names: a check type's table is `HttpCheck`, `ListenQueueCheck`, never
+    the module path pydantic would spell out, and every reference points at a definition that exists."""
+    defs = SCHEMA["$defs"]
+    assert {"HttpCheck", "ListenQueueCheck", "MemoryCheck", "TcpCheck"} <= set(defs)
+    assert not [name for name in defs if "__" in name]
+    refs = re.findall(r'"#/\$defs/([^"]+)"', json.dumps(SCHEMA))
+    assert refs and all(r in defs for r in refs)

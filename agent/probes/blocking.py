@@ -9,8 +9,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.probes.base import CheckFailed, Context
