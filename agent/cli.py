@@ -200,7 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(access, int):
         return access
     url, token, sock = access
-    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock)
+    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock,
+                      args.group)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -210,7 +211,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if isinstance(access, int):
         return access
     url, token, sock = access
-    return run_explain(url, token, args.timeout, sock)
+    return run_explain(url, token, args.timeout, sock, args.group)
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -230,10 +231,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
         known = ", ".join(cfg.groups) or "none"
         print(f"{path}: --group: no group named {args.group!r} in groups (known: {known})", file=sys.stderr)
         return EXIT_CONFIG
-    sock = admin_socket(cfg) if cfg is not None and not args.state_dir and args.group is None else None
+    sock = admin_socket(cfg) if cfg is not None and not args.state_dir else None
     if sock:  # the agent writes the state file and applies it at once: nothing left to confirm
         ok, message = post_admin(sock, args.command, args.reason or f"{args.command} by {who()}",
-                                 args.duration, timeout=2.0)
+                                 args.duration, timeout=2.0, group=args.group)
         if ok:
             print(message)
             return EXIT_OK
@@ -321,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token-file", metavar="FILE", help="file holding the status bearer token "
                                                             "(default: the config's server.status_token_file)")
         p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent (default: 3)")
+        p.add_argument("--group", type=_group_arg, metavar="NAME",
+                       help="only this verdict group ([groups.NAME]): its verdict, admin state and checks; "
+                            "the exit code is the group's (3 when the agent has no such group)")
         if name == "status":
             p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the output")
             p.add_argument("-n", "--transitions", type=int, default=10, metavar="N",

@@ -276,9 +276,11 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
 
 def group_entry(state: AgentState, snap: Snapshot, group: str, t: float) -> dict[str, Any]:
     answer, g = decide(snap, state.condition, t, group), snap.groups[group]
+    until = state.group_admin.get(group, (Admin.READY, "", None))[2]
     return {"status": "pass" if answer.up else "fail", "state": answer.state, "output": answer.reason,
             "failing": list(answer.failing), "checks": [v.name for v in snap.checks if v.name in g.members],
-            "admin": g.admin.value, "adminReason": g.admin_reason}  # the group's own (`drain --group`)
+            # the group's own (`drain --group`), named as the node's are under "healthgate"
+            "admin": g.admin.value, "adminReason": g.admin_reason, "adminUntil": iso(until)}
 
 
 async def status(request: web.Request) -> web.Response:
@@ -321,7 +323,8 @@ ADMIN_WRITE_TIMEOUT = 5.0
 
 
 async def admin_action(request: web.Request) -> web.Response:
-    """POST /admin/{drain,maint,ready}?for=10m&reason=...: the CLI's drain/maint/ready over HTTP.
+    """POST /admin/{drain,maint,ready}?for=10m&reason=...&group=api: the CLI's drain/maint/ready over HTTP,
+    for the node or (`group`, as `--group`) for one verdict group.
 
     Over TCP, without an admin token configured these paths do not exist (404), for every method and
     client, loopback included: nothing changes state over the network unless an operator opted in. Over
@@ -341,9 +344,13 @@ async def admin_action(request: web.Request) -> web.Response:
     if not ok:  # RFC 6750: an invalid token is a 401 too, so every bad credential looks the same
         return web.json_response({"error": "wrong token"}, status=401, headers={
             "WWW-Authenticate": 'Bearer realm="healthgate", error="invalid_token"', **NO_STORE})
-    unknown = sorted(set(request.query) - {"for", "reason"})
+    unknown = sorted(set(request.query) - {"for", "reason", "group"})
     if unknown:
         return web.json_response({"error": f"unknown parameter(s): {', '.join(unknown)}"}, status=400)
+    group = request.query.get("group")
+    groups = request.app[STATE].config.groups
+    if group is not None and group not in groups:
+        return web.json_response({"error": unknown_group_error(group, groups)}, status=400)
     duration = None
     if "for" in request.query:
         try:
@@ -357,15 +364,23 @@ async def admin_action(request: web.Request) -> web.Response:
     record = make_record(admin, reason, duration, source="socket" if local else "http")
     try:
         async with asyncio.timeout(ADMIN_WRITE_TIMEOUT):  # a hung state directory must not hang the request
-            path = await request.app[ADMIN].write(record)
+            path = await request.app[ADMIN].write(record, group)
     except AdminWriteError as e:
         return web.json_response({"error": str(e)}, status=500, headers=NO_STORE)
     except TimeoutError:
         return web.json_response({"error": f"the state directory did not answer within {ADMIN_WRITE_TIMEOUT:g}s; "
                                            "the change may still apply"},
                                  status=503, headers=NO_STORE)
-    return web.json_response({"admin": record.admin.value, "reason": record.reason,
-                              "until": iso(record.until), "stateFile": str(path)}, headers=NO_STORE)
+    answer = {"admin": record.admin.value, "reason": record.reason, "until": iso(record.until),
+              "stateFile": str(path)}
+    if group is not None:
+        answer["group"] = group
+    return web.json_response(answer, headers=NO_STORE)
+
+
+def unknown_group_error(name: str, groups: object) -> str:
+    """The one wording for a group name the config does not have, wherever one is asked for."""
+    return f"group: no group named {json.dumps(name)} (known: {', '.join(groups) or 'none'})"
 
 
 @web.middleware

@@ -96,6 +96,7 @@ class AgentState:
         )
         self._answer = decide(self.snapshot, self.condition, now)
         self._settled_until = -math.inf  # refresh() sets it: until then every heartbeat refreshes
+        self._group_healthy: dict[str, bool] = {}  # group -> healthy, as last journaled (absent: down)
         self.refresh(now)
 
     # -- readers -------------------------------------------------------------------------------
@@ -301,11 +302,8 @@ class AgentState:
             groups=self._group_snapshots(now) if self.groups else {},
         )
         was, ans = self._answer, decide(snap, self.condition, now)
-        for g in snap.groups:
-            before, after = old.groups.get(g), snap.groups[g]
-            if before is not None and before.verdict.up != after.verdict.up:
-                self._journal("verdict", f"group:{g}", "up" if before.verdict.up else "down",
-                              "up" if after.verdict.up else "down", after.verdict.reason or "all its checks pass")
+        if snap.groups or self._group_healthy:
+            self._journal_groups(snap, now)
         if ans.up != was.up or ans.admin is not was.admin:
             snap = replace(snap, since=now, since_wall=time.time())
         if ans.healthy != was.healthy:
@@ -314,6 +312,19 @@ class AgentState:
                           "up" if ans.healthy else "down", ans.down_reason or "all critical checks pass")
         self.snapshot, self._answer = snap, ans
         self._settled_until = self._next_change(snap, now)
+
+    def _journal_groups(self, snap: Snapshot, now: float) -> None:
+        """One "group" entry per change of a verdict group's served verdict (UP/DOWN, as decide() says it for
+        the group: its checks, the agent's own condition, the fleet guard; not drain or maint, which are
+        "admin" entries), as the node's own verdict is journaled. A group new with a reload starts down."""
+        healthy = {}
+        for g in snap.groups:
+            answer = decide(snap, self.condition, now, g)
+            healthy[g] = answer.healthy
+            if answer.healthy != self._group_healthy.get(g, False):
+                self._journal("group", g, "down" if answer.healthy else "up", "up" if answer.healthy else "down",
+                              (answer.note or "all its checks pass") if answer.healthy else answer.down_reason)
+        self._group_healthy = healthy
 
     def _next_change(self, snap: Snapshot, now: float) -> float:
         """The first moment the clock alone can change `snap` or what decide() says about it: a passing check
