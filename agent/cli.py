@@ -214,6 +214,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return run_explain(url, token, args.timeout, sock, args.group)
 
 
+def not_a_group(path: str, cfg: Config, group: str | None) -> bool:
+    """True (and said on stderr) when `--group` names no group of the config."""
+    if group is None or group in cfg.groups:
+        return False
+    known = ", ".join(cfg.groups) or "none"
+    print(f"{path}: --group: no group named {group!r} in groups (known: {known})", file=sys.stderr)
+    return True
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     """Over the admin socket when the agent has one (it writes and applies the state at once); else the
     state file is written here and the agent picks it up."""
@@ -227,9 +236,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
         cfg = load_or_report(path)
         if cfg is None:
             return EXIT_CONFIG
-    if args.group is not None and cfg is not None and args.group not in cfg.groups:
-        known = ", ".join(cfg.groups) or "none"
-        print(f"{path}: --group: no group named {args.group!r} in groups (known: {known})", file=sys.stderr)
+    if cfg is not None and not_a_group(path, cfg, args.group):
         return EXIT_CONFIG
     sock = admin_socket(cfg) if cfg is not None and not args.state_dir else None
     if sock:  # the agent writes the state file and applies it at once: nothing left to confirm
@@ -266,7 +273,12 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         print(f"{path}: no [fleet] table: this node is in no fleet group", file=sys.stderr)
         return EXIT_CONFIG
     logs.set_secrets(cfg.secrets())
-    return run_fleet_status(cfg.fleet, args.timeout, args.json)
+    fleet = cfg.fleet
+    if not_a_group(path, cfg, args.group):
+        return EXIT_CONFIG
+    if args.group is not None:
+        fleet = fleet.for_verdict_group(args.group)
+    return run_fleet_status(fleet, args.timeout, args.json)
 
 
 def _duration_arg(text: str) -> float:
@@ -338,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the store (default: 3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--group", type=_group_arg, metavar="NAME",
+                   help="the budget of this verdict group ([groups.NAME]), counted apart from the node's")
     p = add("validate", "validate the config file: exit 0, or 2 with one line per error", cmd_validate)
     with_config(p)
     add("schema", "print the config file's JSON Schema", cmd_schema)

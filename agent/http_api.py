@@ -10,7 +10,7 @@ import math
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -30,6 +30,9 @@ from agent.serving import (
     live_response,
 )
 from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.fleet.guard import GuardView
 from agent.text import mask_all, one_line
 
 STATE = web.AppKey("state", AgentState)
@@ -265,13 +268,17 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
         body["groups"] = {g: group_entry(state, snap, g, t) for g in snap.groups}
     guard = state.condition.guard
     if guard is not None and state.guard is not None:
-        body["guard"] = {"state": guard.state, "serving": guard.serve, "reasons": list(guard.reasons),
-                         "group": state.guard.cfg.group, "expected": guard.expected, "servingMembers": guard.serving,
-                         "budget": guard.budget, "storeOk": guard.store_ok, "storeError": guard.store_error,
-                         "words": guard.words()}
+        body["guard"] = guard_entry(guard, state.guard.cfg.group)
         if answer.held:
             body["output"] = answer.note
     return body
+
+
+def guard_entry(view: GuardView, store_group: str) -> dict[str, Any]:
+    """A fleet guard's view in /status: the node's (`guard`), or a verdict group's (`groups.NAME.guard`)."""
+    return {"state": view.state, "serving": view.serve, "reasons": list(view.reasons), "group": store_group,
+            "expected": view.expected, "servingMembers": view.serving, "budget": view.budget,
+            "storeOk": view.store_ok, "storeError": view.store_error, "words": view.words()}
 
 
 def group_entry(state: AgentState, snap: Snapshot, group: str, t: float) -> dict[str, Any]:
@@ -280,7 +287,16 @@ def group_entry(state: AgentState, snap: Snapshot, group: str, t: float) -> dict
     return {"status": "pass" if answer.up else "fail", "state": answer.state, "output": answer.reason,
             "failing": list(answer.failing), "checks": [v.name for v in snap.checks if v.name in g.members],
             # the group's own (`drain --group`), named as the node's are under "healthgate"
-            "admin": g.admin.value, "adminReason": g.admin_reason, "adminUntil": iso(until)}
+            "admin": g.admin.value, "adminReason": g.admin_reason, "adminUntil": iso(until),
+            **held_fields(state, group, answer)}
+
+
+def held_fields(state: AgentState, group: str, answer: Answer) -> dict[str, Any]:
+    """With [fleet], a group's own guard (its budget apart from the node's); `output` says so while it holds."""
+    view, guard = state.condition.group_guards.get(group), state.group_guards.get(group)
+    if view is None or guard is None:
+        return {}
+    return {"guard": guard_entry(view, guard.cfg.group), **({"output": answer.note} if answer.held else {})}
 
 
 async def status(request: web.Request) -> web.Response:
