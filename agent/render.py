@@ -364,13 +364,14 @@ def group_admin(g: dict[str, Any], now: datetime | None) -> str:
 
 def group_reason(g: dict[str, Any]) -> str:
     """Why the group is not served UP: its failing checks or the agent's own condition, else its own
-    drain's or maintenance's reason, else the node's drain or maintenance."""
+    drain's or maintenance's reason, else the node's drain or maintenance; for an UP group held by its
+    fleet guard, the guard's words."""
     state = g.get("state", "down")
     if state == "down":
         return g.get("output") or "down"
     if (g.get("admin") or "ready") != "ready":
         return g.get("adminReason") or ""
-    return f"node {g.get('output') or state}" if state != "up" else ""
+    return f"node {g.get('output') or state}" if state != "up" else g.get("output") or ""
 
 
 def group_rows(status: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -493,5 +494,8 @@ def explain_group(status: dict[str, Any], name: str) -> str:
                     f"{name}`). {risk}")
         return (f"{label} is {state.upper()} with the whole node ({g.get('output') or state}). Its checks pass; it "
                 f"serves UP again once the node is set back to ready. {risk}")
+    if g.get("output"):  # held by the group's own fleet guard
+        return (f"{label} is UP, {g['output']}. The failing checks are shared by the fleet, which cannot spare "
+                f"this node in the group now; a local fault would still take the group down at once.")
     verb = "passes" if len(members) == 1 else "pass"
     return f"{label} is UP: {_n(len(members), 'check')} {verb}. {risk}"

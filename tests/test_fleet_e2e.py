@@ -307,6 +307,10 @@ async def test_each_verdict_group_has_its_own_budget(start_agent, backend: str, 
         api = body["groups"]["api"]
         assert api["guard"]["group"] == "shop:api" and api["guard"]["budget"] == 1
         assert api["output"].startswith("held by the fleet guard: db failing")
+        from agent import render
+
+        assert render.group_reason(api).startswith("held by the fleet guard: db failing")
+        assert ", held by the fleet guard: db failing" in render.explain_group(body, "api")
         assert body["groups"]["static"]["guard"]["group"] == "shop:static"
         assert body["guard"]["state"] == "none" and body["guard"]["group"] == "shop"
         node, static = [await s.members() for s in stores]
