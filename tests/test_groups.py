@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 from pathlib import Path
@@ -371,10 +372,12 @@ async def test_admin_endpoint_takes_a_group(start_agent, tmp_path: Path) -> None
     assert "groups" not in json.loads((tmp_path / "state" / "admin.json").read_text())
 
 
-async def test_journal_records_each_group_change_once(start_agent, dependency: Dependency) -> None:  # noqa: F811
+async def test_journal_records_each_group_change_once(start_agent, dependency: Dependency,  # noqa: F811
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     """The journal (and the log) has one "group" entry per change of a group's verdict, named by the group:
     api down -> up -> down -> up as its database comes and goes, static down -> up once; the node's entries
     stay "verdict"/"node", and a group's drain is an "admin" entry, not a verdict change."""
+    caplog.set_level(logging.INFO, logger="healthgate")
     agent = await start_agent({"checks": [MEM, tcp("db", dependency.port)],
                                "groups": {"api": {"checks": ["db"]}, "static": {"checks": ["mem"]}}})
     await async_wait_for(lambda: _is(agent, "/health/api", 200), what="api up")
@@ -398,3 +401,5 @@ async def test_journal_records_each_group_change_once(start_agent, dependency: D
     assert api_down["reason"].startswith("db: tcp 127.0.0.1:")
     assert any((e["kind"], e["name"], e["to"]) == ("admin", "group:static", "drain") for e in entries)
     assert [e["to"] for e in entries if e["kind"] == "verdict"] == ["up", "down", "up"]
+    logged = [(r.fields["name"], r.fields["to"]) for r in caplog.records if r.getMessage() == "group_transition"]
+    assert logged == [(n, to) for n, _, to in groups]
