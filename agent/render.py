@@ -448,7 +448,8 @@ def group_report(status: dict[str, Any], journal: dict[str, Any], name: str, col
     word = paint(state.upper(), BOLD + STATE_COLOR.get(state, RED), color)
     lines = [f"{word}  group {name} on {status.get('serviceId', '')}".rstrip(),
              "all its checks pass" if state == "up" else g.get("output") or state,
-             f"verdict {group_verdict(g)}, admin {group_admin(g, now)}; checks: {', '.join(g.get('checks') or ())}"]
+             cut(f"verdict {group_verdict(g)}, admin {group_admin(g, now)}; checks: {', '.join(g.get('checks') or ())}",
+                 WIDTH)]
     members = set(g.get("checks") or ())
     rows = check_rows(status)
     parts = ["\n".join(lines), "", table([rows[0], *(r for r in rows[1:] if r[0] in members)], color)]
