@@ -331,16 +331,17 @@ class AdminWatcher:
             self.apply(time.time())
             return True
 
-    async def write(self, record: AdminRecord) -> Path:
-        """Write the state file off the loop (the admin endpoints), then pick it up at once.
+    async def write(self, record: AdminRecord, group: str | None = None) -> Path:
+        """Write the state file off the loop (the admin endpoints), for the node or one verdict group (the
+        node's record, or the groups', kept as they are), then pick it up at once.
 
         AdminWriteError when it can't be written or the previous write is still stuck. The caller bounds
         the wait (asyncio.timeout): a write given up on may still land, and its thread stays the only one.
         """
         state_dir = self.state.config.agent.state_dir
         try:
-            path, _ = await off_loop(self._slots, "write", update_record, state_dir, keeping_groups(record),
-                                     name="admin-write")
+            change = keeping_groups(record) if group is None else setting_group(group, record)
+            path, _ = await off_loop(self._slots, "write", update_record, state_dir, change, name="admin-write")
         except StillBlocked as e:
             raise AdminWriteError(f"cannot write {state_path(state_dir)}: the write started {e.stuck:.0f}s ago "
                                   "is still blocked") from None

@@ -342,6 +342,8 @@ class Agent:
         if config.fleet != old_fleet:
             self._stop_fleet_guard()
             self._start_fleet_guard()
+        elif config.fleet is not None and list(config.groups) != list(self.state.group_guards):
+            self._sync_group_guards()
         self.state.reloaded(True)
         self._config_changed.set()  # the watcher looks again now: the reload may have turned it on
         logs.event("reloaded", file=path, changed=sorted(changed), checks=len(config.checks),
@@ -358,16 +360,41 @@ class Agent:
         self.state.guard = FleetGuard(self.config.fleet)
         self._guard_task = asyncio.create_task(self.state.guard.run(), name="fleet-guard")
         self._tasks.append(self._guard_task)
+        self._sync_group_guards()
+
+    def _sync_group_guards(self) -> None:
+        """Each verdict group has a guard of its own, with its own budget in the same store: shedding one
+        group on a share of the fleet does not spend another's (agent.fleet.config.scope_group). A reload
+        starts the guard of a new group and stops a removed group's; the others keep their grants."""
+        from agent.fleet.guard import FleetGuard
+
+        assert self.state is not None and self.config.fleet is not None
+        tasks: dict[str, asyncio.Task] = getattr(self, "_group_guard_tasks", {})
+        for g in [g for g in tasks if g not in self.config.groups]:
+            tasks.pop(g).cancel()  # awaited with the other tasks at stop
+        guards = {}
+        for g in self.config.groups:
+            guards[g] = self.state.group_guards.get(g) if g in tasks else None
+            if guards[g] is None:
+                guards[g] = FleetGuard(self.config.fleet.for_verdict_group(g))
+                tasks[g] = asyncio.create_task(guards[g].run(), name=f"fleet-guard-{g}")
+                self._tasks.append(tasks[g])
+        self._group_guard_tasks = tasks
+        self.state.group_guards = guards
+        views = {g: v for g, v in self.state.condition.group_guards.items() if g in guards}
+        self.state.condition = replace(self.state.condition, group_guards=views)
 
     def _stop_fleet_guard(self) -> None:
-        """A reload that changes or removes [fleet]: the old guard stops (its task closes its store)."""
+        """A reload that changes or removes [fleet]: the old guards stop (each task closes its store)."""
         assert self.state is not None
-        task = getattr(self, "_guard_task", None)
-        if task is not None:
-            task.cancel()  # awaited with the other tasks at stop
+        for task in [getattr(self, "_guard_task", None), *getattr(self, "_group_guard_tasks", {}).values()]:
+            if task is not None:
+                task.cancel()  # awaited with the other tasks at stop
         self._guard_task = None
+        self._group_guard_tasks = {}
         self.state.guard = None
-        self.state.condition = replace(self.state.condition, guard=None)
+        self.state.group_guards = {}
+        self.state.condition = replace(self.state.condition, guard=None, group_guards={})
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -200,7 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(access, int):
         return access
     url, token, sock = access
-    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock)
+    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock,
+                      args.group)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -210,7 +211,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if isinstance(access, int):
         return access
     url, token, sock = access
-    return run_explain(url, token, args.timeout, sock)
+    return run_explain(url, token, args.timeout, sock, args.group)
+
+
+def not_a_group(path: str, cfg: Config, group: str | None) -> bool:
+    """True (and said on stderr) when `--group` names no group of the config."""
+    if group is None or group in cfg.groups:
+        return False
+    known = ", ".join(cfg.groups) or "none"
+    print(f"{path}: --group: no group named {group!r} in groups (known: {known})", file=sys.stderr)
+    return True
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -226,14 +236,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
         cfg = load_or_report(path)
         if cfg is None:
             return EXIT_CONFIG
-    if args.group is not None and cfg is not None and args.group not in cfg.groups:
-        known = ", ".join(cfg.groups) or "none"
-        print(f"{path}: --group: no group named {args.group!r} in groups (known: {known})", file=sys.stderr)
+    if cfg is not None and not_a_group(path, cfg, args.group):
         return EXIT_CONFIG
-    sock = admin_socket(cfg) if cfg is not None and not args.state_dir and args.group is None else None
+    sock = admin_socket(cfg) if cfg is not None and not args.state_dir else None
     if sock:  # the agent writes the state file and applies it at once: nothing left to confirm
         ok, message = post_admin(sock, args.command, args.reason or f"{args.command} by {who()}",
-                                 args.duration, timeout=2.0)
+                                 args.duration, timeout=2.0, group=args.group)
         if ok:
             print(message)
             return EXIT_OK
@@ -265,7 +273,12 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
         print(f"{path}: no [fleet] table: this node is in no fleet group", file=sys.stderr)
         return EXIT_CONFIG
     logs.set_secrets(cfg.secrets())
-    return run_fleet_status(cfg.fleet, args.timeout, args.json)
+    fleet = cfg.fleet
+    if not_a_group(path, cfg, args.group):
+        return EXIT_CONFIG
+    if args.group is not None:
+        fleet = fleet.for_verdict_group(args.group)
+    return run_fleet_status(fleet, args.timeout, args.json)
 
 
 def _duration_arg(text: str) -> float:
@@ -321,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token-file", metavar="FILE", help="file holding the status bearer token "
                                                             "(default: the config's server.status_token_file)")
         p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent (default: 3)")
+        p.add_argument("--group", type=_group_arg, metavar="NAME",
+                       help="only this verdict group ([groups.NAME]): its verdict, admin state and checks; "
+                            "the exit code is the group's (3 when the agent has no such group)")
         if name == "status":
             p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the output")
             p.add_argument("-n", "--transitions", type=int, default=10, metavar="N",
@@ -334,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the store (default: 3)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--group", type=_group_arg, metavar="NAME",
+                   help="the budget of this verdict group ([groups.NAME]), counted apart from the node's")
     p = add("validate", "validate the config file: exit 0, or 2 with one line per error", cmd_validate)
     with_config(p)
     add("schema", "print the config file's JSON Schema", cmd_schema)

@@ -10,7 +10,7 @@ import math
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -30,6 +30,9 @@ from agent.serving import (
     live_response,
 )
 from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.fleet.guard import GuardView
 from agent.text import mask_all, one_line
 
 STATE = web.AppKey("state", AgentState)
@@ -265,20 +268,35 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
         body["groups"] = {g: group_entry(state, snap, g, t) for g in snap.groups}
     guard = state.condition.guard
     if guard is not None and state.guard is not None:
-        body["guard"] = {"state": guard.state, "serving": guard.serve, "reasons": list(guard.reasons),
-                         "group": state.guard.cfg.group, "expected": guard.expected, "servingMembers": guard.serving,
-                         "budget": guard.budget, "storeOk": guard.store_ok, "storeError": guard.store_error,
-                         "words": guard.words()}
+        body["guard"] = guard_entry(guard, state.guard.cfg.group)
         if answer.held:
             body["output"] = answer.note
     return body
 
 
+def guard_entry(view: GuardView, store_group: str) -> dict[str, Any]:
+    """A fleet guard's view in /status: the node's (`guard`), or a verdict group's (`groups.NAME.guard`)."""
+    return {"state": view.state, "serving": view.serve, "reasons": list(view.reasons), "group": store_group,
+            "expected": view.expected, "servingMembers": view.serving, "budget": view.budget,
+            "storeOk": view.store_ok, "storeError": view.store_error, "words": view.words()}
+
+
 def group_entry(state: AgentState, snap: Snapshot, group: str, t: float) -> dict[str, Any]:
     answer, g = decide(snap, state.condition, t, group), snap.groups[group]
+    until = state.group_admin.get(group, (Admin.READY, "", None))[2]
     return {"status": "pass" if answer.up else "fail", "state": answer.state, "output": answer.reason,
             "failing": list(answer.failing), "checks": [v.name for v in snap.checks if v.name in g.members],
-            "admin": g.admin.value, "adminReason": g.admin_reason}  # the group's own (`drain --group`)
+            # the group's own (`drain --group`), named as the node's are under "healthgate"
+            "admin": g.admin.value, "adminReason": g.admin_reason, "adminUntil": iso(until),
+            **held_fields(state, group, answer)}
+
+
+def held_fields(state: AgentState, group: str, answer: Answer) -> dict[str, Any]:
+    """With [fleet], a group's own guard (its budget apart from the node's); `output` says so while it holds."""
+    view, guard = state.condition.group_guards.get(group), state.group_guards.get(group)
+    if view is None or guard is None:
+        return {}
+    return {"guard": guard_entry(view, guard.cfg.group), **({"output": answer.note} if answer.held else {})}
 
 
 async def status(request: web.Request) -> web.Response:
@@ -321,7 +339,8 @@ ADMIN_WRITE_TIMEOUT = 5.0
 
 
 async def admin_action(request: web.Request) -> web.Response:
-    """POST /admin/{drain,maint,ready}?for=10m&reason=...: the CLI's drain/maint/ready over HTTP.
+    """POST /admin/{drain,maint,ready}?for=10m&reason=...&group=api: the CLI's drain/maint/ready over HTTP,
+    for the node or (`group`, as `--group`) for one verdict group.
 
     Over TCP, without an admin token configured these paths do not exist (404), for every method and
     client, loopback included: nothing changes state over the network unless an operator opted in. Over
@@ -341,9 +360,13 @@ async def admin_action(request: web.Request) -> web.Response:
     if not ok:  # RFC 6750: an invalid token is a 401 too, so every bad credential looks the same
         return web.json_response({"error": "wrong token"}, status=401, headers={
             "WWW-Authenticate": 'Bearer realm="healthgate", error="invalid_token"', **NO_STORE})
-    unknown = sorted(set(request.query) - {"for", "reason"})
+    unknown = sorted(set(request.query) - {"for", "reason", "group"})
     if unknown:
         return web.json_response({"error": f"unknown parameter(s): {', '.join(unknown)}"}, status=400)
+    group = request.query.get("group")
+    groups = request.app[STATE].config.groups
+    if group is not None and group not in groups:
+        return web.json_response({"error": unknown_group_error(group, groups)}, status=400)
     duration = None
     if "for" in request.query:
         try:
@@ -357,15 +380,23 @@ async def admin_action(request: web.Request) -> web.Response:
     record = make_record(admin, reason, duration, source="socket" if local else "http")
     try:
         async with asyncio.timeout(ADMIN_WRITE_TIMEOUT):  # a hung state directory must not hang the request
-            path = await request.app[ADMIN].write(record)
+            path = await request.app[ADMIN].write(record, group)
     except AdminWriteError as e:
         return web.json_response({"error": str(e)}, status=500, headers=NO_STORE)
     except TimeoutError:
         return web.json_response({"error": f"the state directory did not answer within {ADMIN_WRITE_TIMEOUT:g}s; "
                                            "the change may still apply"},
                                  status=503, headers=NO_STORE)
-    return web.json_response({"admin": record.admin.value, "reason": record.reason,
-                              "until": iso(record.until), "stateFile": str(path)}, headers=NO_STORE)
+    answer = {"admin": record.admin.value, "reason": record.reason, "until": iso(record.until),
+              "stateFile": str(path)}
+    if group is not None:
+        answer["group"] = group
+    return web.json_response(answer, headers=NO_STORE)
+
+
+def unknown_group_error(name: str, groups: object) -> str:
+    """The one wording for a group name the config does not have, wherever one is asked for."""
+    return f"group: no group named {json.dumps(name)} (known: {', '.join(groups) or 'none'})"
 
 
 @web.middleware

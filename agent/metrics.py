@@ -64,7 +64,7 @@ class StateCollector:
                 group_up.add_metric([g], 1.0 if state.answer(now, g).up else 0.0)
             yield group_up
         if state.guard is not None:
-            yield from _fleet_families(state.guard)
+            yield from _fleet_families(state.guard, tuple(state.group_guards.values()))
         admin = GaugeMetricFamily("healthgate_admin_state", "1 for the admin state in force", labels=["state"])
         for a in Admin:
             admin.add_metric([a.value], 1.0 if answer.admin is a else 0.0)
@@ -132,19 +132,25 @@ class StateCollector:
         yield lag
 
 
-def _fleet_families(guard: FleetGuard) -> Iterator[Metric]:
-    """The fleet guard: its state, its decisions, the group's figures and the store's health."""
-    view, group = guard.view(), guard.cfg.group
+def _fleet_families(guard: FleetGuard, group_guards: tuple[FleetGuard, ...] = ()) -> Iterator[Metric]:
+    """The fleet guard: its state, its decisions, the group's figures and the store's health. The verdict
+    groups' own guards add their state and figures, labelled with their store group (`web:api`)."""
+    guards = (guard, *group_guards)
     states = GaugeMetricFamily("healthgate_fleet_guard_state", "1 for the fleet guard's state in force",
                                labels=["group", "state"])
-    for name in ("none", "held", "granted", "store_unavailable"):
-        states.add_metric([group, name], 1.0 if view.state == name else 0.0)
+    for g in guards:
+        for name in ("none", "held", "granted", "store_unavailable"):
+            states.add_metric([g.cfg.group, name], 1.0 if g.view().state == name else 0.0)
     yield states
     for key, help_text in (("expected", "the group's expected size"), ("serving", "members serving, by the store"),
                            ("budget", "how many members may be down for shared reasons")):
-        value = getattr(view, key)
-        if value is not None:
-            yield _labelled(f"healthgate_fleet_group_{key}", help_text, group, float(value))
+        family = GaugeMetricFamily(f"healthgate_fleet_group_{key}", help_text, labels=["group"])
+        for g in guards:
+            value = getattr(g.view(), key)
+            if value is not None:
+                family.add_metric([g.cfg.group], float(value))
+        if family.samples:
+            yield family
     decisions = CounterMetricFamily("healthgate_fleet_guard_decisions", "fleet guard decisions by outcome",
                                     labels=["outcome"])
     for outcome, n in sorted(guard.decisions.items()):
@@ -157,12 +163,6 @@ def _fleet_families(guard: FleetGuard) -> Iterator[Metric]:
     latency = SummaryMetricFamily("healthgate_fleet_store_latency_seconds", "time fleet store calls took",
                                   count_value=guard.latency_count, sum_value=guard.latency_sum)
     yield latency
-
-
-def _labelled(name: str, help_text: str, group: str, value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, help_text, labels=["group"])
-    family.add_metric([group], value)
-    return family
 
 
 def make_registry(state: AgentState, hung: Callable[[], int] = lambda: 0) -> CollectorRegistry:

@@ -121,12 +121,15 @@ def _json(raw: bytes, where: str) -> dict[str, Any]:
     return body
 
 
-def post_admin(sock: str, action: str, reason: str, duration: float | None, timeout: float) -> tuple[bool, str]:
-    """POST /admin/<action> over the admin socket: the agent writes the state file and applies it at once.
-    (ok, one line to print)."""
+def post_admin(sock: str, action: str, reason: str, duration: float | None, timeout: float,
+               group: str | None = None) -> tuple[bool, str]:
+    """POST /admin/<action>[?group=NAME] over the admin socket: the agent writes the state file and applies
+    it at once, for the node or one verdict group. (ok, one line to print)."""
     query = {"reason": reason} if reason else {}
     if duration:
         query["for"] = f"{duration:g}s"
+    if group is not None:
+        query["group"] = group
     target = f"/admin/{action}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     try:
         code, raw = unix_request(sock, "POST", target, {"User-Agent": "healthgate-cli"}, timeout)
@@ -136,7 +139,8 @@ def post_admin(sock: str, action: str, reason: str, duration: float | None, time
     if code != 200 or not isinstance(body, dict):
         return False, f"healthgate: the agent at {sock} refused: {body.get('error') if isinstance(body, dict) else code}"
     until = f" until {body['until']}" if body.get("until") else ""
-    return True, f"{body.get('admin')}{until}: {body.get('reason')} ({body.get('stateFile')}, applied by the agent)"
+    what = body.get("admin") if group is None else f"{body.get('admin')} group {body.get('group')}"
+    return True, f"{what}{until}: {body.get('reason')} ({body.get('stateFile')}, applied by the agent)"
 
 
 def ask(base: str, token: str | None, timeout: float, journal: bool,
@@ -159,20 +163,40 @@ def _report(base: str, e: Exception) -> int:
     return EXIT_UNKNOWN
 
 
+def _no_such_group(status: dict[str, Any], group: str | None) -> bool:
+    """True (and said on stderr) when `--group` names a group the agent does not have: its state is
+    unknown from here, as for an agent that cannot be asked."""
+    if group is None or group in (status.get("groups") or {}):
+        return False
+    print(render.unknown_group(status, group), file=sys.stderr)
+    return True
+
+
 def run_status(base: str, token: str | None, timeout: float, color: bool, transitions: int,
-               sock: str | None = None) -> int:
+               sock: str | None = None, group: str | None = None) -> int:
     try:
         status, journal = ask(base, token, timeout, journal=transitions > 0, sock=sock)
     except (Unreachable, Denied) as e:
         return _report(sock or base, e)
+    if _no_such_group(status, group):
+        return EXIT_UNKNOWN
+    if group is not None:
+        print(render.group_report(status, journal, group, color, transitions))
+        return render.group_exit_code(status, group)
     print(render.status_report(status, journal, color, transitions))
     return render.exit_code(status)
 
 
-def run_explain(base: str, token: str | None, timeout: float, sock: str | None = None) -> int:
+def run_explain(base: str, token: str | None, timeout: float, sock: str | None = None,
+                group: str | None = None) -> int:
     try:
         status, _ = ask(base, token, timeout, journal=False, sock=sock)
     except (Unreachable, Denied) as e:
         return _report(sock or base, e)
+    if _no_such_group(status, group):
+        return EXIT_UNKNOWN
+    if group is not None:
+        print(render.explain_group(status, group))
+        return render.group_exit_code(status, group)
     print(render.explain(status))
     return render.exit_code(status)

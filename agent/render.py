@@ -202,6 +202,8 @@ def status_report(status: dict[str, Any], journal: dict[str, Any], color: bool, 
     status, journal = clean(status), clean(journal)
     now = now_of(status)
     parts = [headline(status, color), "", table(check_rows(status), color)]
+    if status.get("groups"):
+        parts += ["", paint("GROUPS", BOLD, color), group_table(group_rows(status), color)]
     if transitions:
         parts += ["", paint("RECENT TRANSITIONS (UTC, newest first)", BOLD, color),
                   *journal_lines(journal, now, transitions, color)]
@@ -240,8 +242,21 @@ def _failing_part(c: dict[str, Any], now: datetime | None) -> str:
     return f"{name}: {why} ({_n(fail, 'failure')} in a row{since}; it needs {rise} passes in a row to rise)"
 
 
-def _next_risk(crit: list[dict[str, Any]], now: datetime | None) -> str:
-    """What would take the node down next: a check already failing, else the least headroom, else the flakiest."""
+def _down_because(failing: list[dict[str, Any]], word: str, now: datetime | None) -> str:
+    """"1 critical check fails: ... It comes back UP after ...": the failing checks and what brings it back."""
+    parts = "; ".join(_failing_part(c, now) for c in failing)
+    text = f"{_n(len(failing), word)} {'fails' if len(failing) == 1 else 'fail'}: {parts}."
+    if len(failing) == 1:
+        c = failing[0]
+        left = max(0, c.get("rise", 1) - c.get("consecutiveSuccesses", 0))
+        return text + (f" It comes back UP after {_n(left, 'more passing sample')} in a row of "
+                       f"{c.get('componentId')}{_every(c)}.")
+    return text + " It comes back UP once every one of them passes its rise count in a row."
+
+
+def _next_risk(crit: list[dict[str, Any]], now: datetime | None, subject: str = "the node") -> str:
+    """What would take the node (or `subject`) down next: a check already failing, else the least headroom,
+    else the flakiest."""
     if not crit:
         return ("It has no critical checks, so only drain, maintenance or the agent's own health can take it "
                 "down.")
@@ -262,21 +277,25 @@ def _next_risk(crit: list[dict[str, Any]], now: datetime | None) -> str:
         c = min(measured, key=lambda c: c["headroom"])
         text = (f"Closest to its threshold: {c.get('componentId')} ({c.get('componentType')}) at {value(c)} "
                 f"against {c.get('threshold') or 'its threshold'}, {max(0.0, c['headroom']) * 100:.0f}% headroom "
-                f"left; {_n(c.get('fall', 1), 'failing sample')} in a row would take the node down.")
+                f"left; {_n(c.get('fall', 1), 'failing sample')} in a row would take {subject} down.")
         if failed and shakiest is not c:
             text += f" Recently unsteady: {flaky}."
         return text
     if failed:
         return (f"No critical check reports how close it is to a threshold; the shakiest is {flaky}; "
-                f"{_n(shakiest.get('fall', 1), 'failure')} in a row would take the node down.")
+                f"{_n(shakiest.get('fall', 1), 'failure')} in a row would take {subject} down.")
     return (f"No critical check reports how close it is to a threshold, and none failed in its last samples; "
             f"the one with the fewest passes in a row is {shakiest.get('componentId')} "
             f"({shakiest.get('componentType')}, {shakiest.get('consecutiveSuccesses', 0)}).")
 
 
 def explain(status: dict[str, Any]) -> str:
-    """One paragraph: why the node is down now, or what would take it down next."""
+    """One paragraph: why the node is down now, or what would take it down next; then its verdict groups."""
     status = clean(status)
+    return _explain_node(status) + groups_sentence(status)
+
+
+def _explain_node(status: dict[str, Any]) -> str:
     hg = status["healthgate"]
     now = now_of(status)
     host = status.get("serviceId") or "this node"
@@ -294,15 +313,7 @@ def explain(status: dict[str, Any]) -> str:
             return (f"{host} is DOWN{since}: {status.get('output') or 'the agent cannot vouch for it'}. No critical "
                     f"check is failing: the agent itself cannot vouch for the node (it is starting, stopping or "
                     f"its event loop is stalled), and fails closed.{aside}")
-        parts = "; ".join(_failing_part(c, now) for c in failing)
-        text = f"{host} is DOWN{since} because {_n(len(failing), 'critical check')} {'fails' if len(failing) == 1 else 'fail'}: {parts}."
-        if len(failing) == 1:
-            c = failing[0]
-            left = max(0, c.get("rise", 1) - c.get("consecutiveSuccesses", 0))
-            text += (f" It comes back UP after {_n(left, 'more passing sample')} in a row of "
-                     f"{c.get('componentId')}{_every(c)}.")
-        else:
-            text += " It comes back UP once every one of them passes its rise count in a row."
+        text = f"{host} is DOWN{since} because {_down_because(failing, 'critical check', now)}"
         if hg.get("admin") not in (None, "ready"):
             text += f" It is also set to {hg['admin'].upper()}" + (f" ({hg['adminReason']})" if hg.get("adminReason") else "") + "."
         return text + aside
@@ -325,3 +336,167 @@ def unreachable(url: str, error: str) -> str:
     url, error = printable(url), printable(error)
     return (f"UNREACHABLE  {url}\nagent unreachable ({error}): the node's state is unknown from here; a load "
             f"balancer that cannot reach the agent either counts the node as down.")
+
+
+# -- verdict groups ------------------------------------------------------------------------------
+
+GROUP_HEADER = ("GROUP", "VERDICT", "ADMIN", "CHECKS", "REASON")
+WIDTH = 99  # a group table line, at most: it fits a 100-column terminal
+GROUP_CAPS = (16, 7, 31, 20)  # the widest the columns before REASON may grow; longer cells are cut with "…"
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def group_verdict(g: dict[str, Any]) -> str:
+    """UP or DOWN: what the group's checks and the agent say, drain and maintenance aside (the ADMIN column)."""
+    return "DOWN" if g.get("state", "down") == "down" else "UP"
+
+
+def group_admin(g: dict[str, Any], now: datetime | None) -> str:
+    """The group's own admin state (`drain --group`): `ready`, `maint` or `drain until 12:30:00`."""
+    admin = g.get("admin") or "ready"
+    if admin == "ready" or not g.get("adminUntil"):
+        return admin
+    return f"{admin} until {clock(g['adminUntil'], now)}"
+
+
+def group_reason(g: dict[str, Any]) -> str:
+    """Why the group is not served UP: its failing checks or the agent's own condition, else its own
+    drain's or maintenance's reason, else the node's drain or maintenance; for an UP group held by its
+    fleet guard, the guard's words."""
+    state = g.get("state", "down")
+    if state == "down":
+        return g.get("output") or "down"
+    if (g.get("admin") or "ready") != "ready":
+        return g.get("adminReason") or ""
+    return f"node {g.get('output') or state}" if state != "up" else g.get("output") or ""
+
+
+def group_rows(status: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per verdict group: its verdict, its own admin state, its checks, why it is not served UP."""
+    status = clean(status)
+    now = now_of(status)
+    return [GROUP_HEADER, *((name, group_verdict(g), group_admin(g, now), ", ".join(g.get("checks") or ()),
+                             group_reason(g)) for name, g in (status.get("groups") or {}).items())]
+
+
+def group_table(rows: Sequence[Sequence[str]], color: bool, width: int = WIDTH) -> str:
+    """Aligned columns within `width`: the capped columns first, the reason cut to what is left."""
+    rows = [[cut(cell, cap) for cell, cap in zip(r, GROUP_CAPS, strict=False)] + [r[-1]] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(GROUP_CAPS))]
+    room = width - sum(widths) - 2 * len(widths)
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)] + [cut(row[-1], max(room, 1))]
+        if n == 0:
+            cells = [paint(c, BOLD, color) for c in cells]
+        elif color:
+            cells[1] = paint(cells[1], GREEN if row[1] == "UP" else RED, color)
+            cells[-1] = paint(cells[-1], RED, color)
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _group_state_words(name: str, g: dict[str, Any], now: datetime | None) -> str:
+    """`api is DOWN because db fails: ...`, `static is UP, drained (reindex) until 12:30:00 UTC`."""
+    failing = list(g.get("failing") or ())
+    if g.get("state", "down") == "down":
+        if failing:
+            text = f"{name} is DOWN because {', '.join(failing)} {'fails' if len(failing) == 1 else 'fail'}"
+        else:
+            text = f"{name} is DOWN"
+        text += f" ({g['output']})" if g.get("output") else ""
+    else:
+        text = f"{name} is UP"
+    admin = g.get("admin") or "ready"
+    if admin != "ready":
+        text += f", {'drained' if admin == 'drain' else 'in maintenance'} alone"
+        text += f" ({g['adminReason']})" if g.get("adminReason") else ""
+        text += f" until {clock(g['adminUntil'], now)} UTC" if g.get("adminUntil") else ""
+    return text
+
+
+def groups_sentence(status: dict[str, Any]) -> str:
+    """` Its verdict groups: api is DOWN because db fails (...); static is UP.`, or "" without groups."""
+    groups = status.get("groups") or {}
+    if not groups:
+        return ""
+    now = now_of(status)
+    return " Its verdict groups: " + "; ".join(_group_state_words(n, g, now) for n, g in groups.items()) + "."
+
+
+def unknown_group(status: dict[str, Any], name: str) -> str:
+    """The error for `--group NAME` when the agent has no such group."""
+    known = ", ".join(clean(list(status.get("groups") or {}))) or "none"
+    return f"healthgate: --group: the agent has no group named {printable(name)!r} (known: {known})"
+
+
+def _members(status: dict[str, Any], g: dict[str, Any]) -> list[dict[str, Any]]:
+    names = set(g.get("checks") or ())
+    return [c for c in checks(status) if c.get("componentId") in names]
+
+
+def group_report(status: dict[str, Any], journal: dict[str, Any], name: str, color: bool,
+                 transitions: int = 10) -> str:
+    """`healthgate status --group NAME`: the group's verdict and admin state, its checks, its transitions."""
+    status, journal = clean(status), clean(journal)
+    now = now_of(status)
+    g = status["groups"][name]
+    state = g.get("state", "down")
+    word = paint(state.upper(), BOLD + STATE_COLOR.get(state, RED), color)
+    lines = [f"{word}  group {name} on {status.get('serviceId', '')}".rstrip(),
+             "all its checks pass" if state == "up" else g.get("output") or state,
+             cut(f"verdict {group_verdict(g)}, admin {group_admin(g, now)}; checks: {', '.join(g.get('checks') or ())}",
+                 WIDTH)]
+    members = set(g.get("checks") or ())
+    rows = check_rows(status)
+    parts = ["\n".join(lines), "", table([rows[0], *(r for r in rows[1:] if r[0] in members)], color)]
+    if transitions:
+        mine = [e for e in journal.get("entries") or ()
+                if (e.get("kind") == "group" and e.get("name") == name) or e.get("name") == f"group:{name}"
+                or (e.get("kind") == "check" and e.get("name") in members)]
+        parts += ["", paint("RECENT TRANSITIONS (UTC, newest first)", BOLD, color),
+                  *journal_lines({"entries": mine}, now, transitions, color)]
+    return "\n".join(parts)
+
+
+def group_exit_code(status: dict[str, Any], name: str) -> int:
+    """As exit_code(), for one group: 0 when it is served up; 2 when down, draining or in maintenance."""
+    return 0 if (status.get("groups") or {}).get(name, {}).get("state", "down") == "up" else 2
+
+
+def explain_group(status: dict[str, Any], name: str) -> str:
+    """`healthgate explain --group NAME`: why the group is down now, or what would take it down next."""
+    status = clean(status)
+    now = now_of(status)
+    g = status["groups"][name]
+    label = f"Group {name} on {status.get('serviceId') or 'this node'}"
+    members = _members(status, g)
+    state = g.get("state", "down")
+    admin = g.get("admin") or "ready"
+    own = (f" It is also set to {admin.upper()} alone" + (f" ({g['adminReason']})" if g.get("adminReason") else "")
+           + (f" until {clock(g['adminUntil'], now)} UTC" if g.get("adminUntil") else "") + ".") if admin != "ready" else ""
+    if state == "down":
+        failing = [c for c in members if c.get("componentId") in set(g.get("failing") or ())]
+        if not failing:
+            return (f"{label} is DOWN: {g.get('output') or 'the agent cannot vouch for it'}. None of its checks "
+                    f"is failing: the agent itself cannot vouch for the node (it is starting, stopping or its event "
+                    f"loop is stalled), and fails closed.{own}")
+        return f"{label} is DOWN because {_down_because(failing, 'check', now)}{own}"
+    risk = _next_risk(members, now, "the group")
+    if state in ("drain", "maint"):
+        if admin != "ready":
+            why = f" ({g['adminReason']})" if g.get("adminReason") else ""
+            until = f" until {clock(g['adminUntil'], now)} UTC" if g.get("adminUntil") else ""
+            return (f"{label} is out of its backends by an operator: {admin.upper()}{why}{until}, the group alone. "
+                    f"Its checks pass; it serves UP again once set back to ready (`healthgate ready --group "
+                    f"{name}`). {risk}")
+        return (f"{label} is {state.upper()} with the whole node ({g.get('output') or state}). Its checks pass; it "
+                f"serves UP again once the node is set back to ready. {risk}")
+    if g.get("output"):  # held by the group's own fleet guard
+        return (f"{label} is UP, {g['output']}. The failing checks are shared by the fleet, which cannot spare "
+                f"this node in the group now; a local fault would still take the group down at once.")
+    verb = "passes" if len(members) == 1 else "pass"
+    return f"{label} is UP: {_n(len(members), 'check')} {verb}. {risk}"

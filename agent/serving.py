@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from agent.model import Admin, CheckView, Snapshot
@@ -42,6 +43,9 @@ class Condition:
     max_age: float  # policy.max_loop_lag: how old the snapshot and the heartbeat may be
     drain_status: int  # server.drain_status: /health's code while a healthy node is drained
     guard: GuardView | None = None  # the fleet guard's view; None without [fleet]
+    # Each verdict group's own fleet guard view (its budget is its own: agent.fleet.config.scope_group);
+    # empty without [fleet]. Replaced whole, never mutated.
+    group_guards: Mapping[str, GuardView] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +102,9 @@ def decide(snap: Snapshot, cond: Condition, now: float, group: str | None = None
             admin, admin_reason = g.admin, g.admin_reason
     if verdict.up and now > verdict.until:  # a check went stale after the snapshot: decide again, at `now`
         verdict = aggregate(snap.checks, now, members=members)
-    # The fleet guard may turn "DOWN for shared reasons only" into held (UP), never anything else.
-    guard = cond.guard
+    # The fleet guard may turn "DOWN for shared reasons only" into held (UP), never anything else. A group
+    # asks its own guard, whose budget is counted per (fleet group, verdict group), never the node's.
+    guard = cond.guard if group is None else cond.group_guards.get(group)
     held = not own and not verdict.up and verdict.shared_only and guard is not None and guard.serve
     healthy = not own and (verdict.up or held)
     down = own or ("" if verdict.up or held else verdict.reason)

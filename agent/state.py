@@ -18,7 +18,7 @@ from agent.serving import Answer, Condition, beat, decide
 from agent.verdict import Tally, holdable, next_state, stale_limit, view
 
 if TYPE_CHECKING:
-    from agent.fleet.guard import FleetGuard
+    from agent.fleet.guard import FleetGuard, GuardView
 
 # Histogram buckets for check durations, in seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
@@ -80,6 +80,7 @@ class AgentState:
         self.admin_until: float | None = None  # wall-clock expiry; display and persistence only
         self.group_admin: dict[str, tuple[Admin, str, float | None]] = {}  # group -> admin, reason, until
         self.guard: FleetGuard | None = None  # the fleet guard, when [fleet] is set (agent.app starts it)
+        self.group_guards: dict[str, FleetGuard] = {}  # each verdict group's own guard, with [fleet]
         self.stopping = False
         self.heartbeat = now
         self.loop_lag = 0.0
@@ -96,6 +97,7 @@ class AgentState:
         )
         self._answer = decide(self.snapshot, self.condition, now)
         self._settled_until = -math.inf  # refresh() sets it: until then every heartbeat refreshes
+        self._group_healthy: dict[str, bool] = {}  # group -> healthy, as last journaled (absent: down)
         self.refresh(now)
 
     # -- readers -------------------------------------------------------------------------------
@@ -109,7 +111,8 @@ class AgentState:
         guard = getattr(self, "condition", None)
         return Condition(heartbeat=self.heartbeat, loop_ok_at=self.loop_bad_until, loop_reason=self.loop_reason,
                          stopping=self.stopping, max_age=policy.max_loop_lag,
-                         drain_status=self.config.server.drain_status, guard=guard.guard if guard else None)
+                         drain_status=self.config.server.drain_status, guard=guard.guard if guard else None,
+                         group_guards=guard.group_guards if guard else {})
 
     # -- writers -------------------------------------------------------------------------------
 
@@ -263,28 +266,42 @@ class AgentState:
             out[g] = Group(tally.verdict(now), members, admin, reason)
         return out
 
-    def _observe_guard(self, verdict: Verdict, now: float) -> None:
-        """Tell the fleet guard why the node would be down, split into shared and local reasons, and take
-        its view into the condition. The agent's own faults and an operator's drain are always local."""
+    def _observe_guards(self, verdict: Verdict, groups: Mapping[str, Group], now: float) -> None:
+        """Tell the fleet guards why the node, and each verdict group, would be down, split into shared and
+        local reasons, and take their views into the condition. The agent's own faults and an operator's
+        drain (the node's, and a group's own for that group) are always local."""
         assert self.guard is not None
-        local = [n for n in verdict.failing if not holdable(self.tally.views[n], now)]
-        shared = [n for n in verdict.failing if n not in local]
-        if not verdict.up and not verdict.failing:
-            local.append(verdict.reason)
+        mine = []
         if self.stopping:
-            local.append("stopping")
+            mine.append("stopping")
         if now < self.loop_bad_until or now - self.heartbeat > self.config.policy.max_loop_lag:
-            local.append("loop")
+            mine.append("loop")
         if self.admin is not Admin.READY:
-            local.append(self.admin.value)
-        self.guard.observe(tuple(shared), tuple(local), now)
-        view = self.guard.view()
-        old = self.condition.guard
-        if view != old:
-            if old is None or view.state != old.state:
-                self._journal("guard", "node", old.state if old else "none", view.state,
-                              view.words() or "nothing shared is failing")
-            self.condition = replace(self.condition, guard=view)
+            mine.append(self.admin.value)
+        node = self._observe(self.guard, None, verdict, self.tally, mine, now)
+        views = {}
+        for g, group in groups.items():
+            guard = self.group_guards.get(g)
+            if guard is not None:
+                own = [group.admin.value] if group.admin is not Admin.READY else []
+                views[g] = self._observe(guard, g, group.verdict, self.groups[g][1], mine + own, now)
+        if node != self.condition.guard or views != self.condition.group_guards:
+            self.condition = replace(self.condition, guard=node, group_guards=views)
+
+    def _observe(self, guard: FleetGuard, group: str | None, verdict: Verdict, tally: Tally, local: list[str],
+                 now: float) -> GuardView:
+        """One guard (the node's, or a verdict group's) told the shared and local reasons of its verdict."""
+        failing_local = [n for n in verdict.failing if not holdable(tally.views[n], now)]
+        shared = [n for n in verdict.failing if n not in failing_local]
+        if not verdict.up and not verdict.failing:
+            failing_local.append(verdict.reason)
+        guard.observe(tuple(shared), tuple(failing_local + local), now)
+        view = guard.view()
+        old = self.condition.guard if group is None else self.condition.group_guards.get(group)
+        if (old is None and group is None) or view.state != (old.state if old else "none"):
+            self._journal("guard", "node" if group is None else f"group:{group}", old.state if old else "none",
+                          view.state, view.words() or "nothing shared is failing")
+        return view
 
     def refresh(self, now: float) -> None:
         """A new snapshot; the cost is the same with 10 checks or 2,000 (see verdict.Tally)."""
@@ -293,19 +310,16 @@ class AgentState:
         views = self._views
         old = self.snapshot
         verdict = self.tally.verdict(now)
+        groups = self._group_snapshots(now) if self.groups else {}
         if self.guard is not None:
-            self._observe_guard(verdict, now)
+            self._observe_guards(verdict, groups, now)
         snap = Snapshot(
             verdict=verdict, admin=self.admin, admin_reason=self.admin_reason, checks=views,
-            computed_at=now, since=old.since, since_wall=old.since_wall, loop_lag=self.loop_lag,
-            groups=self._group_snapshots(now) if self.groups else {},
+            computed_at=now, since=old.since, since_wall=old.since_wall, loop_lag=self.loop_lag, groups=groups,
         )
         was, ans = self._answer, decide(snap, self.condition, now)
-        for g in snap.groups:
-            before, after = old.groups.get(g), snap.groups[g]
-            if before is not None and before.verdict.up != after.verdict.up:
-                self._journal("verdict", f"group:{g}", "up" if before.verdict.up else "down",
-                              "up" if after.verdict.up else "down", after.verdict.reason or "all its checks pass")
+        if snap.groups or self._group_healthy:
+            self._journal_groups(snap, now)
         if ans.up != was.up or ans.admin is not was.admin:
             snap = replace(snap, since=now, since_wall=time.time())
         if ans.healthy != was.healthy:
@@ -314,6 +328,19 @@ class AgentState:
                           "up" if ans.healthy else "down", ans.down_reason or "all critical checks pass")
         self.snapshot, self._answer = snap, ans
         self._settled_until = self._next_change(snap, now)
+
+    def _journal_groups(self, snap: Snapshot, now: float) -> None:
+        """One "group" entry per change of a verdict group's served verdict (UP/DOWN, as decide() says it for
+        the group: its checks, the agent's own condition, the fleet guard; not drain or maint, which are
+        "admin" entries), as the node's own verdict is journaled. A group new with a reload starts down."""
+        healthy = {}
+        for g in snap.groups:
+            answer = decide(snap, self.condition, now, g)
+            healthy[g] = answer.healthy
+            if answer.healthy != self._group_healthy.get(g, False):
+                self._journal("group", g, "down" if answer.healthy else "up", "up" if answer.healthy else "down",
+                              (answer.note or "all its checks pass") if answer.healthy else answer.down_reason)
+        self._group_healthy = healthy
 
     def _next_change(self, snap: Snapshot, now: float) -> float:
         """The first moment the clock alone can change `snap` or what decide() says about it: a passing check

@@ -241,3 +241,137 @@ async def _is(code, want: int) -> bool:
 async def _guard_state(agent, state: str) -> bool:
     guard = agent.state.condition.guard
     return guard is not None and guard.state == state
+
+
+@pytest.mark.parametrize("backend", ["redis", "etcd"])
+async def test_each_verdict_group_has_its_own_budget(start_agent, backend: str, request: pytest.FixtureRequest,
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With [fleet] and verdict groups, each group's budget is counted apart in the store (`shop:api`,
+    `shop:static`): while another node sheds api (using api's one allowed DOWN), this node's api, failing for a
+    shared reason, is held UP, and its static group, failing for a shared reason too, is shed, since no
+    node spent static's budget; the node's own verdict and budget are untouched. `fleet status --group
+    static` lists static's members."""
+    import asyncio
+    import json
+
+    from agent.fleet.config import FleetConfig
+    from agent.fleet.guard import FleetGuard
+    from agent.fleet.store import open_store
+    from tests.helpers import async_wait_for
+
+    server = StoreServer(backend, request.getfixturevalue(f"{backend}_factory"))
+    fleet = {"store": server.url, "group": "shop", "max_down": 1, "size": 2, **TIMINGS}
+    db, web = Dependency(), Dependency()
+
+    def dep(name: str, port: int) -> dict:
+        return {"name": name, "type": "tcp", "port": port, "interval": "200ms", "timeout": "150ms", "rise": 1,
+                "fall": 1, "critical": False}
+
+    agent = await start_agent({
+        "fleet": {**fleet, "node": "a"},
+        "checks": [{"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms", "rise": 1,
+                    "max_used_percent": 100}, dep("db", db.port), dep("web", web.port)],
+        "groups": {"api": {"checks": ["db"]}, "static": {"checks": ["web"]}}})
+
+    async def codes() -> list[int]:
+        return [(await agent.get(p))[0] for p in ("/health", "/health/api", "/health/static")]
+
+    async def are(want: list[int]) -> bool:
+        return await codes() == want
+
+    await async_wait_for(lambda: are([200, 200, 200]), what="all up")
+    other = FleetConfig.model_validate({**fleet, "node": "b"})
+    b_api, b_static = FleetGuard(other.for_verdict_group("api")), FleetGuard(other.for_verdict_group("static"))
+    now = asyncio.get_running_loop().time()
+    b_api.observe(("db",), (), now)  # node b sheds api for the shared database...
+    b_static.observe((), (), now)  # ...and serves static
+    tasks = [asyncio.create_task(b_api.run()), asyncio.create_task(b_static.run())]
+    stores = [open_store(FleetConfig.model_validate({**fleet, "node": "x"})), open_store(other.for_verdict_group("static"))]
+    try:
+        async def b_shed() -> bool:
+            return b_api.view().state == "granted"
+
+        await async_wait_for(b_shed, timeout=15, what="b holds api's one grant")
+        db.close()
+        web.close()
+
+        async def held_and_shed():
+            body = json.loads((await agent.get("/status", headers={"Accept": "application/json"}))[1])
+            groups = body["groups"]
+            states = (groups["api"]["guard"]["state"], groups["static"]["guard"]["state"])
+            known = groups["api"]["guard"]["budget"] is not None  # an etcd beat reads no figures: a request does
+            return body if states == ("held", "granted") and known else None
+
+        body = await async_wait_for(held_and_shed, timeout=15, what="api held, static shed")
+        assert await codes() == [200, 200, 503]
+        api = body["groups"]["api"]
+        assert api["guard"]["group"] == "shop:api" and api["guard"]["budget"] == 1
+        assert api["output"].startswith("held by the fleet guard: db failing")
+        from agent import render
+
+        assert render.group_reason(api).startswith("held by the fleet guard: db failing")
+        assert ", held by the fleet guard: db failing" in render.explain_group(body, "api")
+        assert body["groups"]["static"]["guard"]["group"] == "shop:static"
+        assert body["guard"]["state"] == "none" and body["guard"]["group"] == "shop"
+        node, static = [await s.members() for s in stores]
+        assert {m.node: m.status for m in node.members} == {"a": "up"}  # the node's budget: nobody shed
+        assert {m.node: m.status for m in static.members} == {"a": "shed", "b": "up"}
+        from agent import cli
+
+        path = tmp_path / "fleet.toml"
+        path.write_text(toml_table("[agent]", allow_root=True) + toml_table("[fleet]", **{**fleet, "node": "a"})
+                        + toml_table("[[checks]]", name="mem", type="memory") + '\n[groups.static]\nchecks = ["mem"]\n')
+        capsys.readouterr()
+        argv = ["fleet", "status", "-c", str(path), "--json", "--group"]
+        assert await asyncio.to_thread(cli.main, [*argv, "static"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["group"] == "shop:static"
+        assert {m["node"]: m["status"] for m in doc["members"]} == {"a": "shed", "b": "up"}
+        assert await asyncio.to_thread(cli.main, [*argv, "apl"]) == 2
+        assert "--group: no group named 'apl' in groups (known: static)" in capsys.readouterr().err
+        db.start()
+        web.start()
+        await async_wait_for(lambda: are([200, 200, 200]), timeout=10, what="all up again")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in stores:
+            await s.close()
+        db.close()
+        web.close()
+
+
+async def test_a_reload_keeps_the_guards_of_the_groups_it_keeps(start_agent, redis_factory, tmp_path: Path) -> None:
+    """A reload that adds a verdict group starts that group's guard and one that removes a group stops its
+    guard, while the node's guard and the kept groups' guards go on (their grants with them)."""
+    from tests.helpers import async_wait_for
+
+    redis = redis_factory()
+    fleet = {"store": f"redis://127.0.0.1:{redis.port}/0", "group": "shop", "node": "a", **TIMINGS}
+    mem = {"name": "mem", "type": "memory", "interval": "200ms", "timeout": "100ms", "rise": 1, "max_used_percent": 100}
+    agent_keys = {"allow_root": True, "watch_config": False, "state_dir": str(tmp_path / "state")}
+    path = tmp_path / "c.toml"
+
+    def config(*groups: str) -> str:
+        return (toml_table("[agent]", **agent_keys) + toml_table("[fleet]", **fleet) + toml_table("[[checks]]", **mem)
+                + "".join(f'\n[groups.{g}]\nchecks = ["mem"]\n' for g in groups))
+
+    path.write_text(config("api"))
+    agent = await start_agent({"agent": agent_keys, "fleet": fleet, "checks": [mem],
+                               "groups": {"api": {"checks": ["mem"]}}}, config_path=str(path))
+    node, api = agent.state.guard, agent.state.group_guards["api"]
+
+    async def views(*names: str) -> bool:
+        return list(agent.state.condition.group_guards) == list(names)
+
+    await async_wait_for(lambda: views("api"), what="api's guard observed")
+    path.write_text(config("api", "static"))
+    assert await agent.agent.reload() is True
+    assert agent.state.guard is node and agent.state.group_guards["api"] is api
+    assert list(agent.state.group_guards) == ["api", "static"]
+    await async_wait_for(lambda: views("api", "static"), what="static's guard observed")
+    path.write_text(config("static"))
+    assert await agent.agent.reload() is True
+    assert agent.state.guard is node and list(agent.state.group_guards) == ["static"]
+    await async_wait_for(lambda: views("static"), what="api's guard gone")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 from pathlib import Path
@@ -14,7 +15,7 @@ from agent.admin import set_admin_cli
 from agent.app import Agent
 from agent.config import ConfigError, parse_config
 from agent.model import Admin
-from tests.helpers import ROOT, async_wait_for, free_port, wait_for
+from tests.helpers import ROOT, async_wait_for, free_port, toml_table, wait_for
 from tests.test_admin import run_cli
 from tests.test_haproxy_e2e import Dependency, dependency, haproxy  # noqa: F401 - fixtures
 from tests.test_lifecycle import MEM as TOML_MEM
@@ -177,7 +178,7 @@ async def test_status_and_metrics_show_groups(start_agent, dependency: Dependenc
 
     body = json.loads((await agent.get("/status", headers={"Accept": "application/json"}))[1])
     assert body["groups"]["static"] == {"status": "pass", "state": "up", "output": "", "failing": [],
-                                        "checks": ["mem"], "admin": "ready", "adminReason": ""}
+                                        "checks": ["mem"], "admin": "ready", "adminReason": "", "adminUntil": None}
     api = body["groups"]["api"]
     assert api["status"] == "fail" and api["failing"] == ["db"] and api["output"].startswith("db: ")
     metrics = (await agent.get("/metrics"))[1]
@@ -270,3 +271,135 @@ def test_group_maintenance_survives_a_restart_and_expires(agent_process, tmp_pat
     wait_for(lambda: _codes(again) == [200, 503, 200], what="only api in maintenance")
     assert json.loads(again.get("/status")[1])["groups"]["api"]["state"] == "maint"
     wait_for(lambda: _codes(again) == [200, 200, 200], timeout=6, what="the maintenance expired")
+
+
+# -- status, explain, the admin endpoint and the journal, per group ------------------------------------------
+
+def status_toml(state_dir: Path, check_port: int, db_port: int) -> str:
+    """GROUPS_TOML with a database in the api group."""
+    text = GROUPS_TOML.replace('[groups.api]\nchecks = ["mem"]', '[groups.api]\nchecks = ["db", "mem"]')
+    return text % (state_dir, check_port) + toml_table("[[checks]]", **tcp("db", db_port))
+
+
+def test_status_and_explain_show_each_group(agent_process, tmp_path: Path) -> None:
+    """With the API's database refused and the static group drained alone (over the admin socket, with --for):
+    `status` lists both groups under 100 columns (api DOWN with the database's reason, static UP and drained
+    until its expiry), `explain` says why api is down, and `--group` focuses either command on one group with
+    the group's exit code; an unknown group is exit 3, as any state unknown from here."""
+    db_port = free_port()
+    agent = agent_process(status_toml(tmp_path / "state", free_port(), db_port))
+    cfg = str(agent.path)
+    wait_for(lambda: _codes(agent) == [503, 503, 200], what="api down, static up")
+
+    proc = run_cli("drain", "-c", cfg, "--group", "static", "--for", "1h", "--reason", "reindex")
+    assert proc.returncode == 0 and "applied by the agent" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("drain group static until ")
+    until = json.loads(agent.get("/status")[1])["groups"]["static"]["adminUntil"]
+    assert until is not None and until.endswith("Z")
+    hhmmss = until[11:19]
+
+    out = run_cli("status", "-c", cfg)
+    assert out.returncode == 2, out.stderr
+    section = out.stdout.split("\nGROUPS\n")[1].split("\n\n")[0].splitlines()
+    assert section[0].split() == ["GROUP", "VERDICT", "ADMIN", "CHECKS", "REASON"]
+    rows = {line.split()[0]: line for line in section[1:]}
+    assert rows["api"].split()[:3] == ["api", "DOWN", "ready"]
+    assert rows["api"].endswith(f"db: tcp 127.0.0.1:{db_port}: connection refused")
+    assert rows["static"].split()[:5] == ["static", "UP", "drain", "until", hhmmss]
+    assert rows["static"].endswith("reindex")
+    assert all(len(line) < 100 for line in section), section
+
+    why = run_cli("explain", "-c", cfg)
+    assert why.returncode == 2
+    assert (f"Its verdict groups: api is DOWN because db fails (db: tcp 127.0.0.1:{db_port}: connection refused); "
+            f"static is UP, drained alone (reindex) until {hhmmss} UTC.") in why.stdout
+
+    api = run_cli("status", "-c", cfg, "--group", "api")
+    assert api.returncode == 2, api.stderr
+    lines = api.stdout.splitlines()
+    assert lines[0].startswith("DOWN  group api on ") and lines[1] == f"db: tcp 127.0.0.1:{db_port}: connection refused"
+    assert lines[2] == "verdict DOWN, admin ready; checks: mem, db"
+    assert {line.split()[0] for line in lines[5:7]} == {"db", "mem"} and "GROUPS" not in api.stdout
+    static = run_cli("status", "-c", cfg, "--group", "static", "-n", "0")
+    assert static.returncode == 2 and static.stdout.startswith("DRAIN  group static on ")
+    assert f"verdict UP, admin drain until {hhmmss}; checks: mem" in static.stdout and "db" not in static.stdout
+
+    why = run_cli("explain", "-c", cfg, "--group", "api")
+    assert why.returncode == 2
+    assert why.stdout.startswith("Group api on ") and " is DOWN because 1 check fails: db (tcp): tcp 127.0.0.1:" in why.stdout
+    why = run_cli("explain", "-c", cfg, "--group", "static")
+    assert why.returncode == 2
+    assert (f"is out of its backends by an operator: DRAIN (reindex) until {hhmmss} UTC, the group alone"
+            in why.stdout)
+
+    assert run_cli("ready", "-c", cfg, "--group", "static").returncode == 0
+    assert run_cli("explain", "-c", cfg, "--group", "static").returncode == 0
+    for cmd in ("status", "explain"):
+        bad = run_cli(cmd, "-c", cfg, "--group", "apl")
+        assert bad.returncode == 3 and bad.stdout == ""
+        assert "healthgate: --group: the agent has no group named 'apl' (known: api, static)" in bad.stderr
+
+
+def _post(sock: str, target: str) -> tuple[int, dict]:
+    from agent.remote import unix_request
+
+    code, raw = unix_request(sock, "POST", target, {}, 3.0)
+    return code, json.loads(raw)
+
+
+async def test_admin_endpoint_takes_a_group(start_agent, tmp_path: Path) -> None:
+    """POST /admin/maint?group=api&for=10m over the admin socket puts the api group alone in maintenance, its
+    expiry in /status as groups.api.adminUntil; /admin/ready?group=api ends it; an unknown group is a 400
+    that names the known ones, and nothing is written."""
+    sock = str(tmp_path / "admin.sock")
+    agent = await start_agent({"server": {"admin_socket": sock}, "checks": [MEM],
+                               "groups": {"api": {"checks": ["mem"]}, "static": {"checks": ["mem"]}}})
+    await async_wait_for(lambda: _is(agent, "/health/api", 200), what="api up")
+    code, body = await asyncio.to_thread(_post, sock, "/admin/maint?group=api&for=10m&reason=rebuild")
+    assert code == 200, body
+    assert (body["admin"], body["group"], body["reason"]) == ("maint", "api", "rebuild") and body["until"]
+    assert [await _code(agent, p) for p in ("/health", "/health/api", "/health/static")] == [200, 503, 200]
+    status = json.loads((await agent.get("/status"))[1])
+    assert status["healthgate"]["admin"] == "ready" and status["healthgate"]["adminUntil"] is None
+    api = status["groups"]["api"]
+    assert (api["admin"], api["adminReason"], api["adminUntil"]) == ("maint", "rebuild", body["until"])
+
+    code, body = await asyncio.to_thread(_post, sock, "/admin/drain?group=apl")
+    assert code == 400 and body["error"] == 'group: no group named "apl" (known: api, static)'
+    code, body = await asyncio.to_thread(_post, sock, "/admin/ready?group=api")
+    assert code == 200 and body["group"] == "api"
+    assert [await _code(agent, p) for p in ("/health", "/health/api", "/health/static")] == [200, 200, 200]
+    assert "groups" not in json.loads((tmp_path / "state" / "admin.json").read_text())
+
+
+async def test_journal_records_each_group_change_once(start_agent, dependency: Dependency,  # noqa: F811
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The journal (and the log) has one "group" entry per change of a group's verdict, named by the group:
+    api down -> up -> down -> up as its database comes and goes, static down -> up once; the node's entries
+    stay "verdict"/"node", and a group's drain is an "admin" entry, not a verdict change."""
+    caplog.set_level(logging.INFO, logger="healthgate")
+    agent = await start_agent({"checks": [MEM, tcp("db", dependency.port)],
+                               "groups": {"api": {"checks": ["db"]}, "static": {"checks": ["mem"]}}})
+    await async_wait_for(lambda: _is(agent, "/health/api", 200), what="api up")
+    await dependency.stop()
+    await async_wait_for(lambda: _is(agent, "/health/api", 503), what="api down")
+    await dependency.start()
+    await async_wait_for(lambda: _is(agent, "/health/api", 200), what="api up again")
+    agent.state.set_group_admin({"static": (Admin.DRAIN, "reindex", None)})
+    await async_wait_for(lambda: _is(agent, "/health/static", 503), what="static drained")
+    beat = agent.state.heartbeat  # the heartbeats and refreshes of the next half second add nothing
+
+    async def later() -> bool:
+        return agent.state.heartbeat > beat + 0.5
+
+    await async_wait_for(later, what="half a second of heartbeats")
+    entries = json.loads((await agent.get("/status/journal"))[1])["entries"]
+    groups = [(e["name"], e["from"], e["to"]) for e in entries if e["kind"] == "group"]
+    assert [g for g in groups if g[0] == "api"] == [("api", "down", "up"), ("api", "up", "down"), ("api", "down", "up")]
+    assert [g for g in groups if g[0] == "static"] == [("static", "down", "up")]
+    api_down = next(e for e in entries if e["kind"] == "group" and e["to"] == "down")
+    assert api_down["reason"].startswith("db: tcp 127.0.0.1:")
+    assert any((e["kind"], e["name"], e["to"]) == ("admin", "group:static", "drain") for e in entries)
+    assert [e["to"] for e in entries if e["kind"] == "verdict"] == ["up", "down", "up"]
+    logged = [(r.fields["name"], r.fields["to"]) for r in caplog.records if r.getMessage() == "group_transition"]
+    assert logged == [(n, to) for n, _, to in groups]

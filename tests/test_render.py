@@ -258,3 +258,50 @@ async def test_disk_headroom_is_the_tightest_bound(tmp_path: Path) -> None:
 def test_runner_rejects_non_finite_headroom(obs: Observation, ok: bool) -> None:
     """A probe's headroom must be a finite number or absent, like its value."""
     assert _valid(obs) is ok
+
+
+def _group(state: str = "up", *, checks=("mem",), failing=(), output: str = "", admin: str = "ready",
+           reason: str = "", until: str | None = None) -> dict:
+    return {"status": "pass" if state == "up" else "fail", "state": state, "output": output,
+            "failing": list(failing), "checks": list(checks), "admin": admin, "adminReason": reason,
+            "adminUntil": until}
+
+
+def test_group_rows_show_verdict_admin_checks_and_reason() -> None:
+    """One row per group: UP/DOWN from its checks, its own admin state with the expiry, its members, and why
+    it is not served up (its failing check, its own reason, or the node's drain)."""
+    s = status(MEM, DB_DOWN, state="down", output="db: refused")
+    s["groups"] = {"api": _group("down", checks=("db", "mem"), failing=("db",), output="db: refused"),
+                   "static": _group("drain", output="drain: reindex", admin="drain", reason="reindex",
+                                    until="2026-11-29T12:30:00.000Z"),
+                   "web": _group("maint", output="maint: node upgrade")}
+    assert render.group_rows(s) == [
+        render.GROUP_HEADER,
+        ("api", "DOWN", "ready", "db, mem", "db: refused"),
+        ("static", "UP", "drain until 12:30:00", "mem", "reindex"),
+        ("web", "UP", "ready", "mem", "node maint: node upgrade"),
+    ]
+
+
+def test_group_table_fits_100_columns() -> None:
+    """Long names, admin states, member lists and reasons are cut with "…" so that no line reaches 100
+    columns; colour marks the verdict."""
+    long = "x" * 60
+    s = status(MEM)
+    s["groups"] = {long: _group("down", checks=[f"check{i}" for i in range(20)], output="boom " * 40,
+                                admin="maint", until="2026-12-01T12:30:00.000Z")}
+    plain = render.group_table(render.group_rows(s), False)
+    assert all(len(line) < 100 for line in plain.splitlines()) and "…" in plain
+    coloured = render.group_table(render.group_rows(s), True)
+    assert render.RED + "DOWN" in coloured
+    assert [ANSI.sub("", line) for line in coloured.splitlines()] == plain.splitlines()
+
+
+def test_explain_group_says_why_a_group_is_down() -> None:
+    """explain --group names the group's failing checks, counted critical or not, and what brings it back."""
+    s = status(MEM, DB_DOWN, state="down", output="db: refused")
+    s["groups"] = {"api": _group("down", checks=("db",), failing=("db",), output="db: refused")}
+    text = render.explain_group(s, "api")
+    assert text.startswith("Group api on web-1 is DOWN because 1 check fails: db (tcp): tcp 127.0.0.1:5432:")
+    assert "It comes back UP after 2 more passing samples in a row of db" in text
+    assert render.group_exit_code(s, "api") == 2

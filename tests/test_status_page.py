@@ -16,6 +16,7 @@ from aiohttp.test_utils import make_mocked_request
 from agent import statuspage
 from agent.config import parse_config
 from agent.http_api import TOKENS
+from agent.model import Admin
 from agent.statuspage import add_routes, prefers_html
 from tests.browser import Browser
 from tests.helpers import PASSING, ROOT, async_wait_for, free_port, require
@@ -240,3 +241,43 @@ async def test_a_hostile_reason_is_shown_as_text(start_agent, browser) -> None:
     shown = await async_wait_for(row, timeout=20, what="the row")
     assert shown["why"] == HOSTILE.replace("\x1b", "\\x1b")
     assert await browser.evaluate("window.__pwned === undefined && document.querySelectorAll('img').length === 0")
+
+
+GROUP_ROWS = """[...document.querySelectorAll('#groups tr')].map(tr => ({
+  name: tr.dataset.group, verdict: tr.querySelector('.pill').textContent, why: tr.querySelector('.why').textContent,
+  admin: tr.querySelector('.g-admin').textContent, checks: tr.querySelector('.g-checks').textContent}))"""
+
+
+async def test_page_shows_each_verdict_group(start_agent, browser) -> None:
+    """With verdict groups the page lists each one: name, UP or DOWN with the failing check's reason, its own
+    admin state (drained alone, with the reason), and its member checks; without groups the section is hidden."""
+    port = free_port()
+    agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100),
+                                          fast("db", type="tcp", port=port)],
+                               "groups": {"api": {"checks": ["db", "mem"]}, "static": {"checks": ["mem"]}}})
+    await async_wait_for(lambda: _down_with_results(agent), what="first results")
+    agent.state.set_group_admin({"static": (Admin.DRAIN, "reindex", None)})
+    await browser.send("Page.enable")
+    await browser.send("Page.navigate", url=agent.url + "/")
+
+    async def rows():
+        got = await browser.evaluate(GROUP_ROWS)
+        return got if len(got) == 2 and got[0]["why"] else None
+
+    api, static = await async_wait_for(rows, timeout=20, what="group rows")
+    assert (api["name"], api["verdict"], api["admin"], api["checks"]) == ("api", "DOWN", "ready", "mem, db")
+    assert api["why"] == f"db: tcp 127.0.0.1:{port}: connection refused"
+    assert (static["name"], static["verdict"], static["admin"], static["checks"]) == ("static", "UP",
+                                                                                      "drain · reindex", "mem")
+    assert await browser.evaluate("!document.getElementById('groups-section').hidden")
+    await browser.screenshot(ARTIFACTS / "status-page-groups.png")
+
+
+async def test_the_groups_section_is_hidden_without_groups(start_agent, browser) -> None:
+    """A config without groups shows no groups section."""
+    agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100)]})
+    await browser.send("Page.enable")
+    await browser.send("Page.navigate", url=agent.url + "/")
+    await async_wait_for(lambda: browser.evaluate("document.querySelectorAll('#checks tr').length === 1"),
+                         timeout=20, what="the check row")
+    assert await browser.evaluate("document.getElementById('groups-section').hidden")

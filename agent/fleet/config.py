@@ -111,3 +111,15 @@ class FleetConfig(Strict):
 
     def secrets(self) -> tuple[str, ...]:
         return unique(url_secrets(self.store))
+
+    def for_verdict_group(self, name: str) -> FleetConfig:
+        """This table for one verdict group's own guard: the same store, node and rules, with the budget
+        counted apart, under scope_group(group, name)."""
+        return self.model_copy(update={"group": scope_group(self.group, name)})
+
+
+def scope_group(fleet_group: str, verdict_group: str) -> str:
+    """The store's group for a verdict group's budget: `web:api`. ':' is in neither a fleet group's name
+    (GROUP_PATTERN) nor a verdict group's, so no configured fleet group can share it, and no store key
+    of `web` is a prefix of it (etcd ranges over /healthgate/fleet/web/)."""
+    return f"{fleet_group}:{verdict_group}"
