@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from agent import remote, render
-from tests.helpers import PASSING, ROOT, agent_toml, free_port, wait_for
+from tests.helpers import PASSING, ROOT, agent_toml, free_port, toml_table, wait_for
 
 CONFIG = agent_toml() + """
 [[checks]]
@@ -142,3 +143,26 @@ def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:
     assert "CRITICAL: node would be DOWN (db)" in out.stdout
     coloured = healthgate("check", "-c", str(cfg), "--color", "always")
     assert "\033[32mUP" in coloured.stdout and "\033[31mDOWN" in coloured.stdout
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the root rule applies as root")
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_root_is_refused_before_any_complaint_about_the_file(tmp_path: Path, command: str) -> None:
+    """As root, run and check with a config that does not allow root say so first and only, with the command
+    that works, even when the file is also one others can change (which is refused once root is allowed)."""
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nlisten = \"127.0.0.1:0\"\n" + toml_table("[[checks]]", **PASSING))
+    path.chmod(0o666)
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    proc = healthgate(command, "-c", str(path), env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "agent.allow_root: refusing to run as root" in lines[0], proc.stderr
+    assert f"`sudo -u USER {sys.executable} -m agent {command} -c {path}`" in lines[0]
+    assert f"add `allow_root = true` under [agent] in {path}" in lines[0]
+    path.write_text("[agent]\nallow_root = true\n" + path.read_text())
+    proc = healthgate(command, "-c", str(path))
+    assert proc.returncode == 2 and "refusing a file others can change while running as root" in proc.stderr
