@@ -135,13 +135,19 @@ def root_refusal(path: str | os.PathLike[str]) -> str:
 def load_for_command(path: str | os.PathLike[str]) -> Config:
     """The config as every command that loads one may use it: the same rules for all of them.
 
-    As root, any config without `allow_root = true` is refused, and that comes first: whatever else is
-    wrong with the file, running as root is the first thing to change. Then a file others could have
+    As root, any config without `allow_root = true` is refused, and that is said first: running as root is
+    the first thing to change. The file's own errors follow (they hold for any user); its owner and mode do
+    not (they matter to root only). Otherwise, as root, a file others could have
     written is refused (its exec checks would run as root, and `status` would send the token file it names
     to the address it names): a command that loads a config acts on what the config says, as the agent would.
     """
     if os.geteuid() == 0 and _allows_root(path) is False:
-        raise ConfigError(str(path), [root_refusal(path)])
+        errors = [root_refusal(path)]
+        try:
+            load_config(path)  # parsed only: nothing in it is acted on
+        except ConfigError as e:
+            errors += e.errors
+        raise ConfigError(str(path), errors)
     check_trusted(path)
     cfg = load_config(path)
     if os.geteuid() == 0 and not cfg.agent.allow_root:
