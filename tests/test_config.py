@@ -215,3 +215,15 @@ def test_no_error_of_the_corpus_speaks_pydantic() -> None:
         with pytest.raises(ConfigError) as err:
             load_config(path)
         assert not any("Input should" in line or "valid URL" in line for line in err.value.errors), (path, err.value.errors)
+
+
+def test_validate_warns_about_a_missing_disk_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`healthgate validate` accepts a disk check whose path is missing here (it may exist on the node that
+    runs it), and warns about it as it does about a missing exec program; an existing path gets no warning."""
+    f = tmp_path / "c.toml"
+    f.write_text(memory_check() + '[[checks]]\nname = "data"\ntype = "disk"\npath = "/srv/healthgate-no-such"\n'
+                 f'[[checks]]\nname = "here"\ntype = "disk"\npath = "{tmp_path}"\n')
+    assert cli.main(["validate", "-c", str(f)]) == 0
+    out = capsys.readouterr()
+    assert out.err == f"{f}: warning: checks[1] (data): path: /srv/healthgate-no-such does not exist on this host\n"
+    assert out.out == f"{f}: ok, 3 check(s)\n"
