@@ -356,7 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+EXIT_PIPE = 128 + 13  # as a tool killed by SIGPIPE: `healthgate schema | head -1` is not an error
+
+
+def main(argv: list[str] | None = None) -> int | str | None:
+    """The entry point: the command's exit status; a reader that closed the pipe ends it quietly."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as e:  # argparse's --help, --version and usage errors print, then exit
+            code = e.code
+        sys.stdout.flush()  # a write still buffered fails here, not at exit with "Exception ignored"
+    except BrokenPipeError:
+        # Python's advice (signal module docs, "Note on SIGPIPE"): point stdout at devnull, so the flush at
+        # exit has nowhere to fail, and exit as a tool killed by SIGPIPE does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

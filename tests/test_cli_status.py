@@ -166,3 +166,20 @@ def test_root_is_refused_before_any_complaint_about_the_file(tmp_path: Path, com
     path.write_text("[agent]\nallow_root = true\n" + path.read_text())
     proc = healthgate(command, "-c", str(path))
     assert proc.returncode == 2 and "refusing a file others can change while running as root" in proc.stderr
+
+
+def test_a_closed_pipe_ends_every_command_quietly(tmp_path: Path) -> None:
+    """`healthgate schema | head -1` and any command whose reader has gone exit 0 or 141 (as a tool killed
+    by SIGPIPE does) with nothing on stderr: no traceback, no "Exception ignored"."""
+    config = tmp_path / "c.toml"
+    config.write_text(agent_toml().replace("{port}", "0") + toml_table("[[checks]]", **PASSING))
+    for args in (["schema"], ["validate", "-c", str(config)], ["check", "-c", str(config), "--color", "never"],
+                 ["--help"], ["--version"]):
+        proc = subprocess.Popen([sys.executable, "-m", "agent", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc.stdout.close()  # long before the interpreter has started: every write meets a closed pipe
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode in (0, 141) and err == b"", (args, proc.returncode, err.decode())
+    head = subprocess.run(f"{sys.executable} -m agent schema | head -1", shell=True, cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert head.stdout == "{\n" and head.stderr == ""
