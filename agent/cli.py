@@ -165,7 +165,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None] | int:
     """The agent's URL, status token and admin socket, from the options, else from the config file when
     there is one. The socket (when it is there) wins unless --url or --token-file ask for HTTP."""
-    from agent.remote import EXIT_UNKNOWN, admin_socket, default_url
+    from agent.remote import EXIT_UNKNOWN, admin_socket, agent_url, default_url
 
     cfg = None
     path = config_path(args)
@@ -179,7 +179,7 @@ def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None
         sock = admin_socket(cfg)
         if sock:
             return "", None, sock
-    url = args.url or default_url(cfg)
+    url = agent_url(args.url) if args.url else default_url(cfg)
     token_file = args.token_file or (cfg.server.status_token_file if cfg else None)
     token = None
     if token_file:
@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = add(name, help, func)
         with_config(p)
-        p.add_argument("--url", help="the agent's base URL (default: from the config's server.listen, "
-                                     "else http://127.0.0.1:8080)")
+        p.add_argument("--url", help="the agent's base URL; http:// when no scheme is given (default: from the "
+                                     "config's server.listen, else http://127.0.0.1:8080)")
         p.add_argument("--token-file", metavar="FILE", help="file holding the status bearer token "
                                                             "(default: the config's server.status_token_file)")
         p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent (default: 3)")

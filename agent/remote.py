@@ -38,6 +38,12 @@ def admin_socket(cfg: Config | None) -> str | None:
         return None
 
 
+def agent_url(text: str) -> str:
+    """--url as given, with http:// when it names no scheme (127.0.0.1:8080, [::1]:8080, localhost:8080)."""
+    text = text.strip()
+    return text if "://" in text else f"http://{text}"
+
+
 def default_url(cfg: Config | None) -> str:
     """The agent's own listen address, with a wildcard host turned into loopback."""
     if cfg is None:

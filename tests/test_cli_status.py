@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -97,8 +99,9 @@ def test_status_with_a_bad_config_exits_3(tmp_path: Path) -> None:
     assert out.returncode == 3 and "server.listen" in out.stderr
 
 
-async def test_details_withheld_exit_3() -> None:
-    """An agent that withholds details (no token) makes status exit 3 with a hint about --token-file."""
+@contextlib.asynccontextmanager
+async def withholding_agent() -> AsyncIterator[int]:
+    """An HTTP server on a free loopback port that answers /status as an agent withholding details does."""
     async def bare(request: web.Request) -> web.Response:
         return web.json_response({"status": "pass"})
 
@@ -108,11 +111,16 @@ async def test_details_withheld_exit_3() -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     try:
-        code = await asyncio.to_thread(remote.run_status, url, None, 2.0, False, 0)
+        yield site._server.sockets[0].getsockname()[1]
     finally:
         await runner.cleanup()
+
+
+async def test_details_withheld_exit_3() -> None:
+    """An agent that withholds details (no token) makes status exit 3 with a hint about --token-file."""
+    async with withholding_agent() as port:
+        code = await asyncio.to_thread(remote.run_status, f"http://127.0.0.1:{port}", None, 2.0, False, 0)
     assert code == remote.EXIT_UNKNOWN
 
 
@@ -183,3 +191,20 @@ def test_a_closed_pipe_ends_every_command_quietly(tmp_path: Path) -> None:
     head = subprocess.run(f"{sys.executable} -m agent schema | head -1", shell=True, cwd=ROOT, capture_output=True,
                           text=True, timeout=30)
     assert head.stdout == "{\n" and head.stderr == ""
+
+
+@pytest.mark.parametrize("given, url", [
+    ("127.0.0.1:8080", "http://127.0.0.1:8080"), ("[::1]:8080", "http://[::1]:8080"),
+    ("localhost:8080", "http://localhost:8080"), ("https://node:8443", "https://node:8443"),
+    ("http://10.0.0.1:8080/", "http://10.0.0.1:8080/"),
+])
+def test_url_without_a_scheme_means_http(given: str, url: str) -> None:
+    """--url 127.0.0.1:8080 is http://127.0.0.1:8080; a URL with its scheme is kept as written."""
+    assert remote.agent_url(given) == url
+
+
+async def test_status_reaches_an_agent_given_without_a_scheme() -> None:
+    """`status --url 127.0.0.1:PORT` asks the agent there over HTTP (here one that withholds details)."""
+    async with withholding_agent() as port:
+        out = await asyncio.to_thread(healthgate, "status", "--url", f"127.0.0.1:{port}", "--timeout", "5")
+    assert out.returncode == 3 and out.stderr.startswith(f"NOT AUTHORIZED  http://127.0.0.1:{port}\n"), out.stderr
