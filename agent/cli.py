@@ -28,7 +28,7 @@ The config file is taken from -c, else $HEALTHGATE_CONFIG, else {DEFAULT_PATH}.
 
 EPILOG = """\
 exit codes: 0 ok / node up; 1 (drain/maint/ready) state written, but the running agent did not confirm
-it (no agent answers, or it reads another state file); 2 config error, or (check, status, explain) node
+it (the agent did not answer, or it reads another state file); 2 config error, or (check, status, explain) node
 down, draining or in maintenance, or (drain/maint/ready) state not written; 3 (status, explain) state
 unknown: agent unreachable or details refused.
 endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /status/journal, /metrics, and the
