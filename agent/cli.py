@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -152,6 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def table_width(args: argparse.Namespace) -> int | None:
+    """The columns a table is cut to: the terminal's ($COLUMNS, else 80 when not a terminal); None with --wide."""
+    return None if args.wide else shutil.get_terminal_size().columns
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     path = config_path(args)
     cfg = load_or_report(path)
@@ -159,7 +165,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from agent.oneshot import run_once
 
-    return run_once(cfg, color=args.color)
+    return run_once(cfg, color=args.color, width=table_width(args))
 
 
 def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None] | int:
@@ -200,7 +206,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(access, int):
         return access
     url, token, sock = access
-    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock)
+    return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock,
+                      table_width(args))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -287,6 +294,11 @@ def _group_arg(text: str) -> str:
     return text
 
 
+def add_wide(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wide", action="store_true", help="print every reason in full instead of cutting the table "
+                                                        "to the terminal's width")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healthgate", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", "run every check once, print a table, exit 0 if the node would be up, 2 if down", cmd_check)
     with_config(p)
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the table")
+    add_wide(p)
     for name, help, func in (
         ("status", "print a running agent's verdict, checks and recent transitions; "
                    "exit 0 up, 2 down/drain/maint, 3 unreachable", cmd_status),
@@ -323,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent (default: 3)")
         if name == "status":
             p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the output")
+            add_wide(p)
             p.add_argument("-n", "--transitions", type=int, default=10, metavar="N",
                            help="recent transitions to print (default: 10; 0 = none)")
     fleet = sub.add_parser("fleet", help="the fleet guard's group, as its store sees it",

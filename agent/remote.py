@@ -166,12 +166,12 @@ def _report(base: str, e: Exception) -> int:
 
 
 def run_status(base: str, token: str | None, timeout: float, color: bool, transitions: int,
-               sock: str | None = None) -> int:
+               sock: str | None = None, width: int | None = None) -> int:
     try:
         status, journal = ask(base, token, timeout, journal=transitions > 0, sock=sock)
     except (Unreachable, Denied) as e:
         return _report(sock or base, e)
-    print(render.status_report(status, journal, color, transitions))
+    print(render.status_report(status, journal, color, transitions, width))
     return render.exit_code(status)
 
 

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from agent import remote, render
+from agent.text import tidy
 from tests.helpers import PASSING, ROOT, agent_toml, free_port, toml_table, wait_for
 
 CONFIG = agent_toml() + """
@@ -54,7 +55,7 @@ def test_status_and_explain_follow_the_agent(agent_process) -> None:
     wait_for(lambda: all("time" in c[0] for c in checks_of(agent).values()) and len(checks_of(agent)) == 2,
              what="both checks sampled")
 
-    down = healthgate("status", "-c", str(agent.path))  # the URL comes from the config's server.listen
+    down = healthgate("status", "-c", str(agent.path), "--wide")  # the URL comes from the config's server.listen
     assert down.returncode == 2, down.stderr
     lines = down.stdout.splitlines()
     assert lines[0].startswith("DOWN  ") and lines[1] == f"db: tcp 127.0.0.1:{db_port}: connection refused"
@@ -65,6 +66,9 @@ def test_status_and_explain_follow_the_agent(agent_process) -> None:
     assert rows["db"].split()[3] == "DOWN" and rows["db"].endswith(f"tcp 127.0.0.1:{db_port}: connection refused")
     assert "RECENT TRANSITIONS (UTC, newest first)" in down.stdout
     assert "\033[" not in down.stdout  # not a terminal: no colour
+    for entry in checks_of(agent).values():  # JSON numbers carry no float noise
+        assert entry[0]["durationSeconds"] == float(f"{entry[0]['durationSeconds']:.6g}")
+        assert "observedValue" not in entry[0] or entry[0]["observedValue"] == tidy(entry[0]["observedValue"])
 
     why = healthgate("explain", "--url", agent.url)
     assert why.returncode == 2
@@ -140,7 +144,7 @@ def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:
     port = free_port()
     cfg = tmp_path / "c.toml"
     cfg.write_text((CONFIG % port).replace("{port}", str(free_port())))
-    out = healthgate("check", "-c", str(cfg))
+    out = healthgate("check", "-c", str(cfg), "--wide")
     assert out.returncode == 2
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["CHECK", "TYPE", "CRIT", "STATUS", "VALUE", "THRESHOLD", "LATENCY", "OK/FAIL",
@@ -151,6 +155,9 @@ def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:
     assert "CRITICAL: node would be DOWN (db)" in out.stdout
     coloured = healthgate("check", "-c", str(cfg), "--color", "always")
     assert "\033[32mUP" in coloured.stdout and "\033[31mDOWN" in coloured.stdout
+    narrow = healthgate("check", "-c", str(cfg), env={**os.environ, "COLUMNS": "60"})
+    table = narrow.stdout.split("\n\n")[0].splitlines()
+    assert all(len(line) <= 60 for line in table), table  # the terminal's width, from $COLUMNS here
 
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the root rule applies as root")
