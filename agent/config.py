@@ -82,7 +82,7 @@ class AgentCheckConfig(Strict):
     weight_floor: int = Field(default=10, ge=1, le=100, description="the weight never goes below this (percent)")
     weight_smoothing: duration(HOUR) = Field(default=10.0, description="EWMA time constant of the headroom; 0 = raw")
     slow_start: duration(HOUR) = Field(
-        default=30.0, description="after a recovery the weight ramps from weight_floor over this long"
+        default=30.0, description="after a recovery, a drain or maintenance the weight ramps from weight_floor over this long"
     )
     max_connections: int = Field(default=64, ge=1, le=4096, description="agent-check connections beyond this are closed")
     allow_from: list[Network] | None = Field(
