@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, parse_config
-from tests.helpers import PASSING, ROOT
+from tests.helpers import PASSING, ROOT, agent_toml, free_port, memory_check, toml_table, wait_for
 
 BLOCKS = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
@@ -64,3 +64,47 @@ def test_license_is_an_spdx_expression() -> None:
     """project.license is an SPDX string (the table form is deprecated and warned about by setuptools)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "Apache-2.0"
+
+
+def test_every_exported_metric_is_in_the_readme(agent_process, dependency, tmp_path: Path) -> None:
+    """Every metric family a running agent exports (fleet guard off; verdict groups, the agent-check and
+    several check types on, one of them failing) is named in the README's metrics table."""
+    beat = tmp_path / "beat"
+    beat.write_text("ok")
+    config = agent_toml() + toml_table("[agent_check]", listen="127.0.0.1:0") + memory_check() + "".join(
+        toml_table("[[checks]]", **{"interval": "200ms", "timeout": "150ms", "rise": 1, "fall": 1, **check})
+        for check in (
+            {"name": "disk", "type": "disk", "path": "/", "min_free_percent": 0},
+            {"name": "db", "type": "tcp", "port": dependency.port},
+            {"name": "gone", "type": "tcp", "port": free_port(), "critical": False},
+            {"name": "plugin", "type": "exec", "command": ["true"]},
+            {"name": "beat", "type": "file", "path": str(beat)},
+            {"name": "load", "type": "load", "max_per_cpu": 1000},
+        )) + toml_table("[groups.api]", checks=["db"])
+    agent = agent_process(config)
+    wait_for(lambda: 'reason="refused"' in agent.get("/metrics")[1], what="a failure counted")
+    body = agent.get("/metrics")[1]
+    families = dict(line.split()[2:4] for line in body.splitlines() if line.startswith("# TYPE "))
+    assert "healthgate_up_since_timestamp_seconds" in families and "healthgate_group_up" in families
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Metrics\n"):readme.index("\n## Logs\n")]
+    # A counter's TYPE line names it with or without _total, depending on the client library's version.
+    missing = [name for name, kind in families.items()
+               if not (name.startswith("process_") and "`process_*`" in section)
+               and not re.search(rf"`{name.removesuffix('_total')}{'_total' if kind == 'counter' else ''}(?![a-z_])",
+                                 section)]
+    assert not missing, f"exported but not in the README's metrics table: {missing}"
+
+
+def test_the_default_config_is_tracked_and_not_ignored() -> None:
+    """config/healthgate.toml, which `make run` uses, is part of the checkout and not ignored (a local
+    override, config/*.local.toml, is)."""
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+
+    def git(*args: str) -> int:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True).returncode
+
+    assert git("ls-files", "--error-unmatch", "config/healthgate.toml") == 0
+    assert git("check-ignore", "-q", "config/healthgate.toml") == 1
+    assert git("check-ignore", "-q", "--no-index", "config/healthgate.local.toml") == 0
