@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, parse_config
+from agent.config import ConfigError, load_config, parse_config
 from tests.helpers import PASSING, ROOT, agent_toml, free_port, memory_check, toml_table, wait_for
 
 BLOCKS = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
@@ -108,3 +109,46 @@ def test_the_default_config_is_tracked_and_not_ignored() -> None:
     assert git("ls-files", "--error-unmatch", "config/healthgate.toml") == 0
     assert git("check-ignore", "-q", "config/healthgate.toml") == 1
     assert git("check-ignore", "-q", "--no-index", "config/healthgate.local.toml") == 0
+
+
+def quick_start() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("\n## Quick start\n"):readme.index("\n## Install\n")]
+
+
+def test_quick_start_commands_parse_and_share_the_run_config() -> None:
+    """Every healthgate command of the quick start parses as the command line does, and every one that acts
+    on the agent (run, check, status, explain, drain, maint, ready) names the run line's config with -c."""
+    from agent.cli import build_parser
+
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```sh\n(.*?)```", quick_start(), re.S)
+             for line in block.splitlines() if line.startswith(".venv/bin/healthgate ")]
+    commands = {}
+    for line in lines:
+        argv = shlex.split(line.split(">")[0])[1:]
+        args = build_parser().parse_args(argv)  # exits (and fails the test) on a line the parser refuses
+        commands[argv[0]] = args
+    assert {"run", "check", "status", "explain", "drain", "maint", "ready", "validate", "schema"} <= set(commands)
+    config = commands["run"].config
+    assert config == "config/healthgate.toml" and (ROOT / config).is_file()
+    for name in ("check", "status", "explain", "drain", "maint", "ready"):
+        assert commands[name].config == config, name
+    assert commands["drain"].duration == 600 and commands["drain"].reason == "deploy 42"
+
+
+def test_quick_start_says_root_is_refused_before_the_first_command() -> None:
+    """The root note comes before `make run`, which a root shell would otherwise try first."""
+    text = quick_start()
+    assert text.index("refuses to run as root") < text.index("make run     #")
+
+
+def test_first_config_walkthrough_validates() -> None:
+    """The "your first config" example validates, checks an HTTP app, a Redis, a disk and memory, and the
+    examples it points to exist and validate too."""
+    walkthrough = quick_start()[quick_start().index("### Your first config"):]
+    config = parse_config(tomllib.loads(re.search(r"```toml\n(.*?)```", walkthrough, re.S).group(1)))
+    assert [c.type for c in config.checks] == ["http", "redis", "disk", "memory"]
+    examples = re.findall(r"\]\((config/examples/[a-z]+\.toml)\)", walkthrough)
+    assert examples == ["config/examples/node.toml", "config/examples/dependencies.toml"]
+    for path in examples:
+        load_config(ROOT / path)
