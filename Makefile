@@ -53,7 +53,8 @@ $(VENV)/.test-installed: $(VENV)/.installed
 run:
 	@if [ "$$(id -u)" = 0 ] && ! grep -Eq '^[[:space:]]*allow_root[[:space:]]*=[[:space:]]*true' '$(CONFIG)' 2>/dev/null; then \
 	  echo "healthgate refuses to run as root. Either run make as an ordinary user who may write this checkout:" >&2; \
-	  echo "  sudo -u $${SUDO_USER:-USER} make run" >&2; \
+	  user=$${SUDO_USER:-$$(stat -c %U . 2>/dev/null)}; [ -n "$$user" ] && [ "$$user" != root ] || user=USER; \
+	  echo "  sudo -u $$user make run" >&2; \
 	  echo "or allow root in a local copy of the config (not recommended):" >&2; \
 	  echo "  (echo '[agent]'; echo 'allow_root = true'; cat $(CONFIG)) > config/healthgate.local.toml" >&2; \
 	  echo "  make run CONFIG=config/healthgate.local.toml" >&2; \

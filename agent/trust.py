@@ -120,13 +120,22 @@ def _allows_root(path: str | os.PathLike[str]) -> bool | None:
     return isinstance(agent, dict) and agent.get("allow_root") is True
 
 
+def _ordinary_owner(path: str | os.PathLike[str]) -> str | None:
+    try:
+        uid = os.stat(path).st_uid
+        return pwd.getpwuid(uid).pw_name if uid != 0 else None
+    except (OSError, KeyError):
+        return None
+
+
 def root_refusal(path: str | os.PathLike[str]) -> str:
     """The one line that says root is refused, and the exact commands that work instead."""
     argv = list(sys.argv) if sys.argv and sys.argv[0] else ["healthgate"]
     if argv[0].endswith("__main__.py"):  # python -m agent
         argv[:1] = [sys.executable, "-m", "agent"]
     command = " ".join(shlex.quote(a) for a in argv)
-    user = os.environ.get("SUDO_USER") or "USER"  # who ran sudo is the ordinary user at hand
+    # Who ran sudo is the ordinary user at hand, else the one who owns the config file.
+    user = os.environ.get("SUDO_USER") or _ordinary_owner(path) or "USER"
     return (f"agent.allow_root: refusing to run as root; run it as an ordinary user (the agent's group may use "
             f"its admin socket): `sudo -u {shlex.quote(user)} {command}`, or add `allow_root = true` under [agent] "
             f"in {path} (not recommended)")

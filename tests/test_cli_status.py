@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -178,6 +179,11 @@ def test_root_is_refused_before_any_complaint_about_the_file(tmp_path: Path, com
     assert len(lines) == 1 and "agent.allow_root: refusing to run as root" in lines[0], proc.stderr
     assert f"`sudo -u USER {sys.executable} -m agent {command} -c {path}`" in lines[0]
     assert f"add `allow_root = true` under [agent] in {path}" in lines[0]
+    os.chown(path, 65534, -1)  # a file of an ordinary user: the command names that user
+    owner = pwd.getpwuid(65534).pw_name
+    assert f"`sudo -u {owner} {sys.executable} -m agent {command} -c {path}`" in healthgate(
+        command, "-c", str(path), env=env).stderr
+    os.chown(path, 0, -1)
     path.write_text("[agent]\nallow_root = true\n" + path.read_text())
     proc = healthgate(command, "-c", str(path))
     assert proc.returncode == 2 and "refusing a file others can change while running as root" in proc.stderr
