@@ -14,6 +14,7 @@ GREEN, RED, YELLOW, BLUE, DIM, BOLD, RESET = (
 STATE_COLOR = {"up": GREEN, "down": RED, "drain": YELLOW, "maint": BLUE}
 HEADER = ("CHECK", "TYPE", "CRIT", "STATUS", "VALUE", "THRESHOLD", "LATENCY", "OK/FAIL", "CHANGED", "HISTORY",
           "REASON")
+STATUS_COLUMN, HISTORY_COLUMN, REASON_COLUMN = 3, 9, 10  # in HEADER; table() finds them by name
 
 
 def use_color(choice: str, stream: TextIO) -> bool:
@@ -194,15 +195,17 @@ def table(rows: Sequence[Sequence[str]], color: bool, width: int | None = None) 
         cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)] + [row[-1]]
         if n == 0:
             cells = [paint(c, BOLD, color) for c in cells]
-        elif color:
-            at = header.index("STATUS")
-            code = GREEN if row[at] == "UP" else RED if row[at] == "DOWN" else YELLOW
-            cells[at] = paint(cells[at], code, color)
+        elif color:  # by the header's names: a narrowed table may have dropped columns
+            if "STATUS" in header:
+                at = header.index("STATUS")
+                code = GREEN if row[at] == "UP" else RED if row[at] == "DOWN" else YELLOW
+                cells[at] = paint(cells[at], code, color)
             if "HISTORY" in header:
                 at = header.index("HISTORY")
                 pad = cells[at][len(row[at]):]
                 cells[at] = "".join(paint(ch, GREEN if ch == "+" else RED, color) for ch in row[at]) + pad
-            cells[-1] = paint(cells[-1], RED, color)
+            if header[-1] == "REASON":
+                cells[-1] = paint(cells[-1], RED, color)
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 

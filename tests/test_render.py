@@ -311,3 +311,10 @@ async def test_disk_headroom_is_the_tightest_bound(tmp_path: Path) -> None:
 def test_runner_rejects_non_finite_headroom(obs: Observation, ok: bool) -> None:
     """A probe's headroom must be a finite number or absent, like its value."""
     assert _valid(obs) is ok
+
+
+def test_table_takes_rows_of_any_header() -> None:
+    """table() lays out, narrows and colours any rows by their header's names, not only the checks table."""
+    rows = [("GROUP", "STATUS", "CHECKS"), ("api", "DOWN", "db, cache"), ("static", "UP", "disk")]
+    coloured = render.table(rows, color=True, width=80)
+    assert render.RED + "DOWN" in coloured and ANSI.sub("", coloured) == render.table(rows, color=False)
