@@ -33,32 +33,48 @@ HEALTHGATE_LOOP ?= auto
 export HEALTHGATE_LOOP
 SUPPORTED := 3.11 3.12 3.13
 
-.PHONY: run test serving soak test-systemd fuzz lint bench venv clean test-plain pythons python-path
+.PHONY: run test test-venv serving soak test-systemd fuzz lint bench venv clean test-plain pythons python-path
 
+# `venv` is what the agent needs (the fast extra: uvloop); `test-venv` adds the test tools.
 venv: $(VENV)/.installed
+test-venv: $(VENV)/.test-installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[fast]'
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast]'
 	touch $@
 
-run: venv
+# The agent refuses root unless the config allows it: say so, and how to go on, before installing anything.
+run:
+	@if [ "$$(id -u)" = 0 ] && ! grep -Eq '^[[:space:]]*allow_root[[:space:]]*=[[:space:]]*true' '$(CONFIG)' 2>/dev/null; then \
+	  echo "healthgate refuses to run as root. Either run make as an ordinary user who may write this checkout:" >&2; \
+	  user=$${SUDO_USER:-$$(stat -c %U . 2>/dev/null)}; [ -n "$$user" ] && [ "$$user" != root ] || user=USER; \
+	  echo "  sudo -u $$user make run" >&2; \
+	  echo "or allow root in a local copy of the config (not recommended):" >&2; \
+	  echo "  (echo '[agent]'; echo 'allow_root = true'; cat $(CONFIG)) > config/healthgate.local.toml" >&2; \
+	  echo "  make run CONFIG=config/healthgate.local.toml" >&2; \
+	  exit 1; fi
+	@$(MAKE) --no-print-directory venv
 	$(BIN)/healthgate run -c $(CONFIG)
 
-test: venv
+test: test-venv
 	$(BIN)/python -m pytest -m 'not slow and not systemd_boot' $(PYTEST_ARGS)
 
-serving: venv
+serving: test-venv
 	$(BIN)/python -m pytest -m 'serving and not slow' $(PYTEST_ARGS)
 
-soak: venv
+soak: test-venv
 	$(BIN)/python -m pytest -m slow -p no:cacheprovider -s $(PYTEST_ARGS)
 
-test-systemd: venv
+test-systemd: test-venv
 	$(BIN)/python -m pytest -m systemd_boot -p no:cacheprovider -s tests/test_systemd_boot.py $(PYTEST_ARGS)
 
-fuzz: venv
+fuzz: test-venv
 	HEALTHGATE_FUZZ_EXAMPLES=$${HEALTHGATE_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fasthealth_fuzz.py $(PYTEST_ARGS)
 
@@ -93,13 +109,13 @@ pythons:
 python-path:
 	@command -v $(PYTHON)
 
-lint: venv
+lint: test-venv
 	$(BIN)/ruff check agent tests bench
 
-bench: venv $(VENV)/.bench-installed
+bench: test-venv $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-$(VENV)/.bench-installed: pyproject.toml
+$(VENV)/.bench-installed: $(VENV)/.test-installed
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast,bench]'
 	touch $@
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import http.client
 import json
 import logging
 import math
@@ -538,8 +539,10 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
         url = f"{sock} (the admin socket)"
     action = record.admin.value
     deadline = time.monotonic() + timeout
-    seen = ""
+    seen = ""  # what the agent last said, when it answered
+    refused = f"the agent did not answer at {url}: connection refused (is it running?)"
     while True:
+        silent = ""  # why this attempt got no answer at all
         try:
             if sock is not None:
                 body = unix_request(sock, "GET", "/status", {"Accept": "application/json"}, 0.5)[1]
@@ -553,7 +556,8 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
             info = json.loads(body)["healthgate"]
             watched = info.get("adminStateFile")
             if watched is not None and not _same_file(watched, str(path)):
-                return f"the agent at {url} reads {watched}, not {path}; is it running with this config?"
+                return (f"the agent at {url} reads {watched}, not {path} (another [agent] state_dir); is it "
+                        "running with this config?")
             if group is not None:
                 groups = json.loads(body).get("groups", {})
                 if group not in groups:
@@ -564,14 +568,20 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
             seen = f"{info['admin']} ({info['adminReason']})" if info["adminReason"] else info["admin"]
         except urllib.error.URLError as e:
             if isinstance(e.reason, ConnectionRefusedError):
-                return f"no agent answers at {url}"
-            seen = f"no answer ({e.reason})"
+                return refused
+            silent = str(getattr(e.reason, "strerror", None) or e.reason)
+        except (ConnectionRefusedError, FileNotFoundError):  # the admin socket of an agent that has gone
+            return refused
         except TimeoutError:  # accepted, then silence: a stopped or stalled agent
-            seen = "no answer within 0.5s"
+            silent = "timed out"
         except KeyError:
             seen = "no details (is server.status_token_file the agent's?)"
-        except (OSError, ValueError, TypeError) as e:
-            seen = f"{type(e).__name__}: {e}"
+        except (OSError, http.client.HTTPException) as e:
+            silent = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        except (ValueError, TypeError):
+            seen = "an answer that is not a healthgate agent's /status"
         if time.monotonic() >= deadline:
+            if silent:
+                return f"the agent did not answer at {url} within {timeout:g}s ({silent})"
             return f"the agent at {url} still reports {seen or 'nothing'} after {timeout:g}s"
         time.sleep(0.05)

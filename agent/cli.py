@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ The config file is taken from -c, else $HEALTHGATE_CONFIG, else {DEFAULT_PATH}.
 
 EPILOG = """\
 exit codes: 0 ok / node up; 1 (drain/maint/ready) state written, but the running agent did not confirm
-it (no agent answers, or it reads another state file); 2 config error, or (check, status, explain) node
+it (the agent did not answer, or it reads another state file); 2 config error, or (check, status, explain) node
 down, draining or in maintenance, or (drain/maint/ready) state not written; 3 (status, explain) state
 unknown: agent unreachable or details refused.
 endpoints of `run`: /health /ready (200 up, 503 down), /live, /status, /status/journal, /metrics, and the
@@ -152,6 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def table_width(args: argparse.Namespace) -> int | None:
+    """The columns a table is cut to: the terminal's ($COLUMNS, else 80 when not a terminal); None with --wide."""
+    return None if args.wide else shutil.get_terminal_size().columns
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     path = config_path(args)
     cfg = load_or_report(path)
@@ -159,13 +165,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from agent.oneshot import run_once
 
-    return run_once(cfg, color=args.color)
+    return run_once(cfg, color=args.color, width=table_width(args))
 
 
 def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None] | int:
     """The agent's URL, status token and admin socket, from the options, else from the config file when
     there is one. The socket (when it is there) wins unless --url or --token-file ask for HTTP."""
-    from agent.remote import EXIT_UNKNOWN, admin_socket, default_url
+    from agent.remote import EXIT_UNKNOWN, admin_socket, agent_url, default_url
 
     cfg = None
     path = config_path(args)
@@ -179,7 +185,7 @@ def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None
         sock = admin_socket(cfg)
         if sock:
             return "", None, sock
-    url = args.url or default_url(cfg)
+    url = agent_url(args.url) if args.url else default_url(cfg)
     token_file = args.token_file or (cfg.server.status_token_file if cfg else None)
     token = None
     if token_file:
@@ -201,7 +207,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return access
     url, token, sock = access
     return run_status(url, token, args.timeout, use_color(args.color, sys.stdout), args.transitions, sock,
-                      args.group)
+                      args.group, table_width(args))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -300,6 +306,11 @@ def _group_arg(text: str) -> str:
     return text
 
 
+def add_wide(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wide", action="store_true", help="print every reason in full instead of cutting the table "
+                                                        "to the terminal's width")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healthgate", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", "run every check once, print a table, exit 0 if the node would be up, 2 if down", cmd_check)
     with_config(p)
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the table")
+    add_wide(p)
     for name, help, func in (
         ("status", "print a running agent's verdict, checks and recent transitions; "
                    "exit 0 up, 2 down/drain/maint, 3 unreachable", cmd_status),
@@ -329,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = add(name, help, func)
         with_config(p)
-        p.add_argument("--url", help="the agent's base URL (default: from the config's server.listen, "
-                                     "else http://127.0.0.1:8080)")
+        p.add_argument("--url", help="the agent's base URL; http:// when no scheme is given (default: from the "
+                                     "config's server.listen, else http://127.0.0.1:8080)")
         p.add_argument("--token-file", metavar="FILE", help="file holding the status bearer token "
                                                             "(default: the config's server.status_token_file)")
         p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the agent (default: 3)")
@@ -339,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the exit code is the group's (3 when the agent has no such group)")
         if name == "status":
             p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the output")
+            add_wide(p)
             p.add_argument("-n", "--transitions", type=int, default=10, metavar="N",
                            help="recent transitions to print (default: 10; 0 = none)")
     fleet = sub.add_parser("fleet", help="the fleet guard's group, as its store sees it",
@@ -374,7 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+EXIT_PIPE = 128 + 13  # as a tool killed by SIGPIPE: `healthgate schema | head -1` is not an error
+
+
+def main(argv: list[str] | None = None) -> int | str | None:
+    """The entry point: the command's exit status; a reader that closed the pipe ends it quietly."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as e:  # argparse's --help, --version and usage errors print, then exit
+            code = e.code
+        sys.stdout.flush()  # a write still buffered fails here, not at exit with "Exception ignored"
+    except BrokenPipeError:
+        # Python's advice (signal module docs, "Note on SIGPIPE"): point stdout at devnull, so the flush at
+        # exit has nowhere to fail, and exit as a tool killed by SIGPIPE does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from agent.fields import DAY, HOUR, Listen, Network, Strict, duration
 from agent.fleet.config import FleetConfig
@@ -81,7 +82,7 @@ class AgentCheckConfig(Strict):
     weight_floor: int = Field(default=10, ge=1, le=100, description="the weight never goes below this (percent)")
     weight_smoothing: duration(HOUR) = Field(default=10.0, description="EWMA time constant of the headroom; 0 = raw")
     slow_start: duration(HOUR) = Field(
-        default=30.0, description="after a recovery the weight ramps from weight_floor over this long"
+        default=30.0, description="after a recovery, a drain or maintenance the weight ramps from weight_floor over this long"
     )
     max_connections: int = Field(default=64, ge=1, le=4096, description="agent-check connections beyond this are closed")
     allow_from: list[Network] | None = Field(
@@ -203,14 +204,20 @@ class ConfigError(Exception):
         self.errors = errors
 
 
+def _label(node: Any) -> str:
+    """" (cache)" for a check (any table) with a well-formed name, so an error says which one it is about."""
+    name = node.get("name") if isinstance(node, dict) else None
+    return f" ({name})" if isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) else ""
+
+
 def _path(loc: tuple[Any, ...], data: Any) -> str:
-    """checks[2].timeout from pydantic's ('checks', 2, 'http', 'timeout'): drop the union tag."""
+    """checks[2] (web).timeout from pydantic's ('checks', 2, 'http', 'timeout'): drop the union tag, name the check."""
     out = ""
     node = data
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
             node = node[part] if isinstance(node, list) and part < len(node) else None
+            out += f"[{part}]{_label(node)}"
             continue
         if isinstance(node, dict) and part not in node and part == node.get("type"):
             continue  # the discriminator's tag, not a key the user wrote
@@ -221,10 +228,100 @@ def _path(loc: tuple[Any, ...], data: Any) -> str:
     return out or "(top level)"
 
 
-def _message(err: dict[str, Any]) -> str:
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field's type may hold: itself, or inside Annotated, Optional, list[...], dict[str, ...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models(arg)]
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc` may hold (`loc` ends with the key that was refused)."""
+    models: list[type[BaseModel]] = [model]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if isinstance(part, str) and part in PROBES and not any(part in m.model_fields for m in models):
+            models = [PROBES[part].Config]  # the union's tag: the check model of that type
+            continue
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        if field is not None:
+            models = _models(field.annotation)
+        # else a key of a dict (a group's name): its values are the models already found
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _unknown_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1, cutoff=0.6)
+    return f"unknown key; did you mean {close[0]}?" if close else "unknown key"
+
+
+def _toml(value: Any) -> str:
+    """The value as the user wrote it, in TOML's words."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value[:40] + ('...' if len(value) > 40 else ''))}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _unquote(key: Any, value: Any, kind: type) -> str:
+    """" (write port = 6390, without quotes)" when a quoted string holds what was expected."""
+    if not isinstance(value, str):
+        return ""
+    text = value.strip()
+    if kind is bool and text in ("true", "false"):
+        return f" (write {key} = {text}, without quotes)"
+    if kind is int and text.isascii() and text.lstrip("-").isdigit():
+        return f" (write {key} = {int(text)}, without quotes)"
+    return ""
+
+
+# pydantic's error types in healthgate's words: {value} is what the user wrote, as TOML says it.
+_WORDS = {
+    "int_type": "must be a whole number, not {value}",
+    "int_parsing": "must be a whole number, not {value}",
+    "int_from_float": "must be a whole number, not {value}",
+    "float_type": "must be a number, not {value}",
+    "float_parsing": "must be a number, not {value}",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false, not {value}",
+    "bool_parsing": "must be true or false, not {value}",
+    "string_type": "must be a string in quotes, not {value}",
+    "list_type": "must be a list [...], not {value}",
+    "tuple_type": "must be a list [...], not {value}",
+    "dict_type": "must be a table, not {value}",
+    "model_type": "must be a table, not {value}",
+    "model_attributes_type": "must be a table, not {value}",
+    "greater_than_equal": "must be at least {ge}, not {input}",
+    "greater_than": "must be more than {gt}, not {input}",
+    "less_than_equal": "must be at most {le}, not {input}",
+    "less_than": "must be less than {lt}, not {input}",
+    "literal_error": "must be {expected}, not {value}",
+    "enum": "must be {expected}, not {value}",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters long",
+    "too_short": "needs at least {min_length} item(s)",
+    "too_long": "may hold at most {max_length} item(s)",
+    "string_pattern_mismatch": "{value} is not allowed here (it must match {pattern})",
+    "url_type": "must be a URL in quotes, not {value}",
+    "url_parsing": "{value} is not a URL: write the scheme and host, as in http://127.0.0.1:8080/health",
+    "url_scheme": "{value} must start with http:// or https://",
+    "url_too_long": "is too long for a URL",
+}
+_KINDS = {"int_type": int, "int_parsing": int, "bool_type": bool, "bool_parsing": bool}
+
+
+def _message(err: dict[str, Any], model: type[BaseModel]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
-        return "unknown key"
+        return _unknown_key(model, err["loc"])
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_invalid":
@@ -232,11 +329,21 @@ def _message(err: dict[str, Any]) -> str:
         return f"unknown check type {tag!r} (known: {', '.join(PROBES)})"
     if kind == "union_tag_not_found":
         return f"type is missing (one of: {', '.join(PROBES)})"
+    if kind in _WORDS:
+        value = err.get("input")
+        ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (err.get("ctx") or {}).items() if k != "error"}
+        if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+            return f"{_toml(value)} is not a name: use letters, digits, _ . - (at most 63, the first a letter or digit)"
+        if kind == "string_too_short" and ctx.get("min_length", 1) > 1:
+            return f"must be at least {ctx['min_length']} characters long"
+        text = _WORDS[kind].format(value=_toml(value), input=value, **ctx)
+        key = next((p for p in reversed(err["loc"]) if isinstance(p, str)), "")
+        return text + (_unquote(key, value, _KINDS[kind]) if kind in _KINDS else "")
     msg = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
             msg = msg[len(prefix) :]
-    return msg
+    return msg.replace("Input should be", "must be")
 
 
 def _node(loc: tuple[Any, ...], data: Any) -> Any:
@@ -252,13 +359,14 @@ def _node(loc: tuple[Any, ...], data: Any) -> Any:
     return node
 
 
-def errors_of(exc: ValidationError, data: Any) -> list[str]:
+def errors_of(exc: ValidationError, data: Any, model: type[BaseModel] | None = None) -> list[str]:
+    model = model or full_config()
     out = []
     for err in exc.errors(include_url=False):
         loc = err["loc"]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc = (*loc, "type")
-        message = _message(err)
+        message = _message(err, model)
         # A rule spanning several keys (a model validator) names its key as "key: message"; when the
         # user wrote that key, the error points at it.
         key, sep, rest = message.partition(": ")
@@ -306,15 +414,16 @@ def named_types(data: Any) -> frozenset[str]:
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    model = config_model(named_types(data))
     try:
-        cfg = config_model(named_types(data)).model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, errors_of(e, data)) from None
+        raise ConfigError(source, errors_of(e, data, model)) from None
     seen: dict[str, int] = {}
     errors = []
     for i, check in enumerate(cfg.checks):
         if check.name in seen:
-            errors.append(f"checks[{i}].name: duplicate check name {check.name!r} (first at checks[{seen[check.name]}])")
+            errors.append(f"checks[{i}] ({check.name}).name: duplicate check name {check.name!r} (first at checks[{seen[check.name]}])")
         seen.setdefault(check.name, i)
     errors += group_errors(cfg)
     if errors:

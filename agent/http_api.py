@@ -30,10 +30,10 @@ from agent.serving import (
     live_response,
 )
 from agent.state import AgentState
+from agent.text import mask_all, one_line, tidy
 
 if TYPE_CHECKING:
     from agent.fleet.guard import GuardView
-from agent.text import mask_all, one_line
 
 STATE = web.AppKey("state", AgentState)
 REGISTRY = web.AppKey("registry", object)
@@ -226,9 +226,9 @@ def check_entry(v: CheckView, t: float, fresh: bool = True) -> dict[str, Any]:
     }
     if last is not None:
         entry["time"] = iso(last.wall)
-        entry["durationSeconds"] = round(last.duration, 6)
+        entry["durationSeconds"] = tidy(last.duration)
     if obs is not None:
-        entry["observedValue"] = obs.value
+        entry["observedValue"] = tidy(obs.value)
         entry["observedUnit"] = obs.unit
         if obs.detail:
             entry["detail"] = obs.detail
@@ -257,7 +257,7 @@ def status_body(state: AgentState, snap: Snapshot, answer: Answer, t: float, det
             "adminStateFile": os.path.abspath(state_path(state.config.agent.state_dir)),  # `maint` confirms it
             "since": iso(snap.since_wall),
             "live": answer.live,
-            "eventLoopLagSeconds": round(snap.loop_lag, 6),
+            "eventLoopLagSeconds": tidy(snap.loop_lag),
             "failing": list(answer.failing),
             "state": answer.state,
             "time": iso(time.time()),

@@ -34,13 +34,13 @@ def status_of(cfg: Config, results: list[Result]) -> dict[str, Any]:
     return {"checks": out}
 
 
-def table(cfg: Config, results: list[Result], color: bool) -> str:
-    return render.table(render.check_rows(status_of(cfg, results)), color)
+def table(cfg: Config, results: list[Result], color: bool, width: int | None = None) -> str:
+    return render.table(render.check_rows(status_of(cfg, results)), color, width)
 
 
-def run_once(cfg: Config, color: str = "auto") -> int:
+def run_once(cfg: Config, color: str = "auto", width: int | None = None) -> int:
     results = asyncio.run(sample_all(cfg))
-    print(table(cfg, results, render.use_color(color, sys.stdout)))
+    print(table(cfg, results, render.use_color(color, sys.stdout), width))
     failing = [c.name for c, r in zip(cfg.checks, results, strict=True) if c.critical and not r.ok]
     if failing:
         print(f"\nCRITICAL: node would be DOWN ({', '.join(failing)})")

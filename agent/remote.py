@@ -38,6 +38,12 @@ def admin_socket(cfg: Config | None) -> str | None:
         return None
 
 
+def agent_url(text: str) -> str:
+    """--url as given, with http:// when it names no scheme (127.0.0.1:8080, [::1]:8080, localhost:8080)."""
+    text = text.strip()
+    return text if "://" in text else f"http://{text}"
+
+
 def default_url(cfg: Config | None) -> str:
     """The agent's own listen address, with a wildcard host turned into loopback."""
     if cfg is None:
@@ -173,7 +179,7 @@ def _no_such_group(status: dict[str, Any], group: str | None) -> bool:
 
 
 def run_status(base: str, token: str | None, timeout: float, color: bool, transitions: int,
-               sock: str | None = None, group: str | None = None) -> int:
+               sock: str | None = None, group: str | None = None, width: int | None = None) -> int:
     try:
         status, journal = ask(base, token, timeout, journal=transitions > 0, sock=sock)
     except (Unreachable, Denied) as e:
@@ -183,7 +189,7 @@ def run_status(base: str, token: str | None, timeout: float, color: bool, transi
     if group is not None:
         print(render.group_report(status, journal, group, color, transitions))
         return render.group_exit_code(status, group)
-    print(render.status_report(status, journal, color, transitions))
+    print(render.status_report(status, journal, color, transitions, width))
     return render.exit_code(status)
 
 

@@ -14,7 +14,7 @@ GREEN, RED, YELLOW, BLUE, DIM, BOLD, RESET = (
 STATE_COLOR = {"up": GREEN, "down": RED, "drain": YELLOW, "maint": BLUE}
 HEADER = ("CHECK", "TYPE", "CRIT", "STATUS", "VALUE", "THRESHOLD", "LATENCY", "OK/FAIL", "CHANGED", "HISTORY",
           "REASON")
-STATUS_COLUMN, HISTORY_COLUMN, REASON_COLUMN = 3, 9, 10
+STATUS_COLUMN, HISTORY_COLUMN, REASON_COLUMN = 3, 9, 10  # in HEADER; table() finds them by name
 
 
 def use_color(choice: str, stream: TextIO) -> bool:
@@ -76,15 +76,16 @@ def clock(iso: str | None, now: datetime | None) -> str:
 
 
 def seconds(s: float | None) -> str:
+    """A latency in the unit it reads best in, three significant digits: 420 µs, 1 ms (not 1000 µs), 1.5 s."""
     if s is None:
         return "—"
     if s <= 0:  # a millisecond clock (uvloop's loop.time) reads a sub-millisecond sample as 0
         return "<1 ms"
-    if s < 0.001:
-        return f"{s * 1e6:.0f} µs"
-    if s < 1:
-        return f"{s * 1000:.{2 if s < 0.01 else 1}f} ms"
-    return f"{s:.2f} s"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if s >= scale * 0.9995 or unit == "µs":  # 0.9996 ms rounds to 1 ms, so it is written in ms
+            n = s / scale
+            return f"{n:.3g} {unit}" if n < 1000 else f"{n:.0f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def size(b: float) -> str:
@@ -147,22 +148,64 @@ def check_rows(status: dict[str, Any], history: int = 20) -> list[tuple[str, ...
     return rows
 
 
-def table(rows: Sequence[Sequence[str]], color: bool) -> str:
-    """Aligned columns; the last column is not padded. Colour marks status, history and reasons."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+ELLIPSIS = "…"
+# How a table wider than the terminal gives way, step by step until it fits: a long value is cut, then the
+# columns a glance can spare go, then the threshold and value are cut further, and they go before the reason
+# of a failing check does; last, the reason is cut to the room left (at least 20 characters). --wide shows all.
+NARROWING = (("clip", "VALUE", 20), ("drop", "HISTORY", 0), ("drop", "CHANGED", 0), ("drop", "OK/FAIL", 0),
+             ("drop", "CRIT", 0), ("drop", "TYPE", 0), ("clip", "THRESHOLD", 14), ("clip", "VALUE", 12),
+             ("drop", "LATENCY", 0), ("drop", "THRESHOLD", 0), ("clip", "REASON", 20))
+
+
+def clip(text: str, width: int) -> str:
+    """`text` cut to `width` characters, with an ellipsis when something was cut."""
+    return text if len(text) <= width else text[: max(0, width - 1)] + ELLIPSIS
+
+
+def _width(rows: Sequence[Sequence[str]]) -> int:
+    return sum(max(len(r[i]) for r in rows) for i in range(len(rows[0]))) + 2 * (len(rows[0]) - 1)
+
+
+def fit(rows: Sequence[Sequence[str]], width: int | None) -> list[tuple[str, ...]]:
+    """The table narrowed to `width` columns (NARROWING) where it can be; None = every column in full."""
+    out = [tuple(r) for r in rows]
+    for step, name, floor in NARROWING if width is not None and out else ():
+        over = _width(out) - width
+        if over <= 0:
+            break
+        if name not in out[0]:
+            continue
+        i = out[0].index(name)
+        if step == "drop":
+            out = [r[:i] + r[i + 1:] for r in out]
+            continue
+        room = max(floor, len(name), max(len(r[i]) for r in out) - over)
+        out = [out[0], *(r[:i] + (clip(r[i], room),) + r[i + 1:] for r in out[1:])]
+    return out
+
+
+def table(rows: Sequence[Sequence[str]], color: bool, width: int | None = None) -> str:
+    """Aligned columns within `width` (None: every column in full); the last column is not padded. Colour
+    marks status, history and reasons."""
+    rows = fit(rows, width)
+    header = rows[0]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = []
     for n, row in enumerate(rows):
         cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)] + [row[-1]]
         if n == 0:
             cells = [paint(c, BOLD, color) for c in cells]
-        elif color:
-            status = row[STATUS_COLUMN]
-            code = GREEN if status == "UP" else RED if status == "DOWN" else YELLOW
-            cells[STATUS_COLUMN] = paint(cells[STATUS_COLUMN], code, color)
-            pad = cells[HISTORY_COLUMN][len(row[HISTORY_COLUMN]):]
-            cells[HISTORY_COLUMN] = "".join(paint(ch, GREEN if ch == "+" else RED, color)
-                                            for ch in row[HISTORY_COLUMN]) + pad
-            cells[REASON_COLUMN] = paint(cells[REASON_COLUMN], RED, color)
+        elif color:  # by the header's names: a narrowed table may have dropped columns
+            if "STATUS" in header:
+                at = header.index("STATUS")
+                code = GREEN if row[at] == "UP" else RED if row[at] == "DOWN" else YELLOW
+                cells[at] = paint(cells[at], code, color)
+            if "HISTORY" in header:
+                at = header.index("HISTORY")
+                pad = cells[at][len(row[at]):]
+                cells[at] = "".join(paint(ch, GREEN if ch == "+" else RED, color) for ch in row[at]) + pad
+            if header[-1] == "REASON":
+                cells[-1] = paint(cells[-1], RED, color)
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -184,7 +227,8 @@ def headline(status: dict[str, Any], color: bool) -> str:
     return f"{word}  {status.get('serviceId', '')}  {when}".rstrip() + f"\n{reason}"
 
 
-def journal_lines(journal: dict[str, Any], now: datetime | None, limit: int, color: bool) -> list[str]:
+def journal_lines(journal: dict[str, Any], now: datetime | None, limit: int, color: bool,
+                  width: int | None = None) -> list[str]:
     entries = list(journal.get("entries") or [])[-limit:][::-1] if limit else []
     rows = [(clock(e.get("time"), now), e.get("kind", ""), e.get("name", ""), e.get("from", ""), e.get("to", ""),
              e.get("reason", "")) for e in entries]
@@ -193,20 +237,25 @@ def journal_lines(journal: dict[str, Any], now: datetime | None, limit: int, col
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     out = []
     for r in rows:
-        to = paint(r[4].ljust(max(len(x[4]) for x in rows)), STATE_COLOR.get(r[4], ""), color)
-        out.append("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)), "->", to, r[5]]).rstrip())
+        to_width = max(len(x[4]) for x in rows)
+        to = paint(r[4].ljust(to_width), STATE_COLOR.get(r[4], ""), color)
+        room = None if width is None else max(24, width - sum(widths) - len("->") - to_width - 2 * 6)
+        reason = r[5] if room is None else clip(r[5], room)
+        out.append("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=False)), "->", to, reason]).rstrip())
     return out
 
 
-def status_report(status: dict[str, Any], journal: dict[str, Any], color: bool, transitions: int = 10) -> str:
+def status_report(status: dict[str, Any], journal: dict[str, Any], color: bool, transitions: int = 10,
+                  width: int | None = None) -> str:
+    """`width`: the terminal's columns the tables are cut to (long reasons end in an ellipsis); None = full."""
     status, journal = clean(status), clean(journal)
     now = now_of(status)
-    parts = [headline(status, color), "", table(check_rows(status), color)]
+    parts = [headline(status, color), "", table(check_rows(status), color, width)]
     if status.get("groups"):
-        parts += ["", paint("GROUPS", BOLD, color), group_table(group_rows(status), color)]
+        parts += ["", paint("GROUPS", BOLD, color), group_table(group_rows(status), color, width or WIDTH)]
     if transitions:
         parts += ["", paint("RECENT TRANSITIONS (UTC, newest first)", BOLD, color),
-                  *journal_lines(journal, now, transitions, color)]
+                  *journal_lines(journal, now, transitions, color, width)]
     return "\n".join(parts)
 
 

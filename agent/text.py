@@ -50,3 +50,22 @@ def one_line(text: str, limit: int = REASON_MAX) -> str:
 def printable(text: str) -> str:
     """For a renderer: `text` with every control or format character escaped, line breaks included."""
     return "".join(_visible(c) for c in text)
+
+
+def tidy(x: float) -> float:
+    """A measured number without float noise: six significant digits, or millisecond precision from 1000 on
+    (a Unix timestamp keeps its milliseconds). 37.58291015625 -> 37.5829, 0.000123456789 -> 0.000123457."""
+    if isinstance(x, bool) or not isinstance(x, float) or x != x or x in (float("inf"), float("-inf")):
+        return x
+    return round(x, 3) if abs(x) >= 1000 else float(f"{x:.6g}")
+
+
+def tidy_all(obj: Any) -> Any:
+    """`obj` with every float in it tidied, for JSON that people read."""
+    if isinstance(obj, float):
+        return tidy(obj)
+    if isinstance(obj, dict):
+        return {k: tidy_all(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [tidy_all(v) for v in obj]
+    return obj

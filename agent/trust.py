@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import stat
+import sys
+import tomllib
 from pathlib import Path
 
 from agent.config import Config, ConfigError, load_config
@@ -106,17 +109,56 @@ def load_trusted_config(path: str | os.PathLike[str]) -> Config:
     return load_config(path)
 
 
+def _allows_root(path: str | os.PathLike[str]) -> bool | None:
+    """What the file's `[agent] allow_root` says, read without trusting or validating it; None when the
+    file cannot be read as TOML (its own error is reported by load_config)."""
+    try:
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    agent = data.get("agent")
+    return isinstance(agent, dict) and agent.get("allow_root") is True
+
+
+def _ordinary_owner(path: str | os.PathLike[str]) -> str | None:
+    try:
+        uid = os.stat(path).st_uid
+        return pwd.getpwuid(uid).pw_name if uid != 0 else None
+    except (OSError, KeyError):
+        return None
+
+
+def root_refusal(path: str | os.PathLike[str]) -> str:
+    """The one line that says root is refused, and the exact commands that work instead."""
+    argv = list(sys.argv) if sys.argv and sys.argv[0] else ["healthgate"]
+    if argv[0].endswith("__main__.py"):  # python -m agent
+        argv[:1] = [sys.executable, "-m", "agent"]
+    command = " ".join(shlex.quote(a) for a in argv)
+    # Who ran sudo is the ordinary user at hand, else the one who owns the config file.
+    user = os.environ.get("SUDO_USER") or _ordinary_owner(path) or "USER"
+    return (f"agent.allow_root: refusing to run as root; run it as an ordinary user (the agent's group may use "
+            f"its admin socket): `sudo -u {shlex.quote(user)} {command}`, or add `allow_root = true` under [agent] "
+            f"in {path} (not recommended)")
+
+
 def load_for_command(path: str | os.PathLike[str]) -> Config:
     """The config as every command that loads one may use it: the same rules for all of them.
 
-    As root, a file others could have written is refused (its exec checks would run as root, and
-    `status` would send the token file it names to the address it names), and so is any config without
-    `allow_root = true`: a command that loads a config acts on what the config says, as the agent would.
+    As root, any config without `allow_root = true` is refused, and that is said first: running as root is
+    the first thing to change. The file's own errors follow (they hold for any user); its owner and mode do
+    not (they matter to root only). Otherwise, as root, a file others could have
+    written is refused (its exec checks would run as root, and `status` would send the token file it names
+    to the address it names): a command that loads a config acts on what the config says, as the agent would.
     """
+    if os.geteuid() == 0 and _allows_root(path) is False:
+        errors = [root_refusal(path)]
+        try:
+            load_config(path)  # parsed only: nothing in it is acted on
+        except ConfigError as e:
+            errors += e.errors
+        raise ConfigError(str(path), errors)
     check_trusted(path)
     cfg = load_config(path)
     if os.geteuid() == 0 and not cfg.agent.allow_root:
-        raise ConfigError(str(path), ["agent.allow_root: refusing to run as root; run as an unprivileged user "
-                                      "(the agent's group may use its admin socket) or set allow_root = true "
-                                      "in [agent]"])
+        raise ConfigError(str(path), [root_refusal(path)])
     return cfg

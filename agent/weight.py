@@ -168,9 +168,11 @@ class WeightTracker:
                                slow_start=cfg.slow_start)
 
     def observe(self, now: float) -> None:
-        """Note whether the node can serve now: verdict up and not in maintenance (leaving either ramps)."""
+        """Note whether the node can serve now: verdict up, and neither drained nor in maintenance. Coming
+        back from any of the three ramps the weight from the floor: a drained node's caches and pools went
+        cold too, and HAProxy sent it no new sessions."""
         answer = self.state.answer(now)
-        self.model = track(self.model, answer.healthy and answer.admin is not Admin.MAINT, now)
+        self.model = track(self.model, answer.healthy and answer.admin is Admin.READY, now)
 
     async def sample(self) -> None:
         cfg = self.state.config.agent_check

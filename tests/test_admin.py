@@ -327,8 +327,8 @@ def test_cli_exits_1_when_no_agent_confirms(tmp_path: Path) -> None:
                    + memory_check())
     proc = run_cli("maint", "-c", str(cfg))
     assert proc.returncode == 1, proc.stderr
-    assert (f"healthgate: maint written to {tmp_path / 's' / 'admin.json'} but not confirmed: no agent answers "
-            "at http://127.0.0.1:1/status. The agent applies the file once it reads it") in proc.stderr
+    assert (f"healthgate: maint written to {tmp_path / 's' / 'admin.json'} but not confirmed: the agent did "
+            "not answer at http://127.0.0.1:1/status: connection refused (is it running?). The agent applies the file once it reads it") in proc.stderr
     assert read_record(state_path(tmp_path / "s")).admin is Admin.MAINT
     proc = run_cli("drain", "-c", str(cfg), "--no-wait")
     assert (proc.returncode, proc.stderr) == (0, "")

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import pwd
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from agent import remote, render
-from tests.helpers import PASSING, ROOT, agent_toml, free_port, wait_for
+from agent.text import tidy
+from tests.helpers import PASSING, ROOT, agent_toml, free_port, toml_table, wait_for
 
 CONFIG = agent_toml() + """
 [[checks]]
@@ -51,7 +56,7 @@ def test_status_and_explain_follow_the_agent(agent_process) -> None:
     wait_for(lambda: all("time" in c[0] for c in checks_of(agent).values()) and len(checks_of(agent)) == 2,
              what="both checks sampled")
 
-    down = healthgate("status", "-c", str(agent.path))  # the URL comes from the config's server.listen
+    down = healthgate("status", "-c", str(agent.path), "--wide")  # the URL comes from the config's server.listen
     assert down.returncode == 2, down.stderr
     lines = down.stdout.splitlines()
     assert lines[0].startswith("DOWN  ") and lines[1] == f"db: tcp 127.0.0.1:{db_port}: connection refused"
@@ -62,6 +67,9 @@ def test_status_and_explain_follow_the_agent(agent_process) -> None:
     assert rows["db"].split()[3] == "DOWN" and rows["db"].endswith(f"tcp 127.0.0.1:{db_port}: connection refused")
     assert "RECENT TRANSITIONS (UTC, newest first)" in down.stdout
     assert "\033[" not in down.stdout  # not a terminal: no colour
+    for entry in checks_of(agent).values():  # JSON numbers carry no float noise
+        assert entry[0]["durationSeconds"] == float(f"{entry[0]['durationSeconds']:.6g}")
+        assert "observedValue" not in entry[0] or entry[0]["observedValue"] == tidy(entry[0]["observedValue"])
 
     why = healthgate("explain", "--url", agent.url)
     assert why.returncode == 2
@@ -96,8 +104,9 @@ def test_status_with_a_bad_config_exits_3(tmp_path: Path) -> None:
     assert out.returncode == 3 and "server.listen" in out.stderr
 
 
-async def test_details_withheld_exit_3() -> None:
-    """An agent that withholds details (no token) makes status exit 3 with a hint about --token-file."""
+@contextlib.asynccontextmanager
+async def withholding_agent() -> AsyncIterator[int]:
+    """An HTTP server on a free loopback port that answers /status as an agent withholding details does."""
     async def bare(request: web.Request) -> web.Response:
         return web.json_response({"status": "pass"})
 
@@ -107,11 +116,16 @@ async def test_details_withheld_exit_3() -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     try:
-        code = await asyncio.to_thread(remote.run_status, url, None, 2.0, False, 0)
+        yield site._server.sockets[0].getsockname()[1]
     finally:
         await runner.cleanup()
+
+
+async def test_details_withheld_exit_3() -> None:
+    """An agent that withholds details (no token) makes status exit 3 with a hint about --token-file."""
+    async with withholding_agent() as port:
+        code = await asyncio.to_thread(remote.run_status, f"http://127.0.0.1:{port}", None, 2.0, False, 0)
     assert code == remote.EXIT_UNKNOWN
 
 
@@ -131,7 +145,7 @@ def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:
     port = free_port()
     cfg = tmp_path / "c.toml"
     cfg.write_text((CONFIG % port).replace("{port}", str(free_port())))
-    out = healthgate("check", "-c", str(cfg))
+    out = healthgate("check", "-c", str(cfg), "--wide")
     assert out.returncode == 2
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["CHECK", "TYPE", "CRIT", "STATUS", "VALUE", "THRESHOLD", "LATENCY", "OK/FAIL",
@@ -142,3 +156,68 @@ def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:
     assert "CRITICAL: node would be DOWN (db)" in out.stdout
     coloured = healthgate("check", "-c", str(cfg), "--color", "always")
     assert "\033[32mUP" in coloured.stdout and "\033[31mDOWN" in coloured.stdout
+    narrow = healthgate("check", "-c", str(cfg), env={**os.environ, "COLUMNS": "60"})
+    table = narrow.stdout.split("\n\n")[0].splitlines()
+    assert all(len(line) <= 60 for line in table), table  # the terminal's width, from $COLUMNS here
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the root rule applies as root")
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_root_is_refused_before_any_complaint_about_the_file(tmp_path: Path, command: str) -> None:
+    """As root, run and check with a config that does not allow root say so first and only, with the command
+    that works, even when the file is also one others can change (which is refused once root is allowed)."""
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nlisten = \"127.0.0.1:0\"\n" + toml_table("[[checks]]", **PASSING))
+    path.chmod(0o666)
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    proc = healthgate(command, "-c", str(path), env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "agent.allow_root: refusing to run as root" in lines[0], proc.stderr
+    assert f"`sudo -u USER {sys.executable} -m agent {command} -c {path}`" in lines[0]
+    assert f"add `allow_root = true` under [agent] in {path}" in lines[0]
+    os.chown(path, 65534, -1)  # a file of an ordinary user: the command names that user
+    owner = pwd.getpwuid(65534).pw_name
+    assert f"`sudo -u {owner} {sys.executable} -m agent {command} -c {path}`" in healthgate(
+        command, "-c", str(path), env=env).stderr
+    os.chown(path, 0, -1)
+    path.write_text("[agent]\nallow_root = true\n" + path.read_text())
+    proc = healthgate(command, "-c", str(path))
+    assert proc.returncode == 2 and "refusing a file others can change while running as root" in proc.stderr
+
+
+def test_a_closed_pipe_ends_every_command_quietly(tmp_path: Path) -> None:
+    """`healthgate schema | head -1` and any command whose reader has gone exit 0 or 141 (as a tool killed
+    by SIGPIPE does) with nothing on stderr: no traceback, no "Exception ignored"."""
+    config = tmp_path / "c.toml"
+    config.write_text(agent_toml().replace("{port}", "0") + toml_table("[[checks]]", **PASSING))
+    for args in (["schema"], ["validate", "-c", str(config)], ["check", "-c", str(config), "--color", "never"],
+                 ["--help"], ["--version"]):
+        proc = subprocess.Popen([sys.executable, "-m", "agent", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc.stdout.close()  # long before the interpreter has started: every write meets a closed pipe
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode in (0, 141) and err == b"", (args, proc.returncode, err.decode())
+    head = subprocess.run(f"{sys.executable} -m agent schema | head -1", shell=True, cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert head.stdout == "{\n" and head.stderr == ""
+
+
+@pytest.mark.parametrize("given, url", [
+    ("127.0.0.1:8080", "http://127.0.0.1:8080"), ("[::1]:8080", "http://[::1]:8080"),
+    ("localhost:8080", "http://localhost:8080"), ("https://node:8443", "https://node:8443"),
+    ("http://10.0.0.1:8080/", "http://10.0.0.1:8080/"),
+])
+def test_url_without_a_scheme_means_http(given: str, url: str) -> None:
+    """--url 127.0.0.1:8080 is http://127.0.0.1:8080; a URL with its scheme is kept as written."""
+    assert remote.agent_url(given) == url
+
+
+async def test_status_reaches_an_agent_given_without_a_scheme() -> None:
+    """`status --url 127.0.0.1:PORT` asks the agent there over HTTP (here one that withholds details)."""
+    async with withholding_agent() as port:
+        out = await asyncio.to_thread(healthgate, "status", "--url", f"127.0.0.1:{port}", "--timeout", "5")
+    assert out.returncode == 3 and out.stderr.startswith(f"NOT AUTHORIZED  http://127.0.0.1:{port}\n"), out.stderr

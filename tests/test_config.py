@@ -56,7 +56,7 @@ def test_several_errors_one_line_each(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2
     assert lines[0].endswith("server.listen: port 99999 is out of range (0-65535)")
-    assert lines[1].endswith("checks[0].timeout: must be shorter than interval (1s)")
+    assert lines[1].endswith("checks[0] (a).timeout: must be shorter than interval (1s)")
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -146,8 +146,84 @@ def test_nothing_to_vouch_for_is_a_config_error(tmp_path: Path, text: str, messa
     """An empty file, a config without checks and one whose checks are all non-critical are refused by
     `validate` and `run` with exit 2: the node would otherwise be UP with nothing checked."""
     f = tmp_path / "c.toml"
-    f.write_text(text)
     for command in ("validate", "run"):
+        # As root, run refuses a config without allow_root before anything else (test_cli_status.py).
+        f.write_text("[agent]\nallow_root = true\n" + text if command == "run" and os.geteuid() == 0 else text)
         proc = subprocess.run([sys.executable, "-m", "agent", command, "-c", str(f)], capture_output=True,
                               text=True, cwd=ROOT, timeout=30)
         assert (proc.returncode, proc.stderr) == (2, f"{f}: {message}\n"), (command, proc.stdout)
+
+
+def errors(*checks: dict, **tables: object) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**tables, "checks": [{**PASSING, "name": f"c{i}"} for i in range(3)] + list(checks)})
+    return err.value.errors
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"checks": [{**PASSING, "name": "cache", "max_used_precent": 90}]},
+     "checks[0] (cache).max_used_precent: unknown key; did you mean max_used_percent?"),
+    ({"server": {"listn": ":80"}, "checks": [PASSING]}, "server.listn: unknown key; did you mean listen?"),
+    ({"agent_check": {"weight_flor": 5}, "checks": [PASSING]},
+     "agent_check.weight_flor: unknown key; did you mean weight_floor?"),
+    ({"groups": {"api": {"checks": ["mem"], "chekcs": []}}, "checks": [PASSING]},
+     "groups.api.chekcs: unknown key; did you mean checks?"),
+    ({"checks": [{**PASSING, "zzz": 1}]}, "checks[0] (mem).zzz: unknown key"),
+])
+def test_unknown_key_says_what_was_probably_meant(data: dict, message: str) -> None:
+    """An unknown key names the closest key the table knows, when one is close enough to be a typo."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert message in err.value.errors, err.value.errors
+
+
+def test_every_error_about_a_check_names_it() -> None:
+    """checks[3] (cache).: the index and the name, whatever the rule (a field, a type, a duplicate name)."""
+    assert errors({"name": "cache", "type": "memory", "max_used_precent": 90}) == [
+        "checks[3] (cache).max_used_precent: unknown key; did you mean max_used_percent?"]
+    assert errors({**PASSING, "name": "c1"}) == ["checks[3] (c1).name: duplicate check name 'c1' (first at checks[1])"]
+    assert errors({"name": "cache", "type": "redis", "port": 0.5})[0].startswith("checks[3] (cache).port: ")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("port", "6390", 'port: must be a whole number, not the string "6390" (write port = 6390, without quotes)'),
+    ("fall", "3", 'fall: must be a whole number, not the string "3" (write fall = 3, without quotes)'),
+    ("fall", 1.5, "fall: must be a whole number, not the number 1.5"),
+    ("critical", 1, "critical: must be true or false, not the number 1"),
+    ("critical", "no", 'critical: must be true or false, not the string "no"'),
+    ("critical", "true", 'critical: must be true or false, not the string "true" (write critical = true, without quotes)'),
+    ("host", 5, "host: must be a string in quotes, not the number 5"),
+    ("port", 70000, "port: must be at most 65535, not 70000"),
+])
+def test_type_errors_are_exact_and_in_plain_words(key: str, value: object, message: str) -> None:
+    """No value is coerced into another type, and the error says what was written and what was expected."""
+    assert errors({"name": "cache", "type": "redis", key: value}) == [f"checks[3] (cache).{message}"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("/health", 'the string "/health" is not a URL: write the scheme and host, as in http://127.0.0.1:8080/health'),
+    ("localhost:8080/health", 'the string "localhost:8080/health" must start with http:// or https://'),
+])
+def test_url_errors_are_healthgates_words(url: str, message: str) -> None:
+    """A bad url is explained without pydantic's phrases ("relative URL without a base")."""
+    assert errors({"name": "web", "type": "http", "url": url}) == [f"checks[3] (web).url: {message}"]
+
+
+def test_no_error_of_the_corpus_speaks_pydantic() -> None:
+    """Every message of the broken corpus is healthgate's own: none of pydantic's "Input should be ..."."""
+    for path in INVALID:
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert not any("Input should" in line or "valid URL" in line for line in err.value.errors), (path, err.value.errors)
+
+
+def test_validate_warns_about_a_missing_disk_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`healthgate validate` accepts a disk check whose path is missing here (it may exist on the node that
+    runs it), and warns about it as it does about a missing exec program; an existing path gets no warning."""
+    f = tmp_path / "c.toml"
+    f.write_text(memory_check() + '[[checks]]\nname = "data"\ntype = "disk"\npath = "/srv/healthgate-no-such"\n'
+                 f'[[checks]]\nname = "here"\ntype = "disk"\npath = "{tmp_path}"\n')
+    assert cli.main(["validate", "-c", str(f)]) == 0
+    out = capsys.readouterr()
+    assert out.err == f"{f}: warning: checks[1] (data): path: /srv/healthgate-no-such does not exist on this host\n"
+    assert out.out == f"{f}: ok, 3 check(s)\n"

@@ -102,7 +102,7 @@ def test_a_configmap_update_and_a_broken_one_are_picked_up_without_a_signal(tmp_
         metrics = scrape(agent.url)
         assert metrics["healthgate_config_last_reload_successful"] == 0
         assert _checks(agent) == ["mem:memory", "second:memory"] and agent.get("/health")[0] == 200
-        assert "checks[1].type: unknown check type 'bogus'" in agent.logs()
+        assert "checks[1] (x).type: unknown check type 'bogus'" in agent.logs()
 
         volume.update(text + TOML_MEM % "third")
         _picked_up(agent, "healthgate_config_reloads_total", 2, time.monotonic())

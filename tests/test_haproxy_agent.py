@@ -169,9 +169,9 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_weight_ramps_after_recovery_then_follows_load(tmp_path) -> None:
-    """A running agent's weight starts at the floor when the node comes up, ramps to the load headroom over
-    slow_start, then follows the load its own task samples from /proc."""
+async def load_weighted_agent(tmp_path):
+    """An Agent whose weight follows the load average of a fixture /proc (tmp_path/proc, 75% headroom), with
+    a 1.5 s slow start from a 10% floor; its state directory is tmp_path/state."""
     from agent.app import Agent
     from agent.config import parse_config
 
@@ -187,6 +187,14 @@ async def test_weight_ramps_after_recovery_then_follows_load(tmp_path) -> None:
         "checks": [MEM]}))
     agent.ctx.proc = proc
     await agent.start()
+    return agent
+
+
+async def test_weight_ramps_after_recovery_then_follows_load(tmp_path) -> None:
+    """A running agent's weight starts at the floor when the node comes up, ramps to the load headroom over
+    slow_start, then follows the load its own task samples from /proc."""
+    proc = tmp_path / "proc"
+    agent = await load_weighted_agent(tmp_path)
     try:
         port = agent.agent_check_address[1]
         first = await async_wait_for(lambda: _up(ask(port)), what="up")
@@ -207,3 +215,28 @@ async def _up(coro) -> int | None:
 
 async def _weight_is(coro, weight: int) -> bool:
     return await _up(coro) == weight
+
+
+@pytest.mark.parametrize("action", ["drain", "maint"])
+async def test_weight_ramps_again_after_drain_or_maintenance(tmp_path, action: str) -> None:
+    """Set back to ready after drain or maintenance, the agent-check weight starts at the floor again and
+    ramps over slow_start, as after a recovery from DOWN, instead of jumping back to full headroom."""
+    from agent.admin import set_admin_cli
+
+    state_dir = str(tmp_path / "state")
+    agent = await load_weighted_agent(tmp_path)
+    try:
+        port = agent.agent_check_address[1]
+        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=10, what="ramped to 75%")
+        assert set_admin_cli(state_dir, action, "rack move", None, None)[0] is not None
+        await async_wait_for(lambda: _starts(ask(port), f"up {action} ".encode()), timeout=5, what=action)
+        assert set_admin_cli(state_dir, "ready", "", None, None)[0] is not None
+        back = await async_wait_for(lambda: _up(ask(port)), timeout=5, what="ready")
+        assert 10 <= back <= 40, back  # from the floor, not straight back to 75
+        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=5, what="ramped to 75% again")
+    finally:
+        await agent.stop()
+
+
+async def _starts(coro, prefix: bytes) -> bool:
+    return (await coro).startswith(prefix)

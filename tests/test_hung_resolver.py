@@ -140,8 +140,10 @@ def test_commands_exit_1_when_the_agent_does_not_answer(agent_process, tmp_path:
         proc = cli("maint", "-c", str(agent.path))
         _, err = proc.communicate(timeout=15)
         assert proc.returncode == 1, err
-        assert f"maint written to {tmp_path / 'state' / 'admin.json'} but not confirmed: the agent at " in err
-        assert "still reports no answer" in err
+        sock = tmp_path / "state" / "healthgate.sock"
+        assert (f"maint written to {tmp_path / 'state' / 'admin.json'} but not confirmed: the agent did not answer "
+                f"at {sock} (the admin socket) within 2s (timed out)") in err, err
+        assert "still reports" not in err and "TimeoutError" not in err
     finally:
         agent.signal(signal.SIGCONT)
     wait_for(lambda: agent.get("/health")[0] == 503, timeout=5, what="maint applied after SIGCONT")

@@ -76,7 +76,7 @@ def test_sighup_with_broken_file_keeps_old_config(agent_process) -> None:
     status = json.loads(agent.get("/status")[1])
     assert list(status["checks"]) == ["mem:memory"]
     log = agent.logs()
-    assert '"event": "reload_failed"' in log and "checks[1].type: unknown check type 'bogus'" in log
+    assert '"event": "reload_failed"' in log and "checks[1] (x).type: unknown check type 'bogus'" in log
 
 
 def test_sighup_swaps_checks_and_keeps_unchanged_state(agent_process) -> None:
@@ -112,7 +112,7 @@ def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(run_argv(f), capture_output=True, text=True,
                           cwd=ROOT, timeout=30)
     assert proc.returncode == 2
-    assert "checks[0].timeout: must be shorter than interval (1s)" in proc.stderr
+    assert "checks[0] (a).timeout: must be shorter than interval (1s)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -66,4 +66,4 @@ def test_server_must_be_an_address() -> None:
     """A resolver given by name is refused: resolving the resolver would be circular."""
     with pytest.raises(ConfigError) as err:
         parse_config({"checks": [{"name": "d", "type": "dns", "query_name": "a.test", "server": "ns1.test"}]})
-    assert err.value.errors[0].startswith("checks[0].server: 'ns1.test' must be an IP address")
+    assert err.value.errors[0].startswith("checks[0] (d).server: 'ns1.test' must be an IP address")

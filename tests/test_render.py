@@ -14,6 +14,7 @@ from agent.model import Observation
 from agent.probes import disk, memory
 from agent.probes.base import Context, headroom
 from agent.runner import _valid
+from agent.text import tidy
 
 NOW = "2026-11-29T12:00:00.000Z"
 ANSI = re.compile(r"\033\[[0-9;]*m")
@@ -56,8 +57,8 @@ def test_check_rows_match_the_page_columns() -> None:
     rows = render.check_rows(status(MEM, DB_DOWN, state="down"), history=4)
     assert rows == [
         render.HEADER,
-        ("mem", "memory", "yes", "UP", "91.0% used", "used <= 95%", "1.20 ms", "5/0", "5m 0s ago", "++++", ""),
-        ("db", "tcp", "yes", "DOWN", "—", "connect 127.0.0.1:5432", "1.20 ms", "0/3", "5m 0s ago", "+---",
+        ("mem", "memory", "yes", "UP", "91.0% used", "used <= 95%", "1.2 ms", "5/0", "5m 0s ago", "++++", ""),
+        ("db", "tcp", "yes", "DOWN", "—", "connect 127.0.0.1:5432", "1.2 ms", "0/3", "5m 0s ago", "+---",
          "tcp 127.0.0.1:5432: connection refused"),
     ]
 
@@ -71,10 +72,12 @@ def test_pill(extra: dict, pill: str) -> None:
 
 
 @pytest.mark.parametrize("seconds, text", [
-    (None, "—"), (0.0, "<1 ms"), (0.00042, "420 µs"), (0.0042, "4.20 ms"), (0.042, "42.0 ms"), (4.2, "4.20 s"),
+    (None, "—"), (0.0, "<1 ms"), (0.00042, "420 µs"), (0.0042, "4.2 ms"), (0.042, "42 ms"), (4.2, "4.2 s"),
+    (0.0009999, "1 ms"), (0.001, "1 ms"), (0.0012345, "1.23 ms"), (0.9996, "1 s"), (1.5, "1.5 s"),
+    (0.000000512, "0.512 µs"), (125.4, "125 s"), (3600.0, "3600 s"),
 ])
 def test_seconds(seconds: float | None, text: str) -> None:
-    """Latencies read as the status page writes them."""
+    """Latencies read as the status page writes them, in the unit they round to: 1 ms, never 1000 µs."""
     assert render.seconds(seconds) == text
 
 
@@ -99,6 +102,56 @@ def test_table_colours_only_when_asked() -> None:
     assert "\033[" not in plain
     assert render.GREEN + "UP" in coloured and render.RED + "DOWN" in coloured
     assert ANSI.sub("", coloured) == plain
+
+
+LONG = entry("cache", "redis", ok=False, threshold="PING answered, not loading",
+             output="redis 127.0.0.1:6390: connection refused after 3 attempts; " * 2 + "then gave up")
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_table_fits_the_terminal_and_cuts_with_an_ellipsis(width: int) -> None:
+    """Cut to the terminal's width, every line fits; what is cut ends in an ellipsis, and the reason of a
+    failing check keeps its start; without a width (--wide) every column and the whole reason are there."""
+    rows = render.check_rows(status(MEM, DISK, LONG, state="down"))
+    lines = render.table(rows, color=False, width=width).splitlines()
+    assert all(len(line) <= width for line in lines), lines
+    assert lines[0].split()[:2] == ["CHECK", "STATUS"] and lines[0].split()[-1] == "REASON"
+    cache = next(line for line in lines if line.startswith("cache"))
+    assert cache.endswith(render.ELLIPSIS) and "redis 127.0.0.1:6390: connection refused" in cache
+    wide = render.table(rows, color=False).splitlines()
+    assert wide[0].split() == list(render.HEADER) and wide[3].endswith(LONG["output"])
+
+
+def test_a_table_that_fits_is_not_cut() -> None:
+    """A table narrower than the terminal keeps every column and every character."""
+    rows = render.check_rows(status(MEM, DB_DOWN, state="down"))
+    assert render.table(rows, color=False, width=200) == render.table(rows, color=False)
+
+
+def test_cut_table_keeps_its_colours() -> None:
+    """Narrowed, the status and reason are still coloured, and the colours change nothing else."""
+    rows = render.check_rows(status(MEM, LONG, state="down"))
+    coloured = render.table(rows, color=True, width=80)
+    assert render.RED + "DOWN" in coloured and ANSI.sub("", coloured) == render.table(rows, color=False, width=80)
+
+
+def test_status_report_cuts_transitions_to_the_width() -> None:
+    """The transitions' reasons are cut to the width too; --wide keeps them whole."""
+    journal = {"entries": [{"time": "2026-11-29T11:55:00.000Z", "kind": "check", "name": "cache", "from": "up",
+                            "to": "down", "reason": LONG["output"]}]}
+    st = status(MEM, LONG, state="down", output="cache: " + LONG["output"])
+    narrow = render.status_report(st, journal, color=False, width=80).splitlines()
+    assert len(narrow[-1]) <= 80 and narrow[-1].endswith(render.ELLIPSIS)
+    assert render.status_report(st, journal, color=False).splitlines()[-1].endswith(LONG["output"])
+
+
+@pytest.mark.parametrize("x, tidied", [
+    (37.58291015625, 37.5829), (0.000123456789, 0.000123457), (1764652012.345678, 1764652012.346), (2.0, 2.0),
+    (7, 7), (0.1 + 0.2, 0.3), (123456.78901, 123456.789),
+])
+def test_json_numbers_carry_no_float_noise(x: float, tidied: float) -> None:
+    """Numbers in JSON keep six significant digits, and timestamps (1000 and up) their milliseconds."""
+    assert tidy(x) == tidied and type(tidy(x)) is type(x)
 
 
 @pytest.mark.parametrize("choice, tty, no_color, want", [
@@ -128,7 +181,7 @@ def test_status_report() -> None:
                                journal, color=False).splitlines()
     assert out[0] == "DOWN  web-1  since 11:55:00 UTC (for 5m 0s)"
     assert out[1] == "db: tcp 127.0.0.1:5432: connection refused"
-    assert out[3].split()[:4] == ["CHECK", "TYPE", "CRIT", "STATUS"]
+    assert out[3].split()[:4] == ["CHECK", "TYPE", "CRIT", "STATUS"]  # no width: every column
     assert out[-3] == "RECENT TRANSITIONS (UTC, newest first)"
     assert out[-2].split()[:6] == ["11:55:00", "verdict", "node", "up", "->", "down"]
     assert out[-1].startswith("11:55:00  check    db")
@@ -305,3 +358,10 @@ def test_explain_group_says_why_a_group_is_down() -> None:
     assert text.startswith("Group api on web-1 is DOWN because 1 check fails: db (tcp): tcp 127.0.0.1:5432:")
     assert "It comes back UP after 2 more passing samples in a row of db" in text
     assert render.group_exit_code(s, "api") == 2
+
+
+def test_table_takes_rows_of_any_header() -> None:
+    """table() lays out, narrows and colours any rows by their header's names, not only the checks table."""
+    rows = [("GROUP", "STATUS", "CHECKS"), ("api", "DOWN", "db, cache"), ("static", "UP", "disk")]
+    coloured = render.table(rows, color=True, width=80)
+    assert render.RED + "DOWN" in coloured and ANSI.sub("", coloured) == render.table(rows, color=False)

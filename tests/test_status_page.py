@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tomllib
 import types
 from fnmatch import fnmatch
@@ -281,3 +282,39 @@ async def test_the_groups_section_is_hidden_without_groups(start_agent, browser)
     await async_wait_for(lambda: browser.evaluate("document.querySelectorAll('#checks tr').length === 1"),
                          timeout=20, what="the check row")
     assert await browser.evaluate("document.getElementById('groups-section').hidden")
+
+
+# Where the failing row's reason puts the address: one line box per piece of it, and the row's texts.
+ADDRESS_LINES = """(() => {
+  const why = document.querySelector('tr[data-status=fail] .why');
+  const text = why.firstChild, at = text.data.indexOf('127.0.0.1:');
+  const range = document.createRange();
+  range.setStart(text, at); range.setEnd(text, text.data.indexOf(':', at + 10) + 1);
+  const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+  const lines = new Set([...(() => { const r = document.createRange(); r.selectNodeContents(why);
+    return r.getClientRects(); })()].map(r => Math.round(r.top)));
+  return {address: tops.size, lines: lines.size, threshold: document.querySelector('tr[data-status=fail] .thr').textContent,
+          since: document.getElementById('since').textContent,
+          change: document.querySelector('tr[data-status=fail] .change .num').textContent};
+})()"""
+
+
+async def test_failing_row_reads_plainly_at_any_width(start_agent, browser) -> None:
+    """A failing row's threshold does not read "pass: ...", its reason wraps between words and never inside
+    an address such as 127.0.0.1:6390, at desktop and phone widths, and the times name their zone."""
+    port = free_port()
+    agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100),
+                                          fast("cache-with-a-rather-long-name", type="redis", port=port)]})
+    await async_wait_for(lambda: _down_with_results(agent), what="first results")
+    await browser.send("Page.enable")
+    for width, mobile in ((820, False), (390, True), (320, True)):
+        await browser.send("Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1,
+                           mobile=mobile)
+        await browser.send("Page.navigate", url=agent.url + "/")
+        got = await async_wait_for(lambda: browser.evaluate(
+            "document.querySelector('tr[data-status=fail] .why')?.textContent ? " + ADDRESS_LINES + " : null"),
+            timeout=20, what="a failing row")
+        assert got["address"] == 1, (width, got)
+        assert got["threshold"] == "needs: PING answered, not loading"
+        assert re.search(r"since \d\d:\d\d:\d\d [A-Z][A-Za-z0-9+:-]* ", got["since"]), got["since"]
+    await browser.screenshot(ARTIFACTS / "status-page-narrow.png")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from agent.haproxy_agent import format_reply
+from agent.model import Admin
 from agent.weight import (
     Reading,
     WeightState,
@@ -121,3 +124,31 @@ def test_track_restarts_the_ramp_on_each_recovery() -> None:
     s = track(s, False, 10.0)
     assert s.serving_since is None
     assert track(s, True, 12.0).serving_since == 12.0
+
+
+@pytest.mark.parametrize("admin", [Admin.DRAIN, Admin.MAINT])
+def test_tracker_ramps_after_drain_and_maintenance_as_after_down(admin: Admin) -> None:
+    """Back from drain or maintenance, the tracker ramps the weight from the floor over slow_start, exactly
+    as after a recovery from DOWN, instead of jumping back to the headroom it had before."""
+    from agent.config import parse_config
+    from agent.weight import WeightTracker
+    from tests.helpers import PASSING, answer_for
+
+    cfg = parse_config({"agent_check": {"weight_source": "cpu", "weight_floor": 10, "slow_start": 30},
+                        "checks": [PASSING]})
+    now_answer = {"answer": answer_for(up=True)}
+    tracker = WeightTracker(SimpleNamespace(config=cfg, answer=lambda now: now_answer["answer"]), Path("/proc"))
+    tracker.model = WeightState(smoothed=0.9, sampled_at=0.0)
+    for t0, kind, back in ((0.0, "down", answer_for(up=False)), (1000.0, "admin", answer_for(up=True, admin=admin))):
+        now_answer["answer"] = back
+        tracker.observe(t0)
+        now_answer["answer"] = answer_for(up=True)
+        tracker.observe(t0 + 1)
+        assert tracker.weight(t0 + 100) == 90  # long in service: the headroom
+        now_answer["answer"] = back
+        tracker.observe(t0 + 100)
+        assert tracker.weight(t0 + 100) == 10, kind
+        now_answer["answer"] = answer_for(up=True)
+        tracker.observe(t0 + 200)
+        assert [tracker.weight(t0 + t) for t in (200, 215, 230)] == [10, 50, 90], kind
+        assert format_reply(now_answer["answer"], tracker.weight(t0 + 215)) == "up ready 50%\n", kind

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from agent.fleet.config import FleetConfig
 from agent.fleet.store import Group, Member, open_store
+from agent.text import tidy_all
 
 EXIT_OK, EXIT_CONFIG, EXIT_UNKNOWN = 0, 2, 3
 
@@ -74,7 +75,7 @@ def run_fleet_status(cfg: FleetConfig, timeout: float, as_json: bool, out: TextI
         doc = {"group": cfg.group, "store": cfg.store_display, "expected": group.expected,
                "serving": group.serving, "allowed_down": group.allowed,
                "members": [asdict(m) for m in group.members]}
-        print(json.dumps(doc, indent=2), file=out)
+        print(json.dumps(tidy_all(doc), indent=2), file=out)
     else:
         print(render(cfg, group, time.time()), file=out)
     return EXIT_OK

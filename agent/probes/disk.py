@@ -34,6 +34,11 @@ class Config(CheckBase):
             parts.append("writable")
         return ", ".join(parts)
 
+    def preflight(self, proc: Path = Path("/proc")) -> tuple[str, ...]:
+        if not os.path.exists(self.path):
+            return (f"path: {self.path} does not exist on this host",)
+        return ()
+
 
 @dataclass(frozen=True, slots=True)
 class Mount:
