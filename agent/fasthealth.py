@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live"}
 MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and partial ones) go to aiohttp
 MAX_HEADERS = 32
+TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 18\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many requests\n")
 SWEEP = 1.0  # seconds: the Date header's age at most, and between read-timeout checks of open connections
 
 ALLOWED = (
@@ -40,6 +42,15 @@ ALLOWED = (
 _OWS = rb"[ \t]*"
 _HOST = rb"\r\n(?i:host):" + _OWS + rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*" + _OWS
 _OTHER = rb"\r\n(?i:" + "|".join(ALLOWED).encode() + rb"):[\t\x20-\x7e]*"
+def is_probe(method: str, target: str) -> bool:
+    """A GET or HEAD of /health, /ready, /live or /health/<name>, /ready/<name>, query and all: what a load
+    balancer or an orchestrator probes (max_request_rate counts these at a tenth)."""
+    if method not in ("GET", "HEAD"):
+        return False
+    path = target.partition("?")[0]
+    return path in ("/health", "/ready", "/live") or path.startswith(("/health/", "/ready/"))
+
+
 HEAD_RE = re.compile(
     rb"(GET|HEAD) (/health|/ready|/live|/(?:health|ready)/[A-Za-z0-9][A-Za-z0-9_.-]{0,62}) HTTP/1\.([01])((?:"
     + _HOST + b"|" + _OTHER + rb")*)"
@@ -253,6 +264,13 @@ class HealthProtocol(asyncio.Protocol):
         self.buf = rest
 
     def _hand_over(self, rest: bytes) -> None:
+        line = rest.split(b"\r\n", 1)[0].split(b" ")
+        probe = len(line) > 1 and is_probe(line[0].decode("latin-1"), line[1].decode("latin-1"))
+        if not self.front.guard.within_rate(self.transport, self.front.loop.time(), probe, take=False):
+            self.closing = True  # past max_request_rate: refused here, before aiohttp parses a byte of it
+            self.transport.write(TOO_MANY)
+            self.transport.close()
+            return
         self.buf = b""
         self.front.conns.discard(self)
         self.front.guard.open.pop(self, None)

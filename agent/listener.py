@@ -21,13 +21,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from agent import logs
 from agent.access import admitted
 from agent.config import ServerConfig
-from agent.fasthealth import FastHealth
+from agent.fasthealth import FastHealth, is_probe
 from agent.state import AgentState
 
 # A load balancer's probe is one short line and a handful of headers; anything near these is hostile.
 MAX_LINE = 4096  # the request line
 MAX_FIELD = 4096  # one header, name and value
 MAX_HEADERS = 32
+BUCKETS = 4096  # client addresses whose request rate is remembered (the least recent are forgotten first)
+PROBE_COST = 0.1  # of a token: what a probe answered by aiohttp costs against max_request_rate
 RESOLVE_TIMEOUT = 5.0  # a listen address given as a name: how long its lookup may take before start fails
 
 
@@ -79,11 +81,38 @@ class Guard:
         self.bad: collections.Counter = collections.Counter()  # status -> malformed requests answered
         self.configure(server)
 
-    def configure(self, server: ServerConfig) -> None:
-        """Limits from [server]; a reload applies them to connections accepted from then on."""
+    def configure(self, server: ServerConfig, rate: float | None = None) -> None:
+        """Limits from [server]; a reload applies them to connections accepted from then on. `rate`
+        overrides server.max_request_rate (the admin socket's guard: 0, operators are not rate-limited)."""
         self.limit = server.max_connections
         self.read_timeout = server.read_timeout
         self.allow_from = server.allow_from
+        self.rate = server.max_request_rate if rate is None else rate
+        if not hasattr(self, "_buckets"):
+            self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def within_rate(self, transport: asyncio.BaseTransport | None, now: float, probe: bool,
+                    take: bool = True) -> bool:
+        """Whether one more request may go to aiohttp from this client's address: a token bucket per address
+        (`rate` a second, a second's worth of burst; the BUCKETS most recent addresses are kept). A probe
+        (a /health, /ready or /live the fast responder could not take, for an unusual header, say) costs a
+        tenth: a load balancer's checks are never refused at rates it sends, and a flood of anything costs
+        the loop a bounded share. `take=False` looks without taking (the fast responder, before aiohttp's
+        own look at the same request). The exact probes the fast responder answers never ask."""
+        if not self.rate or transport is None:
+            return True
+        peer = transport.get_extra_info("peername")
+        key = peer[0] if isinstance(peer, tuple) and peer else ""
+        cost = PROBE_COST if probe else 1.0
+        tokens, last = self._buckets.pop(key, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - last) * self.rate)
+        ok = tokens >= cost
+        self._buckets[key] = (tokens - cost if ok and take else tokens, now)
+        if len(self._buckets) > BUCKETS:
+            self._buckets.popitem(last=False)
+        if not ok:
+            self.dropped["rate"] += 1
+        return ok
 
     def refuse(self, transport: asyncio.BaseTransport) -> bool:
         """Close a connection from outside `allow_from` without a reply (and before it can evict anyone)."""
@@ -114,9 +143,9 @@ class Guard:
         yield GaugeMetricFamily("healthgate_http_connections", "open HTTP connections", value=len(self.open))
         dropped = CounterMetricFamily("healthgate_http_dropped_connections",
                                       "connections closed by the agent: capacity (evicted at max_connections), "
-                                      "deadline (no complete request within read_timeout) or refused (a client "
-                                      "outside allow_from)", labels=["reason"])
-        for reason in ("capacity", "deadline", "refused"):
+                                      "deadline (no complete request within read_timeout), refused (a client "
+                                      "outside allow_from) or rate (429 past max_request_rate)", labels=["reason"])
+        for reason in ("capacity", "deadline", "refused", "rate"):
             dropped.add_metric([reason], float(self.dropped[reason]))
         yield dropped
         bad = CounterMetricFamily("healthgate_http_bad_requests", "malformed requests refused, by status",
@@ -149,6 +178,10 @@ class Handler(web.RequestHandler):
         self._guard.admit(self)
         self._deadline = self._loop.call_at(self._due, self._expire)
         super().connection_made(transport)
+
+    @property
+    def guard(self) -> Guard:
+        return self._guard
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:  # aiohttp never saw it
@@ -188,6 +221,18 @@ class Handler(web.RequestHandler):
         return resp
 
 
+@web.middleware
+async def within_rate(request: web.Request, handler: Any) -> web.StreamResponse:
+    """max_request_rate, for the requests that reach aiohttp: past it, 429 and the connection is closed."""
+    guard = getattr(request.protocol, "guard", None)
+    if guard is not None and not guard.within_rate(request.transport, asyncio.get_running_loop().time(),
+                                                   is_probe(request.method, request.raw_path)):
+        resp = web.Response(status=429, text="too many requests\n", headers={"Retry-After": "1"})
+        resp.force_close()
+        return resp
+    return await handler(request)
+
+
 def _clear_stale(path: str) -> None:
     """Remove the socket file a dead agent left; refuse to touch a live agent's socket or any other file."""
     try:
@@ -223,6 +268,7 @@ class Listener:
         self._server: asyncio.AbstractServer | None = None
         # The admin socket has a guard of its own: a flood on the TCP port cannot evict an operator.
         self.local_guard = Guard(server)
+        self.local_guard.configure(server, rate=0)
         self._local: asyncio.AbstractServer | None = None
         self._local_path: str | None = None
         self._local_id: tuple[int, int] | None = None
@@ -242,6 +288,8 @@ class Listener:
         """Listen; returns the bound address (for port 0). On failure nothing is left open."""
         loop = asyncio.get_running_loop()
         self.app = app
+        if within_rate not in app.middlewares:
+            app.middlewares.insert(0, within_rate)  # first: a refused request costs nothing more
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         guard = self.guard

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.faulty import TcpDependency
-from tests.helpers import AgentProcess, agent_toml, memory_check, require, scrape, toml_table
+from tests.helpers import AgentProcess, agent_toml, memory_check, require, scrape, toml_table, wait_for
 
 FLOOD = 20.0
 INTERVAL, TIMEOUT, FALL, JITTER = 0.2, 0.1, 2, 0.1
@@ -128,3 +128,44 @@ async def test_probe_flood_does_not_delay_the_verdict(tmp_path: Path) -> None:
     assert requests >= FLOOD * 500, out  # a flood, not a trickle
     assert set(polled) <= {200, 503}
     assert "Traceback" not in agent.logs()
+
+
+JUNK_SECONDS = 6.0
+
+
+def test_a_junk_flood_cannot_starve_the_probes(tmp_path: Path) -> None:
+    """Four wrk processes keep 512 connections busy with junk (a path nobody probes, aiohttp's slow path):
+    past max_request_rate it is refused with 429 before aiohttp parses it, so a prober asking /health every
+    50 ms on fresh connections is answered 200 every time within its 1 s timeout, and the loop never stalls
+    past max_loop_lag (which would fail the node closed)."""
+    import subprocess
+    import urllib.request
+
+    wrk = require("wrk", "wrk")
+    agent = AgentProcess(tmp_path, agent_toml() + memory_check()).start()
+    try:
+        wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+        floods = [subprocess.Popen([wrk, "-t1", "-c128", f"-d{JUNK_SECONDS:.0f}s", "--timeout", "2s",
+                                    agent.url + "/junk"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                  for _ in range(4)]
+        codes: list[int] = []
+        slowest = 0.0
+        end = time.monotonic() + JUNK_SECONDS - 1
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(agent.url + "/health", timeout=1) as r:
+                    codes.append(r.status)
+            except OSError as e:
+                codes.append(getattr(e, "code", 0))
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(max(0.0, 0.05 - (time.monotonic() - t0)))
+        for f in floods:
+            f.wait(JUNK_SECONDS + 10)
+        refused = scrape(agent.url)['healthgate_http_dropped_connections_total{reason="rate"}']
+    finally:
+        agent.stop()
+    print(f"junk flood: {len(codes)} probes, slowest {slowest * 1000:.0f} ms, {refused:.0f} junk requests refused")
+    assert codes and set(codes) == {200}, codes
+    assert refused > 1000  # the flood really pressed on the limit
+    assert "loop_stalled" not in agent.logs()

@@ -220,3 +220,77 @@ async def test_client_that_never_reads_is_dropped(agent: AgentProcess) -> None:
     finally:
         writer.close()
     assert agent.get("/health")[0] == 200
+
+
+# -- max_request_rate: junk cannot crowd out the probes --------------------------------------------------------
+
+class FakeTransport:
+    def __init__(self, host: str):
+        self.host = host
+
+    def get_extra_info(self, name: str):
+        return (self.host, 40000) if name == "peername" else None
+
+
+def test_the_request_rate_is_a_token_bucket_per_address() -> None:
+    """A second's worth of burst, refilled at the rate; probes cost a tenth; each address has its own
+    bucket, and only the BUCKETS most recent addresses are remembered."""
+    from agent.config import ServerConfig
+    from agent.listener import BUCKETS, Guard
+
+    guard = Guard(ServerConfig(max_request_rate=10))
+    a, b = FakeTransport("192.0.2.1"), FakeTransport("192.0.2.2")
+    assert all(guard.within_rate(a, 0.0, probe=False) for _ in range(10))
+    assert not guard.within_rate(a, 0.0, probe=False)
+    assert guard.within_rate(b, 0.0, probe=False)  # another address: its own bucket
+    assert guard.within_rate(a, 0.1, probe=False) and not guard.within_rate(a, 0.1, probe=False)  # +1 token
+    assert not guard.within_rate(a, 0.115, probe=False)  # 0.15 of a token: no request...
+    assert guard.within_rate(a, 0.115, probe=True)  # ...but a probe, which costs a tenth
+    assert guard.within_rate(a, 0.3, probe=False, take=False) and guard.within_rate(a, 0.3, probe=False)
+    assert guard.dropped["rate"] >= 2
+    for i in range(BUCKETS + 10):
+        guard.within_rate(FakeTransport(f"10.0.{i // 256}.{i % 256}"), 1.0, probe=False)
+    assert len(guard._buckets) == BUCKETS
+    unlimited = Guard(ServerConfig(max_request_rate=0))
+    assert all(unlimited.within_rate(a, 0.0, probe=False) for _ in range(1000))
+
+
+def _get(port: int, path: str, keep: socket.socket | None = None) -> tuple[bytes, socket.socket]:
+    """One GET on `keep` (or a new connection): the whole response, head and body (b"" when closed)."""
+    s = keep or socket.create_connection(("127.0.0.1", port), timeout=3)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    out = b""
+    while b"\r\n\r\n" not in out:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out, s
+        out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body, s
+
+
+def test_past_max_request_rate_junk_gets_429_and_probes_still_200(agent_process, tmp_path) -> None:
+    """Past max_request_rate, a client's junk is refused with 429 and its connection closed, on a new
+    connection (by the fast responder, before aiohttp parses it) and on a keep-alive one aiohttp holds; the
+    probes of the same client are still answered 200, and the refusals are counted."""
+    proc = agent_process(CONFIG.replace("[server]", "[server]\nmax_request_rate = 5"))
+    wait_for(lambda: proc.get("/health")[0] == 200, what="up")
+    port = proc.port
+    first, kept = _get(port, "/junk")
+    assert status_of(first) == 404
+    codes = []
+    while not codes or codes[-1] == 404:  # the same keep-alive connection, held by aiohttp
+        codes.append(status_of(_get(port, "/junk", kept)[0]))
+        assert len(codes) < 20, codes
+    assert codes[:3] == [404] * 3 and codes[-1] == 429, codes
+    assert kept.recv(1) == b""  # closed after the 429
+    fresh = [status_of(_get(port, "/junk")[0]) for _ in range(3)]
+    assert fresh == [429] * 3, fresh
+    assert status_of(_get(port, "/health")[0]) == 200  # the fast responder's probes never ask
+    wait_for(lambda: status_of(_get(port, "/junk")[0]) == 404, timeout=3, what="the bucket refilled")
+    # /metrics is not a probe: it waits its turn in the same bucket, as any other client's junk would.
+    wait_for(lambda: scrape(proc.url)['healthgate_http_dropped_connections_total{reason="rate"}'] >= 4,
+             timeout=3, what="the refusals counted")
