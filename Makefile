@@ -3,7 +3,7 @@
 # unit under a real systemd in a container (root; about 3 minutes), `make fuzz` the differential fuzz of the
 # fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000), `make mutate` the mutation
 # testing of the trust core with mutmut (agent/serving.py, access.py, text.py, verdict.py, admin.py against the
-# fast in-process tests; about 3 minutes, not in CI; docs/mutation.md). All create .venv when missing.
+# fast in-process tests; about a minute, not in CI; docs/mutation.md). All create .venv when missing.
 #
 # Other interpreters and loops (see Development in the README):
 #   make test PY=3.13                      the suite on Python 3.13, in its own .venv-3.13

@@ -398,6 +398,14 @@ def test_a_check_flapping_while_down_gets_the_hold_down() -> None:
     assert (state.status, state.required_rise) == (Status.DOWN, 10)
 
 
+@pytest.mark.parametrize("interval, hold, rise, required", [(2.0, 10.0, 1, 5), (4.0, 10.0, 1, 3), (2.0, 3.0, 4, 4)])
+def test_the_hold_down_is_flap_hold_worth_of_samples(interval: float, hold: float, rise: int, required: int) -> None:
+    """A flapping check must pass flap_hold / interval times in a row (rounded up), and at least `rise` times."""
+    chk = tcp(rise=rise, fall=1, interval=interval)
+    state = fold("+" * rise + "-", chk, PolicyConfig(flap_threshold=1, flap_hold=hold))
+    assert (state.status, state.required_rise) == (Status.DOWN, required)
+
+
 def test_rising_ends_the_hold_down() -> None:
     """Once a held-down check has risen, a later single failure (no longer flapping) needs only `rise` again."""
     policy = PolicyConfig(flap_threshold=2, flap_window=5.0, flap_hold=10.0)
@@ -450,6 +458,33 @@ def test_a_groups_members_count_whether_critical_or_not() -> None:
     checks = (cv("a", Status.DOWN), cv("b", critical=False), cv("c", Status.DOWN, critical=False))
     assert aggregate(checks, 0.0, members=frozenset({"b"})).up
     assert aggregate(checks, 0.0, members=frozenset({"c"})).failing == ("c",)
+
+
+TALLY_STEPS = [  # (now, the new view or None, the verdict then)
+    (1.0, None, Verdict(True, "", until=10.0)),
+    (2.0, cv("a", Status.DOWN), Verdict(False, "a: refused", ("a",))),
+    (3.0, cv("c", Status.DOWN), Verdict(False, "a: refused (+1 more)", ("a", "c"))),
+    (4.0, cv("a", fresh_until=50.0), Verdict(False, "c: refused", ("c",))),
+    (5.0, cv("c", fresh_until=60.0), Verdict(True, "", until=20.0)),
+    (21.0, None, Verdict(False, "b: stale: no fresh result", ("b",))),
+    (22.0, cv("b", fresh_until=70.0), Verdict(True, "", until=50.0)),  # c's superseded entry (30) is no expiry
+    (23.0, cv("c", Status.DOWN, shared=True), Verdict(False, "c: refused", ("c",), shared_only=True)),
+    (24.0, cv("b", Status.DOWN), Verdict(False, "b: refused (+1 more)", ("b", "c"))),
+]
+
+
+def test_tally_follows_a_script_of_results_as_aggregate_does() -> None:
+    """A Tally fed one view at a time gives the verdict aggregate() gives over the latest views: up until the
+    first passing check goes stale, else the failing checks in config order, the first one's reason first."""
+    latest = {v.name: v for v in (cv("a", fresh_until=10.0), cv("b", fresh_until=20.0), cv("c", fresh_until=30.0),
+                                  cv("d", Status.DOWN, critical=False))}
+    tally = Tally(latest.values())
+    for now, new, expected in TALLY_STEPS:
+        if new is not None:
+            latest[new.name] = new
+            tally.update(new)
+        assert tally.verdict(now) == expected, now
+        assert aggregate(latest.values(), now) == expected, now
 
 
 def test_tally_with_nothing_counted_is_down_saying_so() -> None:
