@@ -1,7 +1,9 @@
 # healthgate: `make run` starts the agent with config/healthgate.toml, `make test` runs the tests,
 # `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it), `make test-systemd` the shipped
 # unit under a real systemd in a container (root; about 3 minutes), `make fuzz` the differential fuzz of the
-# fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000). All create .venv when missing.
+# fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000), `make mutate` the mutation
+# testing of the trust core with mutmut (agent/serving.py, access.py, text.py, verdict.py, admin.py against the
+# fast in-process tests; about a minute, not in CI; docs/mutation.md). All create .venv when missing.
 #
 # Other interpreters and loops (see Development in the README):
 #   make test PY=3.13                      the suite on Python 3.13, in its own .venv-3.13
@@ -33,7 +35,7 @@ HEALTHGATE_LOOP ?= auto
 export HEALTHGATE_LOOP
 SUPPORTED := 3.11 3.12 3.13
 
-.PHONY: run test test-venv serving soak test-systemd fuzz lint bench venv clean test-plain pythons python-path
+.PHONY: run test test-venv serving soak test-systemd fuzz mutate lint bench venv clean test-plain pythons python-path
 
 # `venv` is what the agent needs (the fast extra: uvloop); `test-venv` adds the test tools.
 venv: $(VENV)/.installed
@@ -78,6 +80,19 @@ fuzz: test-venv
 	HEALTHGATE_FUZZ_EXAMPLES=$${HEALTHGATE_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fasthealth_fuzz.py $(PYTEST_ARGS)
 
+# Mutation testing: mutmut mutates the modules [tool.mutmut] in pyproject.toml names and runs the tests it
+# lists against every mutant, then lists the survivors. A fresh run each time: the report in docs/mutation.md
+# is of a whole run. MUTATE_ARGS passes mutant names (globs) to run only those, e.g. 'agent.text.*'.
+MUTATE_ARGS ?=
+mutate: venv $(VENV)/.mutate-installed
+	rm -rf mutants
+	$(BIN)/mutmut run $(MUTATE_ARGS)
+	$(BIN)/mutmut results
+
+$(VENV)/.mutate-installed: pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,fast,mutate]'
+	touch $@
+
 # A plain install as a node gets it: `pip install .`, not editable and without the fast extra (no uvloop),
 # plus the test tools. The tests import the installed package, not the checkout: PYTHONSAFEPATH keeps the
 # current directory off sys.path (in the agents the tests start, too) and --import-mode=append puts the
@@ -120,4 +135,4 @@ $(VENV)/.bench-installed: $(VENV)/.test-installed
 	touch $@
 
 clean:
-	rm -rf .venv .venv-* .pytest_cache build *.egg-info
+	rm -rf .venv .venv-* .pytest_cache build *.egg-info mutants

@@ -152,3 +152,27 @@ async def test_verbose_reasons_need_loopback_or_token() -> None:
     assert verbose_lines(snap, stalled, 5.0, frozenset(), reasons=True) == [
         "[-]db failed: agent stalled: no fresh verdict",
         "[-]agent:serving failed: agent stalled: no fresh verdict", "[-]agent:admin failed: maint: disk swap"]
+
+
+async def test_reasons_are_withheld_from_an_untrusted_client_without_the_token(start_agent, tmp_path) -> None:
+    """From a network that is not trusted, ?verbose and /health/<check> say up or down but withhold every
+    reason, unless the client presents the status token."""
+    token = tmp_path / "status.token"
+    token.write_text("t0ken-for-details\n")
+    token.chmod(0o600)
+    mod, passing = switchable()
+    passing.update(db=False)
+    agent = await start_agent({"server": {"trusted_networks": [], "status_token_file": str(token)},
+                               "checks": [check("db"), check("api")]}, probes={**PROBES, "memory": mod})
+
+    async def db_down() -> bool:
+        return agent.state.snapshot.verdict.failing == ("db",)
+
+    await async_wait_for(db_down, what="db down")
+    code, body = await agent.get("/health?verbose")
+    assert code == 503 and "switched off" not in body
+    assert "[-]db failed: reason withheld" in body.splitlines()
+    assert await agent.get("/health/db") == (503, "down\n")
+    bearer = {"Authorization": "Bearer t0ken-for-details"}
+    assert "[-]db failed: db: switched off" in (await agent.get("/health?verbose", headers=bearer))[1].splitlines()
+    assert await agent.get("/health/db", headers=bearer) == (503, "down: db: switched off\n")

@@ -9,6 +9,7 @@ import sys
 import types
 from urllib.parse import quote
 
+from agent.model import Observation
 from agent.probes import PROBES
 from agent.probes.base import CheckFailed, Context
 from agent.runner import Runner
@@ -115,3 +116,16 @@ async def test_runner_masks_secrets_a_probe_lets_slip() -> None:
     cfg = PROBES["postgres"].Config(name="p", type="postgres", dsn="postgresql://u:p%40ss@db/x?password=two")
     r = await Runner(Context(), {"postgres": mod}).run(cfg)
     assert r.reason == "cannot connect to postgresql://u:***@db/x?password=***", r.reason
+
+
+async def test_runner_masks_secrets_in_a_passing_observations_detail() -> None:
+    """An observation's detail (shown on /status) that quotes a secret is masked as *** too."""
+
+    async def echo(cfg, ctx):
+        return Observation(1.0, "ratio", detail=f"connected to {cfg.dsn}")
+
+    mod = types.ModuleType("echo")
+    mod.Config, mod.probe = PROBES["postgres"].Config, echo
+    cfg = PROBES["postgres"].Config(name="p", type="postgres", dsn="postgresql://u:p%40ss@db/x")
+    r = await Runner(Context(), {"postgres": mod}).run(cfg)
+    assert r.ok and r.observation.detail == "connected to postgresql://u:***@db/x", r.observation
