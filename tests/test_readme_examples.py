@@ -6,14 +6,16 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from agent.config import ConfigError, load_config, parse_config
-from tests.helpers import PASSING, ROOT, agent_toml, free_port, memory_check, toml_table, wait_for
+from tests.helpers import PASSING, ROOT, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
 
 BLOCKS = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
@@ -152,3 +154,58 @@ def test_first_config_walkthrough_validates() -> None:
     assert examples == ["config/examples/node.toml", "config/examples/dependencies.toml"]
     for path in examples:
         load_config(ROOT / path)
+
+
+NEWCOMER = "healthgate-newcomer"
+
+
+def _as_newcomer(home: Path, *argv: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
+    return subprocess.run(["runuser", "-u", NEWCOMER, "--", *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating an ordinary user to run the quick start as needs root")
+def test_the_quick_start_works_on_a_fresh_clone_as_an_ordinary_user(tmp_path: Path) -> None:
+    """The README's quick start pasted as written, on a fresh clone, by an ordinary user: `make run`
+    installs and serves, /health turns 200, and the other commands of the quick start work against it
+    (drain and ready confirmed by the agent). The one change: the config's port, so that it cannot
+    collide with another agent on this machine. The install needs the package index (as a user's does)."""
+    for tool in ("make", "git", "runuser", "useradd"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found")
+    if subprocess.run(["id", NEWCOMER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--shell", "/bin/sh", "--no-create-home", NEWCOMER], check=True)
+    # Outside pytest's own directory (root's alone): where an ordinary user's home would be.
+    home = Path(tempfile.mkdtemp(prefix="healthgate-newcomer-"))
+    clone = home / "healthgate"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)], check=True)
+    port = free_port()
+    cfg = clone / "config" / "healthgate.toml"
+    cfg.write_text(cfg.read_text().replace(":8080", f":{port}"))
+    subprocess.run(["chown", "-R", f"{NEWCOMER}:", str(home)], check=True)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
+    run = subprocess.Popen(["runuser", "-u", NEWCOMER, "--", "make", "run"], cwd=clone, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert run.poll() is None, run.stdout.read().decode()
+            return http_get(url + "/health", timeout=0.5)[0] == 200
+
+        wait_for(up, timeout=240, interval=0.5, what="make run -> /health 200 (the install included)")
+        hg = str(clone / ".venv" / "bin" / "healthgate")
+        cmds = [(hg, "check", "-c", "config/healthgate.toml"), (hg, "status", "-c", "config/healthgate.toml"),
+                (hg, "explain", "-c", "config/healthgate.toml"),
+                (hg, "drain", "-c", "config/healthgate.toml", "--for", "10m", "--reason", "deploy 42"),
+                (hg, "ready", "-c", "config/healthgate.toml")]
+        for argv in cmds:
+            proc = _as_newcomer(home, *argv, cwd=clone, timeout=60)
+            assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
+        schema = _as_newcomer(home, hg, "schema", cwd=clone, timeout=60)
+        assert schema.returncode == 0 and '"title": "healthgate configuration"' in schema.stdout
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(30)
+        shutil.rmtree(home, ignore_errors=True)
