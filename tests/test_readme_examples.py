@@ -160,9 +160,13 @@ NEWCOMER = "healthgate-newcomer"
 
 
 def _as_newcomer(home: Path, *argv: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
-    return subprocess.run(["runuser", "-u", NEWCOMER, "--", *argv], capture_output=True, text=True, env=env,
-                          timeout=timeout, **kw)
+    return subprocess.run(_newcomer(home, *argv), capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _newcomer(home: Path, *argv: str) -> list[str]:
+    """`argv` as the newcomer, at home in `home` (runuser would set HOME to the account's own)."""
+    return ["runuser", "-u", NEWCOMER, "--", "env", "-i", f"HOME={home}", "LANG=C.UTF-8",
+            f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}", *argv]
 
 
 @pytest.mark.slow
@@ -185,9 +189,8 @@ def test_the_quick_start_works_on_a_fresh_clone_as_an_ordinary_user(tmp_path: Pa
     cfg = clone / "config" / "healthgate.toml"
     cfg.write_text(cfg.read_text().replace(":8080", f":{port}"))
     subprocess.run(["chown", "-R", f"{NEWCOMER}:", str(home)], check=True)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
-    run = subprocess.Popen(["runuser", "-u", NEWCOMER, "--", "make", "run"], cwd=clone, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    run = subprocess.Popen(_newcomer(home, "make", "run"), cwd=clone, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         def up() -> bool:
