@@ -144,7 +144,8 @@ def test_status_details_need_a_trusted_network_or_the_token(netns: dict[str, str
 
 
 async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None:
-    """With a status token configured and used, no response, metric or log line contains it."""
+    """With a status token configured and used by an untrusted client (so that the token, not the address,
+    is what unlocks /status), no response, metric or log line contains it; without it /status is refused."""
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
@@ -156,16 +157,20 @@ async def test_token_never_leaves_the_agent(start_agent, tmp_path: Path) -> None
     logs.log.addHandler(handler)
     logs.log.setLevel(logging.DEBUG)
     try:
-        agent = await start_agent({"server": {"status_token_file": str(token_file)},
+        agent = await start_agent({"server": {"status_token_file": str(token_file), "trusted_networks": []},
                                    "checks": [{"name": "mem", "type": "memory", "interval": "200ms",
                                                "timeout": "100ms", "rise": 1, "max_used_percent": 100}]})
         auth = {"Authorization": f"Bearer {token}"}
         await async_wait_for(lambda: _up(agent), timeout=5, what="up")
         seen = [await agent.get(path, headers=auth) for path in ("/status", "/metrics", "/health", "/live", "/nope")]
+        bare = await agent.get("/status")
+        wrong = await agent.get("/status", headers={"Authorization": f"Bearer {token[:-1]}x"})
     finally:
         logs.log.removeHandler(handler)
         logs.log.setLevel(level)
     assert seen[0][0] == 200 and "mem:memory" in json.loads(seen[0][1])["checks"]
+    # The token really was compared: without it, or with a wrong one, /status is the bare verdict only.
+    assert json.loads(bare[1]) == json.loads(wrong[1]) == {"status": "pass"}, (bare, wrong)
     assert '"event": "started"' in lines.getvalue()
     assert token not in "\n".join(body for _, body in seen) + lines.getvalue()
 
