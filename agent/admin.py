@@ -23,7 +23,7 @@ from agent.model import Admin
 from agent.probes.base import NAME_PATTERN
 from agent.probes.blocking import StillBlocked, off_loop
 from agent.state import AgentState
-from agent.watch import DirWatch
+from agent.watch import DirWatch, file_dirs
 
 STATE_FILE = "admin.json"
 POLL = 0.5  # seconds between looks at the state file: one stat(), a read only when it changed
@@ -299,7 +299,7 @@ class AdminWatcher:
         self._looked_with = self.state.config
         path = self.path
         if self._watch is not None:  # first, so that a change after this look is sure to wake us
-            self._watch.arm({str(path.parent): frozenset({STATE_FILE})})
+            self._watch.arm(file_dirs(str(path)))
         sig = self._signature(path)
         if not force and sig == self._sig and sig[0] != "error":
             return sig, None
@@ -427,10 +427,12 @@ class AdminWatcher:
         of a timer of its own waking it twice a second more. While inotify watches the directory a change
         wakes the watcher itself and the look is a safety net every SAFETY_POLL; a made-up record (an
         unreadable file) is looked at every POLL whatever, and a `--for` running out is applied on time."""
+        watched = self._watch is not None and self._watch.armed and self.record.source != "agent"
         if (self._expires is not None and time.time() >= self._expires) or self.state.config is not self._looked_with:
             self._next_look = now
+        elif not watched:  # the watch lost since the last look (its directory removed): the fast poll again
+            self._next_look = min(self._next_look, now + POLL)
         if now >= self._next_look:
-            watched = self._watch is not None and self._watch.armed and self.record.source != "agent"
             self._next_look = now + (SAFETY_POLL if watched else POLL)
             self._due.set()
 

@@ -170,6 +170,11 @@ class Scheduler:
             waiter = heapq.heappop(riders)[2]
             if not waiter.done():
                 waiter.set_result(lag)
+        # A loop cancelled by a reload leaves its wait here until the time it was due, an hour or a day
+        # away: each check has at most one live wait, so past twice that the dead ones are swept out.
+        if len(riders) > 2 * len(self.loops) + 8:
+            riders[:] = [r for r in riders if not r[2].done()]
+            heapq.heapify(riders)
 
     async def _heartbeat(self) -> None:
         loop = asyncio.get_running_loop()

@@ -79,13 +79,13 @@ class DirWatch:
 
     def arm(self, dirs: Mapping[str, frozenset[str]]) -> bool:
         """Blocking (it resolves paths): watch exactly `dirs` ({directory: names of files in it}); True
-        when every one is watched. Cheap when nothing changed since the last call and no watch was lost."""
+        when every one is watched. Each path is looked up again every time, even when `dirs` is what it
+        was: a symlink on the way may now lead to another directory (inotify gives the same descriptor
+        back for a directory watched already, so this costs one lookup per directory)."""
         lib = _lib()
         if self._fd < 0 or lib is None:
             return False
         dirs = {d: frozenset(n) for d, n in dirs.items()}
-        if self.armed and dirs == self._want:
-            return True
         wds: dict[int, frozenset[str]] = {}
         ok = True
         for directory, names in dirs.items():
@@ -143,13 +143,30 @@ class DirWatch:
         self._wds = {}
 
 
-def config_dirs(path: str) -> dict[str, frozenset[str]]:
-    """Blocking: where a change to the config file at `path` shows: its directory (the file itself, and
-    a ConfigMap volume's `..data` swap), and the directory of the file a symlink leads to."""
+def file_dirs(path: str) -> dict[str, frozenset[str]]:
+    """Blocking: where a change to the file at `path` shows: its directory; that directory's parent, for
+    the directory's own name (removed, made again, or a symlink to it swapped, as a deploy's `current`
+    link is: the directory first watched then never changes); and the directory of the file a symlink
+    leads to."""
     here = os.path.abspath(path)
-    dirs = {os.path.dirname(here): frozenset({os.path.basename(here), "..data"})}
+    dirs: dict[str, frozenset[str]] = {}
+
+    def add(d: str, name: str) -> None:
+        dirs[d] = dirs.get(d, frozenset()) | {name}
+
+    parent = os.path.dirname(here)
+    add(parent, os.path.basename(here))
+    if os.path.dirname(parent) != parent:
+        add(os.path.dirname(parent), os.path.basename(parent))
     real = os.path.realpath(here)
     if real != here:
-        d, n = os.path.dirname(real), os.path.basename(real)
-        dirs[d] = dirs.get(d, frozenset()) | {n}
+        add(os.path.dirname(real), os.path.basename(real))
+    return dirs
+
+
+def config_dirs(path: str) -> dict[str, frozenset[str]]:
+    """Blocking: file_dirs() of the config file, and its directory's `..data` (a ConfigMap volume's swap)."""
+    dirs = file_dirs(path)
+    here = os.path.dirname(os.path.abspath(path))
+    dirs[here] = dirs[here] | {"..data"}
     return dirs

@@ -288,3 +288,22 @@ async def test_long_waits_ride_on_the_heartbeat_never_late(start_agent) -> None:
     beat = serving.beat(agent.state.config.policy.max_loop_lag)
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert all(1.2 - beat - 0.01 <= g <= 1.2 + 0.05 for g in gaps), gaps
+
+
+async def test_reloads_leave_no_parked_waits_behind(start_agent) -> None:
+    """1,000 reloads restart a check sampled hourly, each loop parked on the heartbeat until its next sample:
+    the waits of the cancelled loops do not pile up for the hour they were due in."""
+    mem = {"name": "mem", "type": "memory", "interval": "1h", "timeout": "100ms", "jitter": 0, "rise": 1,
+           "max_used_percent": 100}
+    agent = await start_agent({"checks": [mem]})
+    scheduler = agent.agent.scheduler
+    await async_wait_for(lambda: _async("mem" in scheduler.loops), what="the check's loop")
+    for _ in range(1000):
+        task = scheduler.loops["mem"]
+        await async_wait_for(lambda: _async(any(not w.done() for _, _, w in scheduler._riders)), timeout=5,
+                             interval=0.001, what="the loop parked on the heartbeat")
+        scheduler.reload({"mem"})
+        await asyncio.gather(task, return_exceptions=True)
+    beat = serving.beat(agent.state.config.policy.max_loop_lag)
+    await asyncio.sleep(beat * 3)  # a few heartbeats, each of which may tidy up
+    assert len(scheduler._riders) <= 10, len(scheduler._riders)

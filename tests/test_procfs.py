@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,33 @@ def test_a_meminfo_that_hangs_costs_the_memory_check_alone(agent_process, tmp_pa
     wait_for(lambda: checks()["mem"]["output"].startswith(("timeout", "memory: the read started")) and
              checks()["mem"]["status"] == "fail", what="and still failing, its read stuck in its thread")
     for _ in range(20):  # a stalled loop would show within a few of these
+        assert agent.get("/live")[0] == 200
+        assert checks()["disk"]["status"] == "pass"
+    assert "loop_stalled" not in agent.logs()
+
+
+def test_a_meminfo_on_a_hung_fuse_server_never_stalls_the_loop(agent_process, tmp_path: Path) -> None:
+    """/proc/meminfo is a FUSE file whose server never answers (lxcfs hung), so even a stat() of it waits:
+    telling it from the kernel's own file must not be done on the loop. The memory check fails in its
+    thread; /live keeps answering and the disk check keeps passing."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("a FUSE mount in a private mount namespace needs root and /dev/fuse")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not found: apt-get install util-linux")
+    config = agent_toml(state_dir=str(tmp_path / "state")) + memory_check("mem", critical=False)
+    config += toml_table("[[checks]]", name="disk", type="disk", path=str(tmp_path), interval="200ms",
+                         timeout="100ms", rise=1, min_free_percent=0)
+    wrapper = ("unshare", "--mount", "--propagation", "private", sys.executable,
+               str(Path(__file__).with_name("hung_fuse.py")), "/proc/meminfo")
+    agent = agent_process(config, wrapper=wrapper)
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up on the disk check")
+
+    def checks() -> dict:
+        status = json.loads(agent.get("/status")[1])
+        return {name.split(":")[0]: entry[0] for name, entry in status["checks"].items()}
+
+    wait_for(lambda: checks()["mem"]["status"] == "fail", what="the memory check failing in its thread")
+    for _ in range(20):
         assert agent.get("/live")[0] == 200
         assert checks()["disk"]["status"] == "pass"
     assert "loop_stalled" not in agent.logs()

@@ -5,7 +5,12 @@ with inotify turned off, the polls alone still pick them up in the documented ti
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from agent import app as app_mod
 from agent.admin import make_record, write_record
 from agent.model import Admin
 from agent.watch import DirWatch, config_dirs, enabled
-from tests.helpers import async_wait_for
+from tests.helpers import ROOT, agent_toml, async_wait_for, memory_check, wait_for
 from tests.test_reload import config_text
 
 pytestmark = pytest.mark.skipif(not enabled(), reason="no inotify on this system")
@@ -70,7 +75,7 @@ async def test_a_configmap_swap_and_a_symlink_target_edit_wake(tmp_path: Path) -
     watch = DirWatch(seen)
     try:
         dirs = config_dirs(str(path))
-        assert set(dirs) == {str(tmp_path), str(tmp_path / "..2026_a")}
+        assert set(dirs) == {str(tmp_path.parent), str(tmp_path), str(tmp_path / "..2026_a")}  # parent: the dir swapped
         assert watch.arm(dirs)
         (tmp_path / "..2026_a" / "healthgate.toml").write_text("a = 2\n")  # the target edited in place
         await seen.next()
@@ -163,3 +168,106 @@ def _mem() -> dict:
 
 async def _is(value: bool) -> bool:
     return value
+
+
+# -- a real agent, its directories moved under it ------------------------------------------------------------
+
+def _maint_by_hand(agent, state_dir: Path) -> float:
+    """`healthgate maint --state-dir` writing the file itself (no socket); the seconds until /health is 503."""
+
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "agent", "maint", "-c", str(agent.path), "--state-dir", str(state_dir),
+                    "--no-wait", "--reason", "by hand"], cwd=ROOT, check=True, capture_output=True, timeout=10)
+    wait_for(lambda: agent.get("/health")[0] == 503, timeout=30, interval=0.02, what="maint in force")
+    return time.monotonic() - t0
+
+
+def _watching(pid: int, directory: Path) -> bool:
+    """Whether one of the process's inotify descriptors watches `directory` (its inode, from fdinfo)."""
+    ino = f"ino:{os.stat(directory).st_ino:x} "
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify" and \
+                    ino in Path(f"/proc/{pid}/fdinfo/{fd}").read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _agent_on(agent_process, state_dir: Path):
+    agent = agent_process(agent_toml(state_dir=str(state_dir), watch_config=False) + memory_check())
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    wait_for(lambda: state_dir.is_dir() and _watching(agent.proc.pid, state_dir), what="the state directory watched")
+    _steady(agent)
+    return agent
+
+
+def _steady(agent) -> None:
+    """Serve for a moment after the watch is made: the fast poll's last look has planned the next one 10 s
+    out, as in an agent that has run for hours (what the faults below must not wait for)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2 * admin_mod.POLL:
+        assert agent.get("/health")[0] == 200
+
+
+@pytest.mark.parametrize("removed", ["state", "var"])
+def test_a_state_directory_removed_and_made_again_still_applies_maint_within_1s(agent_process, tmp_path: Path,
+                                                                                  removed: str) -> None:
+    """The state directory, or the directory above it too, removed (their watches lost) and made again while
+    the agent runs: maintenance written into it by hand is in force within the README's 1 s, not at the next
+    10 s safety look."""
+    state = tmp_path / "var" / "state"
+    agent = _agent_on(agent_process, state)
+    shutil.rmtree(state if removed == "state" else state.parent)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.0:  # the fault held: the directory gone for a while, as a person would
+        assert agent.get("/health")[0] == 200
+    state.mkdir(parents=True)
+    assert _maint_by_hand(agent, state) < 1.5
+
+
+def test_a_state_directory_symlink_swapped_still_applies_maint_within_1s(agent_process, tmp_path: Path) -> None:
+    """state_dir is a symlink (a release's `current` link) swapped to another directory: maintenance written
+    through it is in force within 1 s, though the directory first watched never changed."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "state"
+    link.symlink_to("a")
+    agent = _agent_on(agent_process, link)
+    tmp = tmp_path / "state.tmp"
+    tmp.symlink_to("b")
+    os.replace(tmp, link)
+    assert _maint_by_hand(agent, link) < 1.5
+
+
+def test_a_config_directory_symlink_swapped_reloads_within_2s(agent_process, tmp_path: Path) -> None:
+    """The config file's directory is a symlink (`current` -> a release) swapped to a new release: the new
+    file is reloaded within the README's 2 s, not at the next 10 s safety look."""
+
+    for release, name in (("r1", "mem"), ("r2", "swapped")):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "healthgate.toml").write_text(
+            agent_toml(state_dir=str(tmp_path / "st")) + memory_check(name))
+    (tmp_path / "current").symlink_to("r1")
+    agent = agent_process(agent_toml(state_dir=str(tmp_path / "st")) + memory_check(), wait=False)
+    agent.proc.kill()
+    agent.proc.wait()
+    agent.path = tmp_path / "current" / "healthgate.toml"
+    for release in ("r1", "r2"):  # the same free port in both releases
+        p = tmp_path / release / "healthgate.toml"
+        p.write_text(p.read_text().replace("{port}", str(agent.port)))
+    agent.start()
+
+    def names() -> set[str]:
+        return {n.split(":")[0] for n in json.loads(agent.get("/status")[1])["checks"]}
+
+    wait_for(lambda: names() == {"mem"}, what="the first release's config")
+    wait_for(lambda: _watching(agent.proc.pid, tmp_path / "r1"), what="the release watched")
+    _steady(agent)
+    tmp = tmp_path / "current.tmp"
+    tmp.symlink_to("r2")
+    t0 = time.monotonic()
+    os.replace(tmp, tmp_path / "current")
+    wait_for(lambda: names() == {"swapped"}, timeout=30, what="the new release's config")
+    assert time.monotonic() - t0 < 2.5
