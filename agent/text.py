@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from typing import Any
@@ -55,7 +56,7 @@ def printable(text: str) -> str:
 def tidy(x: float) -> float:
     """A measured number without float noise: six significant digits, or millisecond precision from 1000 on
     (a Unix timestamp keeps its milliseconds). 37.58291015625 -> 37.5829, 0.000123456789 -> 0.000123457."""
-    if isinstance(x, bool) or not isinstance(x, float) or x != x or x in (float("inf"), float("-inf")):
+    if not isinstance(x, float) or not math.isfinite(x):
         return x
     return round(x, 3) if abs(x) >= 1000 else float(f"{x:.6g}")
 

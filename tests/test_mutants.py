@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import admin as admin_mod
 from agent.access import admitted, is_unix, peer, trusted, within
 from agent.admin import (
     READY,
@@ -46,7 +47,7 @@ from agent.serving import (
     unknown_group,
 )
 from agent.state import AgentState
-from agent.text import mask, mask_all, one_line, printable
+from agent.text import mask, mask_all, one_line, printable, tidy, tidy_all
 from agent.verdict import HISTORY, NOTHING_CRITICAL, Tally, aggregate, next_state, passing, stale, view, why
 from tests.helpers import PASSING
 
@@ -267,6 +268,22 @@ def test_a_groups_answer_is_its_own_verdict_and_admin_state() -> None:
     assert (h.healthy, h.state, h.reason, h.code) == (True, "drain", "drain: reindex", 404)
     maint = decide(snapshot(checks, groups, Admin.MAINT, "kernel"), COND, 0.1, "h")
     assert (maint.state, maint.reason) == ("maint", "maint: kernel")
+
+
+def test_a_group_asks_its_own_fleet_guard_never_the_nodes() -> None:
+    """A group down for shared reasons is held by its own guard's grant to serve, not by the node's: the
+    node's guard holding says nothing about the group, and a group without a guard of its own is not held."""
+    checks = (cv("api"), cv("dep", Status.DOWN, critical=False, shared=True))
+    groups = {"g": Group(aggregate(checks, 0.0, members=frozenset({"dep"})), frozenset({"dep"}))}
+    holding = GuardView(state="held", serve=True, reasons=("dep",))
+    shedding = GuardView(state="granted", serve=False, reasons=("dep",))
+    s = snapshot(checks, groups)
+    own = decide(s, replace(COND, guard=shedding, group_guards={"g": holding}), 0.1, "g")
+    assert (own.held, own.healthy, own.note) == (True, True, holding.words())
+    nodes = decide(s, replace(COND, guard=holding, group_guards={"g": shedding}), 0.1, "g")
+    assert (nodes.held, nodes.healthy, nodes.down_reason) == (False, False, "dep: refused")
+    none = decide(s, replace(COND, guard=holding, group_guards={}), 0.1, "g")
+    assert (none.held, none.healthy) == (False, False)
 
 
 def test_a_group_check_going_stale_after_the_snapshot_takes_the_group_down() -> None:
@@ -661,3 +678,63 @@ async def test_group_states_in_force(watcher: AdminWatcher) -> None:
     put(watcher, AdminRecord(Admin.READY, groups=groups), 100.0)
     assert watcher.state.group_admin == {}
 
+
+
+class Armed:
+    armed = True  # an inotify watch in place: the watcher's own looks are 10 s apart
+
+
+def _beats_to_a_look(w: AdminWatcher, now: float, wall: float, monkeypatch) -> bool:
+    """Whether a heartbeat at loop time `now` and wall time `wall` asks the watcher for a look."""
+    monkeypatch.setattr(admin_mod.time, "time", lambda: wall)
+    w._due.clear()
+    w.beat(now)
+    return w._due.is_set()
+
+
+@pytest.mark.parametrize("record", [
+    AdminRecord(Admin.DRAIN, "deploy", until=130.0),
+    AdminRecord(Admin.READY, groups=(("api", AdminRecord(Admin.MAINT, until=130.0)),
+                                     ("web", AdminRecord(Admin.MAINT)))),
+])
+async def test_a_for_runs_out_on_time_while_inotify_spaces_the_looks(watcher: AdminWatcher, record, monkeypatch) -> None:
+    """With the file watched, looks come every SAFETY_POLL; a `--for` (the node's or a group's) still ends
+    on time: the first heartbeat at or after its `until` asks for a look, none before it does."""
+    watcher._watch, watcher._looked_with = Armed(), watcher.state.config  # watched, and looked at already
+    put(watcher, record, 100.0)
+    assert _beats_to_a_look(watcher, 0.0, 100.0, monkeypatch)  # the first beat: a look is due anyway
+    assert not _beats_to_a_look(watcher, 1.0, 129.9, monkeypatch)  # the next one is SAFETY_POLL away
+    assert _beats_to_a_look(watcher, 1.1, 130.0, monkeypatch)  # ...but the --for has run out
+
+
+@pytest.mark.parametrize("record", [
+    AdminRecord(Admin.MAINT, "kernel"),  # no --for: nothing runs out
+    AdminRecord(Admin.READY, until=130.0),  # ready needs no expiry
+    AdminRecord(Admin.DRAIN, until=100.0),  # run out already when applied
+])
+async def test_nothing_to_run_out_asks_for_no_early_look(watcher: AdminWatcher, record, monkeypatch) -> None:
+    """Without a `--for` in force, in the future, a heartbeat asks for no look before SAFETY_POLL."""
+    watcher._watch, watcher._looked_with = Armed(), watcher.state.config  # watched, and looked at already
+    put(watcher, record, 100.0)
+    assert _beats_to_a_look(watcher, 0.0, 100.0, monkeypatch)
+    assert not _beats_to_a_look(watcher, 1.0, 200.0, monkeypatch)
+
+
+@pytest.mark.parametrize("x, tidied", [
+    (37.58291015625, 37.5829), (0.000123456789, 0.000123457), (0.003000000000156433, 0.003),
+    (999.99949, 999.999), (1000.00049, 1000.0), (1000.5678, 1000.568), (1764650000.123456, 1764650000.123), (-1234.56789, -1234.568),
+    (-0.1234567, -0.123457), (12, 12), (True, True), (float("inf"), float("inf")), (float("-inf"), float("-inf")),
+])
+def test_tidy_keeps_six_significant_digits_or_milliseconds(x, tidied) -> None:
+    """Floats lose their noise: six significant digits below 1000, milliseconds from 1000 on (timestamps);
+    integers, booleans and infinities pass as they are, with their type."""
+    out = tidy(x)
+    assert out == tidied and type(out) is type(tidied)
+
+
+def test_tidy_leaves_nan_and_tidies_every_float_inside() -> None:
+    nan = tidy(float("nan"))
+    assert nan != nan
+    assert tidy_all({"a": [0.30000000000000004, (1.0000001, "x")], "b": {"c": 2.50000001}, "d": 3, "e": None}) == \
+        {"a": [0.3, [1.0, "x"]], "b": {"c": 2.5}, "d": 3, "e": None}
+    assert tidy_all(0.1 + 0.2) == 0.3 and tidy_all("0.30000000000000004") == "0.30000000000000004"
