@@ -51,8 +51,9 @@ class ServerConfig(Strict):
     max_connections: int = Field(default=512, ge=1, le=65535, description="open connections beyond this are closed")
     max_request_rate: float = Field(
         default=100, ge=0, le=1_000_000, description="requests a second one client address may make to anything but "
-        "the probes (/health, /ready, /live and their groups, as the fast responder answers them); beyond it 429 "
-        "and the connection is closed, so junk cannot starve the probes; 0 = no limit")
+        "the probes (/health, /ready, /live and their groups, as the fast responder answers them; a probe only "
+        "aiohttp can take counts a tenth, and none with fast_health = false); beyond it 429 and the connection "
+        "is closed, so junk cannot starve the probes; 0 = no limit")
     read_timeout: duration(HOUR, positive=True) = Field(default=5.0,
                                                         description="a client must send its request within this")
     fast_health: bool = Field(

@@ -88,6 +88,7 @@ class Guard:
         self.read_timeout = server.read_timeout
         self.allow_from = server.allow_from
         self.rate = server.max_request_rate if rate is None else rate
+        self.fast_health = server.fast_health
         if not hasattr(self, "_buckets"):
             self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
@@ -99,8 +100,8 @@ class Guard:
         tenth: a load balancer's checks are never refused at rates it sends, and a flood of anything costs
         the loop a bounded share. `take=False` looks without taking (the fast responder, before aiohttp's
         own look at the same request). The exact probes the fast responder answers never ask."""
-        if not self.rate or transport is None:
-            return True
+        if not self.rate or transport is None or (probe and not self.fast_health):
+            return True  # with fast_health = false aiohttp answers every probe: they are never limited
         peer = transport.get_extra_info("peername")
         key = peer[0] if isinstance(peer, tuple) and peer else ""
         cost = PROBE_COST if probe else 1.0

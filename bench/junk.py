@@ -94,7 +94,7 @@ def run(ctx: Ctx) -> Section:
                      str(sum(w["unanswered"] for w in ws)),
                      Summary.of([w["p99"] for w in ws]).fmt(1e3, 1), Summary.of([w["max"] for w in ws]).fmt(1e3, 1),
                      str(sum(w["stalls"] for w in ws))])
-    worst = min(res, key=lambda w: w["up_share"])
+    worst = min(res, key=lambda w: (w["up_share"], -w["procs"] * w["conns"]))  # the biggest flood among the worst
     figure = (f"{worst['procs']} x {worst['conns']} connections of junk ({worst['rps']:,.0f} requests/s): "
               f"/health 200 on {worst['up_share']:.1%} of probes, {worst['stalls']} loop stalls")
     targets = [Target("a junk flood: probes answered, no stall past max_loop_lag", "reported", figure, None,

@@ -294,3 +294,15 @@ def test_past_max_request_rate_junk_gets_429_and_probes_still_200(agent_process,
     # /metrics is not a probe: it waits its turn in the same bucket, as any other client's junk would.
     wait_for(lambda: scrape(proc.url)['healthgate_http_dropped_connections_total{reason="rate"}'] >= 4,
              timeout=3, what="the refusals counted")
+
+
+def test_with_fast_health_off_probes_are_never_rate_limited() -> None:
+    """fast_health = false sends every probe to aiohttp: the probes then never count against the limit (a load
+    balancer must not be refused for probing), while junk still does."""
+    from agent.config import ServerConfig
+    from agent.listener import Guard
+
+    guard = Guard(ServerConfig(max_request_rate=1, fast_health=False))
+    a = FakeTransport("192.0.2.9")
+    assert all(guard.within_rate(a, 0.0, probe=True) for _ in range(1000))
+    assert guard.within_rate(a, 0.0, probe=False) and not guard.within_rate(a, 0.0, probe=False)
