@@ -160,7 +160,9 @@ def test_a_shared_outage_sheds_no_more_than_the_budget(fleet) -> None:
     wait_for(lambda: held.code() == 503, timeout=2, what="the held node down for its local fault")
     watch.hold(1.0)
     held.heartbeat.write_text("ok\n")
-    wait_for(lambda: held.code() == 200, timeout=3, what="the node held again once its own fault cleared")
+    # Held again once its check passes (200 ms) and its guard's next heartbeat (250 ms) has the store's
+    # answer: well under a second idle; the bound allows for a loaded machine (3 s was missed under load).
+    wait_for(lambda: held.code() == 200, timeout=8, what="the node held again once its own fault cleared")
     watch.extra_down.discard(held.name)
 
     shed = next(n for n in nodes if n.code() == 503)
