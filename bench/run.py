@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import deps, detect, fleet, footprint, junk, lag, profile, report, scale, serve
+from bench import deps, detect, firstrun, fleet, footprint, junk, lag, profile, report, scale, serve
 from bench.core import Ctx, Section
 from bench.servers import BenchError, Servers
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = {"serve": serve, "deps": deps, "detect": detect, "footprint": footprint, "lag": lag, "scale": scale,
-            "profile": profile, "fleet": fleet, "junk": junk}
+            "profile": profile, "fleet": fleet, "junk": junk, "firstrun": firstrun}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
