@@ -31,6 +31,13 @@ def _as_user(home: Path) -> list[str]:
     return ["runuser", "-u", USER, "--", *env]
 
 
+def _status(url: str) -> int:
+    try:
+        return http_status(url, 0.5)
+    except OSError:  # not listening yet: the install is still running
+        return 0
+
+
 def once(ctx: Ctx) -> float:
     home = Path(tempfile.mkdtemp(prefix="healthgate-firstrun-"))
     clone = home / "healthgate"
@@ -45,7 +52,7 @@ def once(ctx: Ctx) -> float:
             subprocess.run(["chown", "-R", f"{USER}:", str(home)], check=True)
         proc = subprocess.Popen([*_as_user(home), "make", "run"], cwd=clone, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        while http_status(f"http://127.0.0.1:{port}/health", 0.5) != 200:
+        while _status(f"http://127.0.0.1:{port}/health") != 200:
             if proc.poll() is not None or time.monotonic() - t0 > 600:
                 raise RuntimeError("make run never served 200")
             time.sleep(0.1)
