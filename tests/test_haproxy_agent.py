@@ -169,9 +169,9 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def load_weighted_agent(tmp_path):
+async def load_weighted_agent(tmp_path, slow_start: str = "1500ms"):
     """An Agent whose weight follows the load average of a fixture /proc (tmp_path/proc, 75% headroom), with
-    a 1.5 s slow start from a 10% floor; its state directory is tmp_path/state."""
+    a 1.5 s slow start (unless told) from a 10% floor; its state directory is tmp_path/state."""
     from agent.app import Agent
     from agent.config import parse_config
 
@@ -183,7 +183,7 @@ async def load_weighted_agent(tmp_path):
     agent = Agent(parse_config({
         "server": {"listen": "127.0.0.1:0"}, "agent": {"state_dir": str(tmp_path / "state")},
         "agent_check": {"listen": "127.0.0.1:0", "weight_source": "load", "weight_smoothing": 0,
-                        "slow_start": "1500ms", "weight_floor": 10},
+                        "slow_start": slow_start, "weight_floor": 10},
         "checks": [MEM]}))
     agent.ctx.proc = proc
     await agent.start()
@@ -224,16 +224,17 @@ async def test_weight_ramps_again_after_drain_or_maintenance(tmp_path, action: s
     from agent.admin import set_admin_cli
 
     state_dir = str(tmp_path / "state")
-    agent = await load_weighted_agent(tmp_path)
+    # A 6 s ramp: the first reply after `ready` is read long before the ramp could end, even on a loaded machine.
+    agent = await load_weighted_agent(tmp_path, slow_start="6s")
     try:
         port = agent.agent_check_address[1]
-        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=10, what="ramped to 75%")
+        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=20, what="ramped to 75%")
         assert set_admin_cli(state_dir, action, "rack move", None, None)[0] is not None
         await async_wait_for(lambda: _starts(ask(port), f"up {action} ".encode()), timeout=5, what=action)
         assert set_admin_cli(state_dir, "ready", "", None, None)[0] is not None
         back = await async_wait_for(lambda: _up(ask(port)), timeout=5, what="ready")
         assert 10 <= back <= 40, back  # from the floor, not straight back to 75
-        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=5, what="ramped to 75% again")
+        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=15, what="ramped to 75% again")
     finally:
         await agent.stop()
 
