@@ -79,6 +79,7 @@ class Guard:
         self.open: dict[Handler, None] = {}
         self.dropped: collections.Counter = collections.Counter()  # reason -> connections closed by us
         self.bad: collections.Counter = collections.Counter()  # status -> malformed requests answered
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()  # see within_rate
         self.configure(server)
 
     def configure(self, server: ServerConfig, rate: float | None = None) -> None:
@@ -89,8 +90,6 @@ class Guard:
         self.allow_from = server.allow_from
         self.rate = server.max_request_rate if rate is None else rate
         self.fast_health = server.fast_health
-        if not hasattr(self, "_buckets"):
-            self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
     def within_rate(self, transport: asyncio.BaseTransport | None, now: float, probe: bool,
                     take: bool = True) -> bool:
