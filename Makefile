@@ -2,7 +2,7 @@
 # `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it), `make test-systemd` the shipped
 # unit under a real systemd in a container (root; about 3 minutes), `make fuzz` the differential fuzz of the
 # fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000), `make mutate` the mutation
-# testing of the trust core with mutmut (agent/serving.py, access.py, text.py, verdict.py, admin.py against the
+# testing of the trust core with mutmut (agent/serving/decision.py, access.py, text.py, verdict.py, admin.py against the
 # fast in-process tests; about a minute, not in CI; docs/mutation.md). All create .venv when missing.
 #
 # Other interpreters and loops (see Development in the README):

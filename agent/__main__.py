@@ -1,5 +1,5 @@
 """`python -m agent` runs the healthgate command line."""
 
-from agent.cli import main
+from agent.cli.main import main
 
 raise SystemExit(main())

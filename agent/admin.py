@@ -534,7 +534,7 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
             return f"cannot read server.status_token_file {token_file} to ask the agent: {e.strerror or e}"
         if token:
             headers["Authorization"] = f"Bearer {token}"
-    from agent.remote import admin_socket, unix_request
+    from agent.cli.remote import admin_socket, unix_request
 
     sock = admin_socket(config)  # the operators' channel: details without a token
     if sock is not None:

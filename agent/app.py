@@ -14,19 +14,19 @@ from dataclasses import replace
 from agent import logs
 from agent.admin import AdminWatcher
 from agent.config import Config, ConfigError
-from agent.haproxy_agent import AgentCheckServer
-from agent.http_api import TOKENS, make_app
-from agent.listener import Listener
-from agent.metrics import make_registry
 from agent.probes.base import Context
 from agent.probes.blocking import LookupPool, StillBlocked, off_loop
 from agent.runner import Runner
 from agent.scheduler import Scheduler, first_samples
-from agent.sdnotify import Notifier, ServiceManager
+from agent.serving.haproxy_agent import AgentCheckServer
+from agent.serving.http_api import TOKENS, make_app
+from agent.serving.listener import Listener
+from agent.serving.metrics import make_registry
+from agent.serving.sdnotify import Notifier, ServiceManager
+from agent.serving.weight import WeightTracker
 from agent.state import AgentState
 from agent.trust import check_trusted, load_trusted_config, read_secret
 from agent.watch import DirWatch, config_dirs
-from agent.weight import WeightTracker
 
 RELOAD_TIMEOUT = 5.0  # seconds a SIGHUP's config read may take before the reload is given up on
 WATCH_EVERY = 1.0  # seconds between looks at the config file (one stat(), off the loop)
@@ -351,7 +351,7 @@ class Agent:
         return True
 
     def _start_fleet_guard(self) -> None:
-        """With [fleet]: the guard's own task, and the state told to consult it (agent.serving decides)."""
+        """With [fleet]: the guard's own task, and the state told to consult it (agent.serving.decision decides)."""
         assert self.state is not None
         if self.config.fleet is None:
             return

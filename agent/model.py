@@ -104,7 +104,7 @@ class Group:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything a request needs, swapped atomically; agent.serving.decide() turns it into an answer."""
+    """Everything a request needs, swapped atomically; agent.serving.decision.decide() turns it into an answer."""
 
     verdict: Verdict
     admin: Admin
@@ -113,5 +113,5 @@ class Snapshot:
     computed_at: float  # monotonic
     since: float  # monotonic time the served up/down last changed
     since_wall: float
-    loop_lag: float  # at the last heartbeat, for display; agent.serving decides what it means
+    loop_lag: float  # at the last heartbeat, for display; agent.serving.decision decides what it means
     groups: Mapping[str, Group] = field(default_factory=dict)  # verdict groups, by name

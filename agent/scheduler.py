@@ -13,7 +13,7 @@ from agent import logs
 from agent.model import Result
 from agent.probes.base import CheckBase
 from agent.runner import Runner
-from agent.serving import beat
+from agent.serving.decision import beat
 from agent.state import AgentState
 
 START_RATE = 1000.0  # first samples per second at most, spread over the checks' intervals

@@ -14,7 +14,7 @@ from agent import logs
 from agent.config import Config
 from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Status, Verdict
 from agent.probes.base import CheckBase
-from agent.serving import Answer, Condition, beat, decide
+from agent.serving.decision import Answer, Condition, beat, decide
 from agent.verdict import Tally, holdable, next_state, stale_limit, view
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class CheckStats:
 class AgentState:
     """Written only by the event loop's own tasks (scheduler, heartbeat, signal and admin handlers).
 
-    Readers (HTTP, agent-check, metrics, systemd) call `answer(now)`: agent.serving.decide() over
+    Readers (HTTP, agent-check, metrics, systemd) call `answer(now)`: agent.serving.decision.decide() over
     `snapshot` and `condition`, immutable values replaced whole, so a request never sees a half-updated
     state and never waits for a check. The snapshot is what the checks say; the condition is what the
     heartbeat and the lifecycle say about the agent itself. Only the heartbeat moves `condition.heartbeat`,
@@ -138,7 +138,7 @@ class AgentState:
         """The heartbeat: called every beat by the scheduler with the loop lag it measured.
 
         A stall is measured as a consumer sees it: the time since the previous heartbeat (the rule that
-        agent.serving applies to every answer), not only how late this one is, so a pause a little longer
+        agent.serving.decision applies to every answer), not only how late this one is, so a pause a little longer
         than max_loop_lag is held down too. It is held for loop_recovery, and at least until the next
         heartbeat, so that requests answered right after it are DOWN even with loop_recovery = 0.
         """

@@ -126,7 +126,7 @@ def aggregate(views: Iterable[CheckView], now: float, excluded: frozenset[str] =
     `members` (a verdict group's checks) count whether critical or not; None counts the critical checks.
     Excluded checks (?exclude=) count as passing. `until` is when this verdict stops holding without a new
     result: the earliest moment a passing critical check goes stale. The agent's own condition (its loop,
-    shutdown) is not part of it: agent.serving.decide() adds that.
+    shutdown) is not part of it: agent.serving.decision.decide() adds that.
     """
     failing = []
     critical = skipped = 0

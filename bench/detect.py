@@ -29,7 +29,7 @@ SIGNALS = [
 
 
 def missing() -> str | None:
-    if importlib.util.find_spec("agent.haproxy_agent") is None:
+    if importlib.util.find_spec("agent.serving.haproxy_agent") is None:
         return "this agent has no HAProxy agent-check listener (`[agent_check] listen`) yet"
     return None
 

@@ -235,9 +235,9 @@ def memory_check(name: str = "mem", **keys: object) -> str:
 
 def answer_for(up: bool = True, reason: str = "", admin=None, admin_reason: str = "", fresh: bool = True,
                stopping: bool = False, loop_ok: bool = True, drain_status: int = 503):
-    """agent.serving's answer for a snapshot whose checks verdict is `up` (with `reason`), as a table row."""
+    """agent.serving.decision's answer for a snapshot whose checks verdict is `up` (with `reason`), as a table row."""
     from agent.model import Admin, Snapshot, Verdict
-    from agent.serving import Condition, decide
+    from agent.serving.decision import Condition, decide
 
     snap = Snapshot(verdict=Verdict(up, reason), admin=admin or Admin.READY, admin_reason=admin_reason, checks=(),
                     computed_at=0.0, since=0.0, since_wall=0.0, loop_lag=0.0)

@@ -25,7 +25,7 @@ from agent.admin import (
     update_record,
     write_record,
 )
-from agent.cli import main as cli_main
+from agent.cli.main import main as cli_main
 from agent.model import Admin
 from tests.helpers import PASSING, ROOT, async_wait_for, memory_check, wait_for
 from tests.test_haproxy_agent import MEM

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
-from agent.metrics import make_registry, render
+from agent.serving.metrics import make_registry, render
 from agent.state import AgentState
 from bench.core import agent_config, checks20
 from bench.deps import per_1000
@@ -133,17 +133,17 @@ def test_summaries_and_paired_ratios() -> None:
 
 def test_py_spy_raw_output_is_summarised() -> None:
     """Self samples go to the leaf frame; inclusive samples skip the frames above the event loop's run."""
-    raw = ("main (agent/cli.py:1);Runner.run (asyncio/runners.py:118) 40\n"
-           "main (agent/cli.py:1);Runner.run (asyncio/runners.py:118);HealthProtocol.data_received "
-           "(agent/fasthealth.py:200) 50\n"
-           "main (agent/cli.py:1);Runner.run (asyncio/runners.py:118);HealthProtocol.data_received "
-           "(agent/fasthealth.py:182);FastHealth.answer (agent/fasthealth.py:132) 10\n")
+    raw = ("main (agent/cli/main.py:1);Runner.run (asyncio/runners.py:118) 40\n"
+           "main (agent/cli/main.py:1);Runner.run (asyncio/runners.py:118);HealthProtocol.data_received "
+           "(agent/serving/fasthealth.py:200) 50\n"
+           "main (agent/cli/main.py:1);Runner.run (asyncio/runners.py:118);HealthProtocol.data_received "
+           "(agent/serving/fasthealth.py:182);FastHealth.answer (agent/serving/fasthealth.py:132) 10\n")
     total, own, incl, lines = summarise(raw)
     assert total == 100
-    assert lines[0] == ("agent/fasthealth.py:200 (HealthProtocol.data_received)", 50)
-    assert own[0] == ("HealthProtocol.data_received (agent/fasthealth.py)", 50)
-    assert dict(incl) == {"HealthProtocol.data_received (agent/fasthealth.py)": 60,
-                          "FastHealth.answer (agent/fasthealth.py)": 10}
+    assert lines[0] == ("agent/serving/fasthealth.py:200 (HealthProtocol.data_received)", 50)
+    assert own[0] == ("HealthProtocol.data_received (agent/serving/fasthealth.py)", 50)
+    assert dict(incl) == {"HealthProtocol.data_received (agent/serving/fasthealth.py)": 60,
+                          "FastHealth.answer (agent/serving/fasthealth.py)": 10}
 
 
 @pytest.mark.parametrize("checks", [None, checks20(6379, 8080)])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent import remote, render
+from agent.cli import remote, render
 from agent.text import tidy
 from tests.helpers import PASSING, ROOT, agent_toml, free_port, toml_table, wait_for
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent import cli
+from agent.cli import main as cli
 from agent.config import ConfigError, load_config, parse_config
 from agent.fields import format_duration, parse_duration
 from tests.helpers import PASSING, ROOT, memory_check

@@ -9,11 +9,11 @@ import types
 import pytest
 from aiohttp import web
 
-from agent import serving
 from agent.model import Observation, Status
 from agent.probes import PROBES
 from agent.probes.base import Context
 from agent.runner import Runner
+from agent.serving import decision as serving
 from tests.helpers import async_wait_for
 
 

@@ -9,10 +9,10 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from agent.config import parse_config
-from agent.fasthealth import FastHealth, parse_connection
-from agent.http_api import health, live, make_app
-from agent.listener import Guard
 from agent.model import Admin, Result
+from agent.serving.fasthealth import FastHealth, parse_connection
+from agent.serving.http_api import health, live, make_app
+from agent.serving.listener import Guard
 from agent.state import AgentState
 from tests.helpers import async_wait_for
 
@@ -107,11 +107,11 @@ async def test_every_consumer_says_the_same(name: str, tmp_path) -> None:
     WATCHDOG=1 and STATUS= all say UP only when the node is served UP, and live only when it is live."""
     import socket
 
-    from agent.haproxy_agent import AgentCheckServer
-    from agent.http_api import status
-    from agent.metrics import make_registry
-    from agent.sdnotify import Notifier, ServiceManager
-    from agent.weight import WeightTracker
+    from agent.serving.haproxy_agent import AgentCheckServer
+    from agent.serving.http_api import status
+    from agent.serving.metrics import make_registry
+    from agent.serving.sdnotify import Notifier, ServiceManager
+    from agent.serving.weight import WeightTracker
 
     state = states()[name]
     registry = make_registry(state)

@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 from agent.config import parse_config
-from agent.fasthealth import ALLOWED
-from agent.http_api import make_app
-from agent.listener import Guard, Listener
-from agent.metrics import make_registry
 from agent.model import Admin, Result
+from agent.serving.fasthealth import ALLOWED
+from agent.serving.http_api import make_app
+from agent.serving.listener import Guard, Listener
+from agent.serving.metrics import make_registry
 from agent.state import AgentState
 
 # The suite runs a fixed, repeatable budget; `make fuzz` sets HEALTHGATE_FUZZ_EXAMPLES and draws fresh inputs.

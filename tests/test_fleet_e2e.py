@@ -202,7 +202,7 @@ async def test_a_held_node_says_so_everywhere(start_agent, redis_factory) -> Non
     import asyncio
     import json
 
-    from agent import render
+    from agent.cli import render
     from tests.helpers import async_wait_for
 
     redis = redis_factory()
@@ -309,7 +309,7 @@ async def test_each_verdict_group_has_its_own_budget(start_agent, backend: str, 
         api = body["groups"]["api"]
         assert api["guard"]["group"] == "shop:api" and api["guard"]["budget"] == 1
         assert api["output"].startswith("held by the fleet guard: db failing")
-        from agent import render
+        from agent.cli import render
 
         assert render.group_reason(api).startswith("held by the fleet guard: db failing")
         assert ", held by the fleet guard: db failing" in render.explain_group(body, "api")
@@ -318,7 +318,7 @@ async def test_each_verdict_group_has_its_own_budget(start_agent, backend: str, 
         node, static = [await s.members() for s in stores]
         assert {m.node: m.status for m in node.members} == {"a": "up"}  # the node's budget: nobody shed
         assert {m.node: m.status for m in static.members} == {"a": "shed", "b": "up"}
-        from agent import cli
+        from agent.cli import main as cli
 
         path = tmp_path / "fleet.toml"
         path.write_text(toml_table("[agent]", allow_root=True) + toml_table("[fleet]", **{**fleet, "node": "a"})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
+from agent.cli import main as cli
 from agent.fleet.store import Report, open_store
 from tests.fleet import StoreServer, fleet_config
 from tests.helpers import wait_for

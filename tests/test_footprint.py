@@ -10,14 +10,14 @@ from tests.helpers import ROOT
 LIBS = ("redis", "asyncpg", "dns", "cryptography", "regex")
 SCRIPT = """
 import sys, tomllib
-import agent.app, agent.cli
+import agent.app, agent.cli.main
 from agent.config import parse_config
 parse_config(tomllib.loads(sys.argv[1]))
 print(",".join(m for m in sys.argv[2].split(",") if m in sys.modules))
 """
 PROBE_MODULES = """
 import sys, tomllib
-import agent.app, agent.cli
+import agent.app, agent.cli.main
 from agent.config import parse_config
 parse_config(tomllib.loads(sys.argv[1]))
 print(",".join(sorted(m.rsplit(".", 1)[1] for m in sys.modules

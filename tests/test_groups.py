@@ -341,7 +341,7 @@ def test_status_and_explain_show_each_group(agent_process, tmp_path: Path) -> No
 
 
 def _post(sock: str, target: str) -> tuple[int, dict]:
-    from agent.remote import unix_request
+    from agent.cli.remote import unix_request
 
     code, raw = unix_request(sock, "POST", target, {}, 3.0)
     return code, json.loads(raw)

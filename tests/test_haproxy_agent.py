@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import haproxy_agent
-from agent.haproxy_agent import format_reply
 from agent.model import Admin
+from agent.serving import haproxy_agent
+from agent.serving.haproxy_agent import format_reply
 from tests.helpers import answer_for, async_wait_for
 
 

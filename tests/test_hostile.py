@@ -195,8 +195,10 @@ async def test_idle_connection_flood_is_capped_and_health_stays_answered(agent: 
         >= n - CAP - 10
 
 
-async def test_client_that_never_reads_is_dropped(agent: AgentProcess) -> None:
-    """A client that pipelines requests and never reads the answers is aborted at the deadline."""
+async def test_client_that_never_reads_is_dropped(agent_process) -> None:
+    """A client that pipelines requests and never reads the answers is aborted at the deadline (with no
+    max_request_rate: past it the client would be refused with a 429 first, which a test below covers)."""
+    agent = agent_process(CONFIG.replace("[server]", "[server]\nmax_request_rate = 0"))
     reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -236,7 +238,7 @@ def test_the_request_rate_is_a_token_bucket_per_address() -> None:
     """A second's worth of burst, refilled at the rate; probes cost a tenth; each address has its own
     bucket, and only the BUCKETS most recent addresses are remembered."""
     from agent.config import ServerConfig
-    from agent.listener import BUCKETS, Guard
+    from agent.serving.listener import BUCKETS, Guard
 
     guard = Guard(ServerConfig(max_request_rate=10))
     a, b = FakeTransport("192.0.2.1"), FakeTransport("192.0.2.2")
@@ -300,7 +302,7 @@ def test_with_fast_health_off_probes_are_never_rate_limited() -> None:
     """fast_health = false sends every probe to aiohttp: the probes then never count against the limit (a load
     balancer must not be refused for probing), while junk still does."""
     from agent.config import ServerConfig
-    from agent.listener import Guard
+    from agent.serving.listener import Guard
 
     guard = Guard(ServerConfig(max_request_rate=1, fast_health=False))
     a = FakeTransport("192.0.2.9")

@@ -138,9 +138,9 @@ async def _status(agent, path: str, code: int) -> bool:
 
 async def test_verbose_reasons_need_loopback_or_token() -> None:
     """A client that may not see /status details gets `reason withheld`, as kube-apiserver does."""
-    from agent.http_api import verbose_lines
     from agent.model import CheckState, CheckView, Snapshot, Status, Verdict
-    from agent.serving import Condition, decide
+    from agent.serving.decision import Condition, decide
+    from agent.serving.http_api import verbose_lines
 
     down = CheckView("db", "tcp", True, CheckState(status=Status.DOWN, change_reason="refused"))
     snap = Snapshot(verdict=Verdict(False, "db: refused", ("db",)), admin=Admin.MAINT, admin_reason="disk swap",

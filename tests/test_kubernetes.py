@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from agent.config import Config, parse_config
-from agent.http_api import make_app
+from agent.serving.http_api import make_app
 from agent.state import AgentState
 from tests.helpers import PASSING, ROOT
 

@@ -32,7 +32,7 @@ from agent.config import PolicyConfig, parse_config
 from agent.fleet.guard import GuardView
 from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Status, Verdict
 from agent.probes.tcp import Config as TcpConfig
-from agent.serving import (
+from agent.serving.decision import (
     STALLED,
     Answer,
     Condition,
@@ -190,7 +190,7 @@ def test_sanitize_edges(text: str, limit: int, expected: str) -> None:
     assert sanitize(text, limit) == expected
 
 
-# -- agent/serving.py: the one serving decision -------------------------------------------------------
+# -- agent/serving/decision.py: the one serving decision -------------------------------------------------------
 
 COND = Condition(heartbeat=0.0, loop_ok_at=0.0, loop_reason="event loop lag 800 ms > 500 ms", stopping=False,
                  max_age=0.5, drain_status=404)

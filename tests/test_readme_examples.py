@@ -121,7 +121,7 @@ def quick_start() -> str:
 def test_quick_start_commands_parse_and_share_the_run_config() -> None:
     """Every healthgate command of the quick start parses as the command line does, and every one that acts
     on the agent (run, check, status, explain, drain, maint, ready) names the run line's config with -c."""
-    from agent.cli import build_parser
+    from agent.cli.main import build_parser
 
     lines = [line.split("  #")[0].strip() for block in re.findall(r"```sh\n(.*?)```", quick_start(), re.S)
              for line in block.splitlines() if line.startswith(".venv/bin/healthgate ")]

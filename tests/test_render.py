@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import render
+from agent.cli import render
 from agent.model import Observation
 from agent.probes import disk, memory
 from agent.probes.base import Context, headroom

@@ -7,7 +7,7 @@ import pytest
 from agent.config import PolicyConfig
 from agent.model import Admin, CheckState, Result, Snapshot, Status, Verdict
 from agent.probes.tcp import Config as TcpConfig
-from agent.serving import STALLED, STOPPING, Condition, beat, check_up, decide, describe, excluding
+from agent.serving.decision import STALLED, STOPPING, Condition, beat, check_up, decide, describe, excluding
 from agent.verdict import aggregate, next_state, view
 
 POLICY = PolicyConfig(flap_threshold=0)

@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from agent import statuspage
 from agent.config import parse_config
-from agent.http_api import TOKENS
 from agent.model import Admin
-from agent.statuspage import add_routes, prefers_html
+from agent.serving import statuspage
+from agent.serving.http_api import TOKENS
+from agent.serving.statuspage import add_routes, prefers_html
 from tests.browser import Browser
 from tests.helpers import PASSING, ROOT, async_wait_for, free_port, require
 
@@ -192,7 +192,7 @@ def test_prefers_html(accept: str, html: bool) -> None:
 @pytest.mark.parametrize("auth, code", [(None, 401), ("Bearer wrong", 401), ("Bearer s3cret", 200)])
 async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: str | None, code: int) -> None:
     """A non-loopback client gets the page and the journal only with the status bearer token."""
-    from agent.http_api import STATE
+    from agent.serving.http_api import STATE
 
     app = web.Application()
     app[TOKENS] = {"status": "s3cret"}
@@ -210,10 +210,10 @@ async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: s
 
 
 def test_page_is_package_data() -> None:
-    """The page ships in the wheel: pyproject's package-data covers agent/static/status.html."""
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["agent"]
+    """The page ships in the wheel: pyproject's package-data covers agent/serving/static/status.html."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["agent.serving"]
     rel = Path(statuspage.PAGE_FILE)
-    assert (ROOT / "agent" / rel).is_file() and any(fnmatch(str(rel), pat) for pat in data)
+    assert (ROOT / "agent" / "serving" / rel).is_file() and any(fnmatch(str(rel), pat) for pat in data)
 
 
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>\x1b[2J'

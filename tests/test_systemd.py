@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
-from agent.sdnotify import Notifier, socket_address, watchdog_interval
+from agent.serving.sdnotify import Notifier, socket_address, watchdog_interval
 from tests.helpers import ROOT, require, wait_for
 
 UNIT = ROOT / "deploy" / "systemd" / "healthgate.service"

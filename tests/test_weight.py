@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.haproxy_agent import format_reply
 from agent.model import Admin
-from agent.weight import (
+from agent.serving.haproxy_agent import format_reply
+from agent.serving.weight import (
     Reading,
     WeightState,
     capacity_weight,
@@ -131,7 +131,7 @@ def test_tracker_ramps_after_drain_and_maintenance_as_after_down(admin: Admin) -
     """Back from drain or maintenance, the tracker ramps the weight from the floor over slow_start, exactly
     as after a recovery from DOWN, instead of jumping back to the headroom it had before."""
     from agent.config import parse_config
-    from agent.weight import WeightTracker
+    from agent.serving.weight import WeightTracker
     from tests.helpers import PASSING, answer_for
 
     cfg = parse_config({"agent_check": {"weight_source": "cpu", "weight_floor": 10, "slow_start": 30},

@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from agent import render
+from agent.cli import render
 from agent.config import Config
 from agent.fields import format_listen
 

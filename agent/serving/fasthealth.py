@@ -8,11 +8,11 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.serving import health_response, live_response
+from agent.serving.decision import health_response, live_response
 from agent.state import AgentState
 
 if TYPE_CHECKING:
-    from agent.listener import Guard
+    from agent.serving.listener import Guard
 
 # Why this exists: load balancers and orchestrators probe /health many times a second per node, and aiohttp
 # spends ~100 us of Python per request on routing, Request/Response objects and header multidicts. This
@@ -166,7 +166,7 @@ class FastHealth:
         return "group:" + name if name in self.state.snapshot.groups else None
 
     def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
-        """The response to one probe: agent.serving's answer, as http_api's handlers give it."""
+        """The response to one probe: agent.serving.decision's answer, as http_api's handlers give it."""
         group = kind[6:] if kind.startswith("group:") else None
         now = self.loop.time()
         if now >= self._date_until:  # at most a second old, as aiohttp's own Date header

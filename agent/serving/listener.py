@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from agent import logs
 from agent.access import admitted
 from agent.config import ServerConfig
-from agent.fasthealth import FastHealth, is_probe
+from agent.serving.fasthealth import FastHealth, is_probe
 from agent.state import AgentState
 
 # A load balancer's probe is one short line and a handful of headers; anything near these is hostile.

@@ -9,11 +9,11 @@ import logging
 from agent import logs
 from agent.access import admitted
 from agent.admin import sanitize
-from agent.listener import listen_tcp
-from agent.serving import Answer, agent_check_reason, agent_check_words, unknown_group
+from agent.serving.decision import Answer, agent_check_reason, agent_check_words, unknown_group
+from agent.serving.listener import listen_tcp
+from agent.serving.weight import WeightTracker
 from agent.state import AgentState
 from agent.text import mask
-from agent.weight import WeightTracker
 
 REASON_MAX = 120  # HAProxy shows the text after '#' in its stats and logs; keep it short
 READ_WAIT = 0.1  # after replying, how long we read what HAProxy sent before closing

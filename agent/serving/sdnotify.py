@@ -8,7 +8,7 @@ import socket
 from collections.abc import MutableMapping
 
 from agent import logs
-from agent.serving import Answer, describe
+from agent.serving.decision import Answer, describe
 
 
 def socket_address(value: str | None) -> str | None:

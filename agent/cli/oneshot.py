@@ -6,12 +6,12 @@ import asyncio
 import sys
 from typing import Any
 
-from agent import render
+from agent.cli import render
 from agent.config import Config
-from agent.http_api import check_entry
 from agent.model import CheckState, Result, Status
 from agent.probes.base import Context
 from agent.runner import Runner
+from agent.serving.http_api import check_entry
 from agent.verdict import view
 
 

@@ -18,7 +18,7 @@ from agent import __version__, logs
 from agent.access import is_unix, trusted
 from agent.admin import AdminWatcher, AdminWriteError, make_record, parse_for, state_path
 from agent.model import Admin, CheckView, Snapshot
-from agent.serving import (
+from agent.serving.decision import (
     Answer,
     admin_text,
     check_reason,
@@ -203,7 +203,7 @@ async def one_check(request: web.Request) -> web.Response:
 
 
 def check_entry(v: CheckView, t: float, fresh: bool = True) -> dict[str, Any]:
-    """One check's entry in /status at `t`; `fresh` is whether the agent can vouch (agent.serving.Answer.fresh)."""
+    """One check's entry in /status at `t`; `fresh` is whether the agent can vouch (agent.serving.decision.Answer.fresh)."""
     s = v.state
     last = s.last
     obs = last.observation if last else None
@@ -300,7 +300,7 @@ def held_fields(state: AgentState, group: str, answer: Answer) -> dict[str, Any]
 
 
 async def status(request: web.Request) -> web.Response:
-    from agent.statuspage import page, prefers_html
+    from agent.serving.statuspage import page, prefers_html
 
     state = request.app[STATE]
     t = now()
@@ -327,7 +327,7 @@ async def metrics(request: web.Request) -> web.Response:
     Python 3.12+) must not stall the loop, or the agent would fail closed for junk traffic: the handler
     yields first, so the heartbeat and the probes run between two renders.
     """
-    from agent.metrics import render
+    from agent.serving.metrics import render
 
     await asyncio.sleep(0)
     return web.Response(body=render(request.app[REGISTRY]),
@@ -420,7 +420,7 @@ def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] 
     app.router.add_get("/live", live)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
-    from agent.statuspage import add_routes
+    from agent.serving.statuspage import add_routes
 
     add_routes(app)
     app.router.add_route("*", "/admin/{action}", admin_action)

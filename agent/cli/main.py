@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _use_loop(args.loop)
 
     from agent.app import Agent, end_past_stuck_lookups
-    from agent.sdnotify import Notifier
+    from agent.serving.sdnotify import Notifier
 
     notifier = Notifier.from_env()  # under systemd: READY/WATCHDOG/STOPPING; otherwise a no-op
     problem = watchdog_problem(cfg, notifier.watchdog)
@@ -163,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_or_report(path)
     if cfg is None:
         return EXIT_CONFIG
-    from agent.oneshot import run_once
+    from agent.cli.oneshot import run_once
 
     return run_once(cfg, color=args.color, width=table_width(args))
 
@@ -171,7 +171,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None] | int:
     """The agent's URL, status token and admin socket, from the options, else from the config file when
     there is one. The socket (when it is there) wins unless --url or --token-file ask for HTTP."""
-    from agent.remote import EXIT_UNKNOWN, admin_socket, agent_url, default_url
+    from agent.cli.remote import EXIT_UNKNOWN, admin_socket, agent_url, default_url
 
     cfg = None
     path = config_path(args)
@@ -199,8 +199,8 @@ def _agent_access(args: argparse.Namespace) -> tuple[str, str | None, str | None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.remote import run_status
-    from agent.render import use_color
+    from agent.cli.remote import run_status
+    from agent.cli.render import use_color
 
     access = _agent_access(args)
     if isinstance(access, int):
@@ -211,7 +211,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from agent.remote import run_explain
+    from agent.cli.remote import run_explain
 
     access = _agent_access(args)
     if isinstance(access, int):
@@ -233,7 +233,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     """Over the admin socket when the agent has one (it writes and applies the state at once); else the
     state file is written here and the agent picks it up."""
     from agent.admin import confirm, set_admin_cli, who
-    from agent.remote import admin_socket, post_admin
+    from agent.cli.remote import admin_socket, post_admin
 
     cfg = None
     path = config_path(args)

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import logs
-from agent.http_api import NO_STORE, STATE, TOKENS, _dumps, authorized, iso
+from agent.serving.http_api import NO_STORE, STATE, TOKENS, _dumps, authorized, iso
 from agent.text import mask_all
 
 PAGE_FILE = "static/status.html"
@@ -45,7 +45,7 @@ def _csp_hash(html: str, tag: str) -> str:
 def load_page() -> Page:
     """Read the page once, at startup. A missing file is a packaging bug: logged, and / answers 500."""
     try:
-        html = resources.files("agent").joinpath(PAGE_FILE).read_text(encoding="utf-8")
+        html = resources.files("agent.serving").joinpath(PAGE_FILE).read_text(encoding="utf-8")
     except OSError as e:
         logs.event("status_page_missing", logging.ERROR, file=PAGE_FILE, error=str(e))
         html = ""

@@ -19,7 +19,7 @@ from prometheus_client.core import (
 
 from agent import __version__
 from agent.model import Admin
-from agent.serving import check_up
+from agent.serving.decision import check_up
 from agent.state import AgentState, CheckStats
 
 if TYPE_CHECKING:
