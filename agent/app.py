@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import platform
@@ -10,6 +11,7 @@ import signal
 import stat
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from agent import logs
 from agent.admin import AdminWatcher
@@ -19,14 +21,16 @@ from agent.probes.blocking import LookupPool, StillBlocked, off_loop
 from agent.runner import Runner
 from agent.scheduler import Scheduler, first_samples
 from agent.serving.haproxy_agent import AgentCheckServer
-from agent.serving.http_api import TOKENS, make_app
 from agent.serving.listener import Listener
-from agent.serving.metrics import make_registry
+from agent.serving.metrics import make_registry, render
 from agent.serving.sdnotify import Notifier, ServiceManager
 from agent.serving.weight import WeightTracker
 from agent.state import AgentState
 from agent.trust import check_trusted, load_trusted_config, read_secret
 from agent.watch import DirWatch, config_dirs
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 RELOAD_TIMEOUT = 5.0  # seconds a SIGHUP's config read may take before the reload is given up on
 WATCH_EVERY = 1.0  # seconds between looks at the config file (one stat(), off the loop)
@@ -155,10 +159,10 @@ class Agent:
         # heartbeat every consumer hears DOWN.
         try:
             registry = make_registry(self.state, lambda: len(self.runner.hung))
-            app = make_app(self.state, registry, self.tokens, self.admin)
-            self._web = Listener(self.config.server, self.state)
+            self._web = Listener(self.config.server, self.state, functools.partial(self._make_app, registry),
+                                 metrics=functools.partial(render, registry))
             registry.register(self._web.guard)
-            self.address = await self._web.start(app, *self.config.server.listen)
+            self.address = await self._web.start(*self.config.server.listen)
             await self._start_admin_socket()
             if self.config.agent_check.listen is not None:
                 await self._start_agent_check(*self.config.agent_check.listen)
@@ -172,6 +176,14 @@ class Agent:
                    agent_check=None if self.agent_check_address is None else
                    f"{self.agent_check_address[0]}:{self.agent_check_address[1]}",
                    python=platform.python_version(), loop=type(loop).__module__.partition(".")[0])
+
+    def _make_app(self, registry: object) -> web.Application:
+        """The aiohttp app: built by the listener when the first request the fast responder does not
+        answer arrives (or at start with fast_health = false), with the tokens of the config then in force."""
+        from agent.serving.http_api import make_app
+
+        assert self.state is not None and self.admin is not None
+        return make_app(self.state, registry, dict(self.tokens), self.admin)
 
     async def _start_admin_socket(self) -> None:
         """The local operators' channel. Asked for by name, a failure is a config error; the default place
@@ -335,6 +347,8 @@ class Agent:
         if self._web is not None:
             self._web.guard.configure(config.server)
             if self._web.app is not None:
+                from agent.serving.httpcommon import TOKENS
+
                 self._web.app[TOKENS].update(tokens)
         old_fleet = self.state.config.fleet
         changed = self.state.apply_config(config, loop.time(), seeds)

@@ -9,9 +9,10 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from agent.fleet.backends import open_store
 from agent.fleet.config import FleetConfig
 from agent.fleet.guard import FleetGuard, GuardView
-from agent.fleet.store import Group, Store, open_store
+from agent.fleet.store import Group, Store
 
 # Short timings so a test takes seconds; etcd grants no lease shorter than 2 s, hence ttl.
 TIMINGS = {"heartbeat": "250ms", "ttl": "2s", "timeout": "200ms", "grace": "1s", "min_hold": "1s", "jitter": "0s"}

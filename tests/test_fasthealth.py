@@ -11,8 +11,8 @@ from aiohttp.test_utils import make_mocked_request
 from agent.config import parse_config
 from agent.model import Admin, Result
 from agent.serving.fasthealth import FastHealth, parse_connection
+from agent.serving.guard import Guard
 from agent.serving.http_api import health, live, make_app
-from agent.serving.listener import Guard
 from agent.state import AgentState
 from tests.helpers import async_wait_for
 
@@ -96,6 +96,35 @@ async def test_answers_equal_aiohttp_handlers(name: str) -> None:
             assert headers["content-type"] == want.content_type + "; charset=" + want.charset
             assert headers["cache-control"] == want.headers["Cache-Control"]
             assert int(headers["content-length"]) == len(body)
+    finally:
+        front.close()
+
+
+async def test_metrics_answer_equals_aiohttp_handler() -> None:
+    """The fast responder's /metrics has the status, content type and cache header of aiohttp's handler,
+    the same metric families, and for HEAD the same length with no body."""
+    from agent.serving.http_api import metrics
+    from agent.serving.metrics import make_registry, render
+
+    state = states()["up"]
+    registry = make_registry(state)
+    app = make_app(state, registry=registry)
+    front = FastHealth(state, guard=Guard(state.config.server), fallback=lambda: None,
+                       metrics=lambda: render(registry))
+
+    def families(text: str) -> list[str]:
+        return sorted(line.split()[2] for line in text.splitlines() if line.startswith("# TYPE"))
+
+    try:
+        want = await metrics(make_mocked_request("GET", "/metrics", app=app))
+        code, headers, body = parse(front.answer("metrics", head=False, close=False, http10=False))
+        assert code == want.status == 200
+        assert headers["content-type"] == want.headers["Content-Type"]
+        assert headers["cache-control"] == want.headers["Cache-Control"]
+        assert int(headers["content-length"]) == len(body)
+        assert families(body.decode()) == families(want.body.decode()) and "healthgate_up" in families(body.decode())
+        code, headers, head_body = parse(front.answer("metrics", head=True, close=False, http10=False))
+        assert code == 200 and head_body == b"" and int(headers["content-length"]) > 0
     finally:
         front.close()
 

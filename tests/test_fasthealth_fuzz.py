@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from agent.config import parse_config
 from agent.model import Admin, Result
 from agent.serving.fasthealth import ALLOWED
+from agent.serving.guard import Guard
 from agent.serving.http_api import make_app
-from agent.serving.listener import Guard, Listener
+from agent.serving.listener import Listener
 from agent.serving.metrics import make_registry
 from agent.state import AgentState
 
@@ -137,10 +138,10 @@ class Pair:
         self.listeners: dict[str, Listener] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
         for name, fast in (("fast", True), ("aiohttp", False)):
-            listener = Listener(parse_config({**CONFIG, "server": {"fast_health": fast}}).server, self.state)
+            listener = Listener(parse_config({**CONFIG, "server": {"fast_health": fast}}).server, self.state,
+                                lambda: make_app(self.state, make_registry(self.state)))
             self.listeners[name] = listener
-            app = make_app(self.state, make_registry(self.state))
-            self.addresses[name] = await listener.start(app, "127.0.0.1", 0)
+            self.addresses[name] = await listener.start("127.0.0.1", 0)
         assert self.listeners["fast"]._fast is not None and self.listeners["aiohttp"]._fast is None
 
     async def stop(self) -> None:

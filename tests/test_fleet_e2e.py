@@ -256,9 +256,9 @@ async def test_each_verdict_group_has_its_own_budget(start_agent, backend: str, 
     import asyncio
     import json
 
+    from agent.fleet.backends import open_store
     from agent.fleet.config import FleetConfig
     from agent.fleet.guard import FleetGuard
-    from agent.fleet.store import open_store
     from tests.helpers import async_wait_for
 
     server = StoreServer(backend, request.getfixturevalue(f"{backend}_factory"))

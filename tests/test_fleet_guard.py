@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from agent.fleet.backends import open_store
 from agent.fleet.budget import allowed_down, parse_max_down
-from agent.fleet.store import Report, open_store
+from agent.fleet.store import Report
 from tests.fleet import Fleet, StoreServer, fleet_config
 
 pytestmark = pytest.mark.e2e

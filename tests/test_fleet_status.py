@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main as cli
-from agent.fleet.store import Report, open_store
+from agent.fleet.backends import open_store
+from agent.fleet.store import Report
 from tests.fleet import StoreServer, fleet_config
 from tests.helpers import wait_for
 from tests.test_fleet_guard import store  # noqa: F401 - the parametrised store fixture

@@ -238,7 +238,7 @@ def test_the_request_rate_is_a_token_bucket_per_address() -> None:
     """A second's worth of burst, refilled at the rate; probes cost a tenth; each address has its own
     bucket, and only the BUCKETS most recent addresses are remembered."""
     from agent.config import ServerConfig
-    from agent.serving.listener import BUCKETS, Guard
+    from agent.serving.guard import BUCKETS, Guard
 
     guard = Guard(ServerConfig(max_request_rate=10))
     a, b = FakeTransport("192.0.2.1"), FakeTransport("192.0.2.2")
@@ -302,7 +302,7 @@ def test_with_fast_health_off_probes_are_never_rate_limited() -> None:
     """fast_health = false sends every probe to aiohttp: the probes then never count against the limit (a load
     balancer must not be refused for probing), while junk still does."""
     from agent.config import ServerConfig
-    from agent.serving.listener import Guard
+    from agent.serving.guard import Guard
 
     guard = Guard(ServerConfig(max_request_rate=1, fast_health=False))
     a = FakeTransport("192.0.2.9")

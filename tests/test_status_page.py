@@ -17,7 +17,7 @@ from aiohttp.test_utils import make_mocked_request
 from agent.config import parse_config
 from agent.model import Admin
 from agent.serving import statuspage
-from agent.serving.http_api import TOKENS
+from agent.serving.httpcommon import TOKENS
 from agent.serving.statuspage import add_routes, prefers_html
 from tests.browser import Browser
 from tests.helpers import PASSING, ROOT, async_wait_for, free_port, require
@@ -192,7 +192,7 @@ def test_prefers_html(accept: str, html: bool) -> None:
 @pytest.mark.parametrize("auth, code", [(None, 401), ("Bearer wrong", 401), ("Bearer s3cret", 200)])
 async def test_page_and_journal_follow_the_status_access_rule(path: str, auth: str | None, code: int) -> None:
     """A non-loopback client gets the page and the journal only with the status bearer token."""
-    from agent.serving.http_api import STATE
+    from agent.serving.httpcommon import STATE
 
     app = web.Application()
     app[TOKENS] = {"status": "s3cret"}

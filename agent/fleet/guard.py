@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agent import logs
+from agent.fleet.backends import open_store
 from agent.fleet.config import FleetConfig
-from agent.fleet.store import MemberStatus, Report, Standing, Store, open_store
+from agent.fleet.store import MemberStatus, Report, Standing, Store
 
 GuardState = Literal["none", "held", "granted", "store_unavailable"]
 STATES: tuple[GuardState, ...] = ("none", "held", "granted", "store_unavailable")

@@ -9,8 +9,9 @@ import time
 from dataclasses import asdict
 from typing import TextIO
 
+from agent.fleet.backends import open_store
 from agent.fleet.config import FleetConfig
-from agent.fleet.store import Group, Member, open_store
+from agent.fleet.store import Group, Member
 from agent.text import tidy_all
 
 EXIT_OK, EXIT_CONFIG, EXIT_UNKNOWN = 0, 2, 3

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from agent.fleet.config import FleetConfig
+    pass
 
 # What a member does, as recorded in the store: up and held serve; down (local reasons) and shed (a
 # grant for shared reasons) do not.
@@ -101,12 +101,3 @@ class Store(Protocol):
     async def close(self) -> None:
         ...
 
-
-def open_store(cfg: FleetConfig) -> Store:
-    if cfg.backend == "etcd":
-        from agent.fleet.etcd import EtcdStore
-
-        return EtcdStore(cfg)
-    from agent.fleet.redis import RedisStore
-
-    return RedisStore(cfg)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from pydantic import Field, ValidationInfo, field_validator
 
 from agent import __version__
 from agent.fields import DAY, HOUR, Strict, duration, format_duration
 from agent.fleet.scope import Scope, default_scope
+
+if TYPE_CHECKING:
+    import aiohttp
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 FAST_FLOOR = 0.05  # seconds: the default re-check after a first failure is never sooner than this
@@ -114,8 +116,11 @@ class Context:
     _http: aiohttp.ClientSession | None = None
 
     def http(self) -> aiohttp.ClientSession:
-        """One shared client session with bounded connections, created on first use."""
+        """One shared client session with bounded connections, created on first use (so a config without
+        http checks never imports aiohttp's client)."""
         if self._http is None or self._http.closed:
+            import aiohttp
+
             connector = aiohttp.TCPConnector(limit=64, limit_per_host=8, force_close=True)
             # No cookie jar: a check is stateless, and one check's cookies must never reach another's server.
             self._http = aiohttp.ClientSession(connector=connector, trust_env=False,

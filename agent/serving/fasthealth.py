@@ -1,25 +1,26 @@
-"""A minimal HTTP/1.1 responder for /health, /ready and /live in front of aiohttp; aiohttp gets the rest."""
+"""A minimal HTTP/1.1 responder for /health, /ready, /live and /metrics in front of aiohttp; aiohttp gets the rest."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import re
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
+from agent import logs
 from agent.serving.decision import health_response, live_response
+from agent.serving.guard import Guard
 from agent.state import AgentState
-
-if TYPE_CHECKING:
-    from agent.serving.listener import Guard
 
 # Why this exists: load balancers and orchestrators probe /health many times a second per node, and aiohttp
 # spends ~100 us of Python per request on routing, Request/Response objects and header multidicts. This
-# responder answers the probe paths from precomputed bytes (see bench/RESULTS.md for the numbers).
+# responder answers the probe paths from precomputed bytes (see bench/RESULTS.md for the numbers). It also
+# answers GET /metrics, rendered per request as aiohttp's handler does, so that a node its load balancer
+# probes and Prometheus scrapes never needs aiohttp at all (the listener imports it on first need).
 #
 # It is deliberately narrow. It answers only a request that HEAD_RE matches whole: GET or HEAD of one of
-# the three paths, HTTP/1.0 or 1.1, at most MAX_HEAD bytes, and only header names from ALLOWED with plain
+# the four paths, HTTP/1.0 or 1.1, at most MAX_HEAD bytes, and only header names from ALLOWED with plain
 # printable values (so no body, no upgrade, no Expect), one Host (required by HTTP/1.1), at most one
 # User-Agent (aiohttp refuses a second of either, RFC 9110 singletons). Anything else (other paths or
 # methods, query strings, bodies, malformed or oversized heads, unknown headers, bare LF line ends), and a
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 # on, to aiohttp's own protocol, which parses, rejects and answers it exactly as it would without this
 # front. So strictness about odd input stays with aiohttp.
 
-PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live"}
+PATHS = {b"/health": "health", b"/ready": "health", b"/live": "live", b"/metrics": "metrics"}
 MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and partial ones) go to aiohttp
 MAX_HEADERS = 32
 TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 18\r\n"
@@ -52,10 +53,12 @@ def is_probe(method: str, target: str) -> bool:
 
 
 HEAD_RE = re.compile(
-    rb"(GET|HEAD) (/health|/ready|/live|/(?:health|ready)/[A-Za-z0-9][A-Za-z0-9_.-]{0,62}) HTTP/1\.([01])((?:"
+    rb"(GET|HEAD) (/health|/ready|/live|/metrics|/(?:health|ready)/[A-Za-z0-9][A-Za-z0-9_.-]{0,62}) HTTP/1\.([01])((?:"
     + _HOST + b"|" + _OTHER + rb")*)"
 )
 REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
+TEXT = b"text/plain; charset=utf-8"
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # as the aiohttp handler (http_api.metrics) says
 REQUEST_LINES = tuple(b"%s %s HTTP/1.%d" % (m, p, v) for m in (b"GET", b"HEAD") for p in PATHS for v in (0, 1))
 NAMES = (b"host", *(n.encode() for n in ALLOWED))
 
@@ -96,11 +99,12 @@ def parse_connection(headers: bytes) -> set[bytes]:
     return tokens
 
 
-def render(code: int, body: bytes, head: bool, close: bool, keep_alive_header: bool, date: bytes) -> bytes:
+def render(code: int, body: bytes, head: bool, close: bool, keep_alive_header: bool, date: bytes,
+           content_type: bytes = TEXT) -> bytes:
     """The full response bytes; HEAD gets the same headers as GET and no body."""
     lines = [
         b"HTTP/1.1 %d %s" % (code, REASONS[code]),
-        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Type: " + content_type,
         b"Content-Length: %d" % len(body),
         b"Cache-Control: no-store",
         b"Date: " + date,
@@ -117,15 +121,25 @@ class FastHealth:
 
     Invariant: everything here runs on the event loop's thread. `conns` holds the connections accepted and
     not handed to aiohttp; aiohttp's server closes the others. `guard` counts a connection from accept
-    until it is lost or handed over (the handler that takes it over counts it from then on).
+    until it is lost or handed over (the handler that takes it over counts it from then on). `fallback`,
+    aiohttp's protocol factory, is None until `load` has built it: a connection to hand over meanwhile
+    waits in `waiting`, not reading, and is handed over once it is there.
     """
 
-    def __init__(self, state: AgentState, fallback: Callable[[], asyncio.Protocol], guard: Guard):
-        """`guard` is the HTTP listener's: one connection cap and deadline for both front and aiohttp."""
+    def __init__(self, state: AgentState, guard: Guard, load: Callable[[], Awaitable[None]] | None = None,
+                 fallback: Callable[[], asyncio.Protocol] | None = None,
+                 metrics: Callable[[], bytes] | None = None):
+        """`guard` is the HTTP listener's: one connection cap and deadline for both front and aiohttp.
+        `load` sets `fallback` (the listener's loader; None when `fallback` is given); `metrics` renders
+        the exposition (None: aiohttp serves /metrics)."""
         self.state = state
-        self.fallback = fallback
         self.guard = guard
+        self.load = load
+        self.fallback = fallback
+        self.metrics = metrics
         self.conns: set[HealthProtocol] = set()
+        self.waiting: set[HealthProtocol] = set()
+        self._loader: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self._cache: dict[tuple, bytes] = {}
         self._date = b""
@@ -141,8 +155,34 @@ class FastHealth:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._loader is not None:
+            self._loader.cancel()
+            self._loader = None
         for conn in list(self.conns):
             conn.transport.close()
+
+    def wait_for_fallback(self, conn: HealthProtocol) -> None:
+        """Hand `conn` over once aiohttp is loaded; start loading it if nobody has."""
+        self.waiting.add(conn)
+        if self._loader is None:
+            self._loader = asyncio.create_task(self._load(), name="http-hand-over")
+
+    async def _load(self) -> None:
+        try:
+            if self.load is None:
+                raise RuntimeError("no aiohttp fallback and no loader for it")
+            await self.load()
+        except Exception as e:  # the waiting clients are closed; the next request that needs aiohttp retries
+            logs.event("http_app_load_failed", logging.ERROR, error=repr(e))
+        finally:
+            self._loader = None
+            waiting, self.waiting = self.waiting, set()
+            for conn in waiting:
+                if self.fallback is None:
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                else:
+                    conn.resume_hand_over()
 
     def admit(self, conn: HealthProtocol) -> None:
         self.conns.add(conn)
@@ -158,21 +198,26 @@ class FastHealth:
         self._sweeper = self.loop.call_later(SWEEP, self._sweep) if self.conns else None
 
     def kind_of(self, path: bytes) -> str | None:
-        """"health", "live", a verdict group's name, or None: /health/<check> goes to aiohttp."""
+        """"health", "live", "metrics", a verdict group's name, or None: /health/<check> goes to aiohttp,
+        and so does /metrics when this front renders no metrics."""
         kind = PATHS.get(path)
         if kind is not None:
-            return kind
+            return kind if kind != "metrics" or self.metrics is not None else None
         name = path.split(b"/", 2)[2].decode()
         return "group:" + name if name in self.state.snapshot.groups else None
 
     def answer(self, kind: str, head: bool, close: bool, http10: bool) -> bytes:
-        """The response to one probe: agent.serving.decision's answer, as http_api's handlers give it."""
+        """The response to one probe: agent.serving.decision's answer, as http_api's handlers give it; or
+        to one scrape, the exposition as aiohttp's handler gives it."""
         group = kind[6:] if kind.startswith("group:") else None
         now = self.loop.time()
         if now >= self._date_until:  # at most a second old, as aiohttp's own Date header
             self._date = email.utils.formatdate(usegmt=True).encode()
             self._date_until = now + SWEEP
             self._cache.clear()
+        if kind == "metrics":
+            assert self.metrics is not None  # kind_of says "metrics" only then
+            return render(200, self.metrics(), head, close, http10, self._date, METRICS_TYPE)
         answer = self.state.answer(now, group)
         code, text = live_response(answer) if kind == "live" else health_response(answer)
         body = text.encode()
@@ -190,7 +235,7 @@ class HealthProtocol(asyncio.Protocol):
     relays; the connection never comes back.
     """
 
-    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing")
+    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing", "held", "paused")
 
     def __init__(self, front: FastHealth):
         self.front = front
@@ -199,6 +244,8 @@ class HealthProtocol(asyncio.Protocol):
         self.buf = b""
         self._due = 0.0  # the next complete request must arrive by then (read_timeout after the last answer)
         self.closing = False
+        self.held = False  # waiting for aiohttp to load, to hand over to it; not reading meanwhile
+        self.paused = False  # the client does not read our answers (pause_writing)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self.front
@@ -212,6 +259,7 @@ class HealthProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.conns.discard(self)
+        self.front.waiting.discard(self)
         self.front.guard.open.pop(self, None)
         if self.inner is not None:
             self.inner.connection_lost(exc)
@@ -223,8 +271,12 @@ class HealthProtocol(asyncio.Protocol):
         if self.closing:
             return
         buf = self.buf + data if self.buf else data
+        if self.held:
+            self.buf = buf
+            return
         pos = 0
         out = []
+        scrape = False
         while True:
             end = buf.find(b"\r\n\r\n", pos)
             if end < 0:
@@ -246,10 +298,22 @@ class HealthProtocol(asyncio.Protocol):
             kind = self.front.kind_of(m.group(2))
             if kind is None:
                 break
+            if kind == "metrics":
+                if out:  # what came before it goes out first; the scrape on the next turn
+                    scrape = True
+                    break
+                if not self.front.guard.within_rate(self.transport, self.front.loop.time(), False):
+                    self.closing = True  # past max_request_rate, as aiohttp's middleware refuses it
+                    self.transport.write(TOO_MANY)
+                    self.transport.close()
+                    return
+                scrape = True
             out.append(self.front.answer(kind, m.group(1) == b"HEAD", close, http10))
             pos = end + 4
             if close:
                 self.closing = True
+                break
+            if scrape:  # one render per turn of the loop: pipelined scrapes cannot stall it
                 break
         if out:
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
@@ -258,6 +322,11 @@ class HealthProtocol(asyncio.Protocol):
             self.transport.close()
             return
         rest = buf[pos:] if pos else buf
+        if scrape and rest:  # a scrape, or more pipelined behind one: on the next turn of the loop
+            self.buf = rest
+            if not self.paused:
+                self.front.loop.call_soon(self._more)
+            return
         if rest and (end >= 0 or len(rest) > MAX_HEAD or not may_be_probe(rest)):
             self._hand_over(rest)  # not a probe, too long, or cannot become one: aiohttp decides
             return
@@ -271,12 +340,36 @@ class HealthProtocol(asyncio.Protocol):
             self.transport.write(TOO_MANY)
             self.transport.close()
             return
+        if self.front.fallback is None:  # aiohttp not loaded yet: wait for it, reading nothing more
+            self.buf, self.held = rest, True
+            self.transport.pause_reading()
+            self.front.wait_for_fallback(self)
+            return
+        self._give(rest)
+
+    def _give(self, rest: bytes) -> None:
+        assert self.front.fallback is not None
         self.buf = b""
         self.front.conns.discard(self)
         self.front.guard.open.pop(self, None)
         self.inner = inner = self.front.fallback()
         inner.connection_made(self.transport)
         inner.data_received(rest)
+
+    def resume_hand_over(self) -> None:
+        """aiohttp is loaded: hand over what waited, and read again."""
+        if not self.held or self.transport is None or self.transport.is_closing():
+            return
+        self.held = False
+        if not self.paused:
+            self.transport.resume_reading()  # takes effect on a later turn of the loop, after the hand-over
+        self._give(self.buf)
+
+    def _more(self) -> None:
+        """The requests pipelined behind a scrape, a turn of the loop later."""
+        if self.inner is None and self.buf and not self.held and not self.closing and \
+                self.transport is not None and not self.transport.is_closing():
+            self.data_received(b"")
 
     def eof_received(self) -> bool | None:
         if self.inner is not None:
@@ -287,10 +380,15 @@ class HealthProtocol(asyncio.Protocol):
         if self.inner is not None:
             self.inner.pause_writing()
         else:
+            self.paused = True
             self.transport.pause_reading()  # a client that pipelines without reading gets no more answers
 
     def resume_writing(self) -> None:
         if self.inner is not None:
             self.inner.resume_writing()
-        elif not self.closing:
+            return
+        self.paused = False
+        if not self.closing and not self.held:
             self.transport.resume_reading()
+            if self.buf:
+                self.front.loop.call_soon(self._more)

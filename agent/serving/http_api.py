@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
-import logging
-import math
 import os
 import socket
 import time
@@ -14,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from agent import __version__, logs
-from agent.access import is_unix, trusted
+from agent import __version__
+from agent.access import is_unix
 from agent.admin import AdminWatcher, AdminWriteError, make_record, parse_for, state_path
 from agent.model import Admin, CheckView, Snapshot
 from agent.serving.decision import (
@@ -29,29 +26,28 @@ from agent.serving.decision import (
     health_response,
     live_response,
 )
+from agent.serving.httpcommon import (
+    HEALTH_JSON,
+    NO_STORE,
+    REFUSED,
+    REGISTRY,
+    STATE,
+    TOKENS,
+    Throttled,
+    authorized,
+    bearer,
+    dumps,
+    iso,
+    now,
+)
+from agent.serving.statuspage import add_routes, page, prefers_html
 from agent.state import AgentState
 from agent.text import mask_all, one_line, tidy
 
 if TYPE_CHECKING:
     from agent.fleet.guard import GuardView
 
-STATE = web.AppKey("state", AgentState)
-REGISTRY = web.AppKey("registry", object)
-TOKENS = web.AppKey("tokens", dict)
 ADMIN = web.AppKey("admin", AdminWatcher)
-
-NO_STORE = {"Cache-Control": "no-store"}
-HEALTH_JSON = "application/health+json"
-
-
-def iso(wall: float | None) -> str | None:
-    if wall is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
-
-
-def now() -> float:
-    return asyncio.get_running_loop().time()
 
 
 async def health(request: web.Request) -> web.Response:
@@ -65,64 +61,6 @@ async def health(request: web.Request) -> web.Response:
 async def live(request: web.Request) -> web.Response:
     code, text = live_response(request.app[STATE].answer(now()))
     return web.Response(status=code, text=text, headers=NO_STORE)
-
-
-def authorized(request: web.Request, token: str | None) -> bool:
-    """May see details: a client of the admin socket or of a trusted network, or one presenting the
-    status token (compared in constant time)."""
-    networks = request.app[STATE].config.server.trusted_networks
-    return trusted(request.transport, networks) or bearer(request, token) is True
-
-
-def bearer(request: web.Request, token: str | None) -> bool | None:
-    """True for the right bearer token (compared in constant time), False for a wrong one, None for none
-    or for credentials that cannot be a bearer token (another scheme, bytes that are not UTF-8)."""
-    got = request.headers.get("Authorization")
-    if not token or got is None:
-        return None
-    if got[:7].lower() != "bearer ":  # the scheme is case-insensitive (RFC 9110)
-        _refused_credentials(request, "not a bearer token")
-        return None
-    try:
-        presented = got[7:].strip().encode()
-    except UnicodeEncodeError:  # aiohttp keeps bytes that are not UTF-8 as lone surrogates
-        _refused_credentials(request, "not UTF-8")
-        return None
-    ok = hmac.compare_digest(presented, token.encode())
-    if not ok:
-        _refused_credentials(request, "wrong token")
-    return ok
-
-
-class _Throttled:
-    """One log line per `every` seconds at most; the events in between are counted in the next line.
-
-    Any client can send bad credentials, so a line per request would let it flood the journal. One
-    instance per app (make_app), touched only from the event loop.
-    """
-
-    def __init__(self, event: str, every: float):
-        self.event, self.every = event, every
-        self.last = -math.inf
-        self.count = 0
-
-    def __call__(self, **fields: object) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self.last < self.every:
-            return
-        logs.event(self.event, logging.WARNING, requests=self.count, **fields)
-        self.last, self.count = now, 0
-
-
-REFUSED = web.AppKey("refused_credentials", _Throttled)
-
-
-def _refused_credentials(request: web.Request, why: str) -> None:
-    # Neither the header nor the path is logged: both are the client's text.
-    throttled = request.app.get(REFUSED)
-    if throttled is not None:
-        throttled(why=why, client=request.remote)
 
 
 def verbose_lines(snap: Snapshot, answer: Answer, t: float, excluded: frozenset[str], reasons: bool,
@@ -300,8 +238,6 @@ def held_fields(state: AgentState, group: str, answer: Answer) -> dict[str, Any]
 
 
 async def status(request: web.Request) -> web.Response:
-    from agent.serving.statuspage import page, prefers_html
-
     state = request.app[STATE]
     t = now()
     snap, answer = state.snapshot, state.answer(t)
@@ -313,11 +249,7 @@ async def status(request: web.Request) -> web.Response:
     # Results are masked already; this also covers thresholds and admin reasons. Before serialising.
     body = mask_all(body, state.config.secrets())
     return web.json_response(body, status=code, content_type=HEALTH_JSON,
-                             headers={**NO_STORE, "Vary": "Accept"}, dumps=_dumps)
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2) + "\n"
+                             headers={**NO_STORE, "Vary": "Accept"}, dumps=dumps)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -413,15 +345,13 @@ def make_app(state: AgentState, registry: object, tokens: dict[str, str | None] 
     app[ADMIN] = admin or AdminWatcher(state)
     app[REGISTRY] = registry
     app[TOKENS] = tokens or {}
-    app[REFUSED] = _Throttled("bad_credentials", every=60.0)
+    app[REFUSED] = Throttled("bad_credentials", every=60.0)
     for path in ("/health", "/ready"):
         app.router.add_get(path, health)  # add_get also answers HEAD
         app.router.add_get(path + "/{check}", one_check)
     app.router.add_get("/live", live)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
-    from agent.serving.statuspage import add_routes
-
     add_routes(app)
     app.router.add_route("*", "/admin/{action}", admin_action)
     return app

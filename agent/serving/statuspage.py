@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import logs
-from agent.serving.http_api import NO_STORE, STATE, TOKENS, _dumps, authorized, iso
+from agent.serving.httpcommon import NO_STORE, STATE, TOKENS, authorized, dumps, iso
 from agent.text import mask_all
 
 PAGE_FILE = "static/status.html"
@@ -105,7 +105,7 @@ async def journal(request: web.Request) -> web.Response:
         return _denied()
     state = request.app[STATE]
     body = mask_all(journal_body(list(state.journal)), state.config.secrets())
-    return web.json_response(body, headers=NO_STORE, dumps=_dumps)
+    return web.json_response(body, headers=NO_STORE, dumps=dumps)
 
 
 def add_routes(app: web.Application) -> None:
