@@ -19,6 +19,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+import agent
 from agent import config as config_module
 from agent.config import ConfigError, check_definition_name, json_schema, parse_config
 from agent.fields import format_duration, parse_duration, parse_size
@@ -391,7 +392,9 @@ def test_safe_shell_examples_run(tmp_path: Path) -> None:
     (tmp_path / "config").symlink_to(ROOT / "config")
     first = section(page("README.md"), "Your first config")
     (tmp_path / "my.toml").write_text(block(first, "toml"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # The package this test imports (the checkout, or the installed one), wherever the command runs from.
+    home = str(Path(agent.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))}
     for argv in runnable:
         proc = subprocess.run([sys.executable, "-m", "agent", *argv[1:]], cwd=tmp_path, capture_output=True,
                               text=True, timeout=60, env=env)
