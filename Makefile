@@ -5,7 +5,7 @@
 # testing of the trust core with mutmut (agent/serving/decision.py, access.py, text.py, verdict.py, admin.py against the
 # fast in-process tests; about a minute, not in CI; docs/mutation.md). All create .venv when missing.
 #
-# Other interpreters and loops (see Development in the README):
+# Other interpreters and loops (see CONTRIBUTING.md):
 #   make test PY=3.13                      the suite on Python 3.13, in its own .venv-3.13
 #   make test HEALTHGATE_LOOP=asyncio      in-process tests and every agent the tests start on that loop
 #   make serving                           only the engine and serving tests (the `serving` marker)

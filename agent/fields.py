@@ -175,7 +175,7 @@ Regex = Annotated[str, Field(min_length=1), AfterValidator(_regex)]
 def parse_listen(value: Any) -> tuple[str, int]:
     """("host", port) from "host:port", "[::1]:port" or ":port" (all interfaces).
 
-    Only the string form: it is the one the schema and the README document, and a second spelling
+    Only the string form: it is the one the schema and docs/configuration.md document, and a second spelling
     (a [host, port] array) would be one more thing a config could mean without anyone having said so."""
     if not isinstance(value, str):
         raise ValueError("must be a string HOST:PORT, for example \"127.0.0.1:8080\"")

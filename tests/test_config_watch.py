@@ -13,7 +13,7 @@ from tests.helpers import AgentProcess, async_wait_for, memory_check, scrape, wa
 from tests.test_lifecycle import BASE
 from tests.test_lifecycle import MEM as TOML_MEM
 
-# The README's promise: a change is in force within 2 s (a look a second, the change held for 250 ms, the
+# docs/operations.md's promise: a change is in force within 2 s (a look a second, the change held for 250 ms, the
 # read), plus the reload's first samples of new checks; the checks here sample in well under 0.2 s.
 PICKED_UP = 2.0 + 0.5
 

@@ -1,4 +1,4 @@
-"""deploy/docker/Dockerfile without a Docker engine: parsed, matched to the README, run on a read-only root."""
+"""deploy/docker/Dockerfile without a Docker engine: parsed, matched to the docs, run on a read-only root."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import dockerfile
 import pytest
 
 from agent import __version__
+from tests.docs import block, page, section
 from tests.helpers import ROOT, free_port, http_get, run_argv, wait_for
 
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
-README = ROOT / "README.md"
 
 
 @dataclass
@@ -53,16 +53,9 @@ def stages() -> list[Stage]:
     return out
 
 
-def readme_section(title: str) -> str:
-    text = README.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
-
-
 def build_tag() -> str:
-    m = re.search(r"docker build -f deploy/docker/Dockerfile -t (\S+) \.", readme_section("Kubernetes"))
-    assert m, "the README documents how to build the image"
+    m = re.search(r"docker build -f deploy/docker/Dockerfile -t (\S+) \.", page("docs/kubernetes.md"))
+    assert m, "docs/kubernetes.md documents how to build the image"
     return m[1]
 
 
@@ -74,9 +67,8 @@ def final_stage() -> Stage:
 
 def install_steps() -> list[str]:
     """The commands of the README's install block."""
-    m = re.search(r"```sh\n(.*?)```", readme_section("Install"), re.S)
-    assert m
-    return [line.strip() for line in m[1].splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = block(section(page("README.md"), "Install"), "sh").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def run_steps(stage: Stage) -> list[str]:
@@ -136,7 +128,7 @@ def test_copied_sources_exist_and_pass_the_dockerignore() -> None:
 
 def test_image_entrypoint_and_tag() -> None:
     """The image starts `healthgate run` on the bundled config (exec form, so SIGTERM reaches the agent), and
-    the tag the README builds is the package version the manifests name."""
+    the tag docs/kubernetes.md builds is the package version the manifests name."""
     stage = final_stage()
     entry = [c for c in stage.commands if c.cmd in ("ENTRYPOINT", "CMD")]
     assert [(c.cmd, c.json, c.value) for c in entry] == [

@@ -12,7 +12,7 @@ import pytest
 from tests.faulty import TcpDependency
 
 INTERVAL, TIMEOUT, RISE, FALL, JITTER = 0.2, 0.1, 2, 2, 0.1
-DOWN_BOUND = FALL * INTERVAL * (1 + JITTER) + TIMEOUT  # the README's formula for "within"
+DOWN_BOUND = FALL * INTERVAL * (1 + JITTER) + TIMEOUT  # docs/failure-modes.md's formula for "within"
 UP_BOUND = RISE * INTERVAL * (1 + JITTER) + TIMEOUT
 MARGIN = 0.5  # polling period, loop scheduling and a shared 2-core machine
 

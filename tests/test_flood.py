@@ -14,7 +14,7 @@ from tests.helpers import AgentProcess, agent_toml, memory_check, require, scrap
 
 FLOOD = 20.0
 INTERVAL, TIMEOUT, FALL, JITTER = 0.2, 0.1, 2, 0.1
-DOWN_BOUND = FALL * INTERVAL * (1 + JITTER) + TIMEOUT  # the README's formula
+DOWN_BOUND = FALL * INTERVAL * (1 + JITTER) + TIMEOUT  # docs/failure-modes.md's formula
 MARGIN = 0.5
 
 def config(port: int) -> str:

@@ -157,7 +157,7 @@ async def test_real_haproxy_with_two_backends_follows_each_group(haproxy, depend
                      timeout=15, what="both UP again")
         # `healthgate drain --group api`: HAProxy drains the node in the API backend alone.
         assert set_admin_cli(str(tmp_path / "state"), "drain", "reindex", None, group="api")[0] is not None
-        # (admin 8 is HAProxy's forced drain; /health/api's 503 then takes it DOWN too, as the README's soft
+        # (admin 8 is HAProxy's forced drain; /health/api's 503 then takes it DOWN too, as docs/haproxy.md's soft
         # drain says; the static backend is untouched.)
         await h.wait(lambda s: s["api"]["admin"] == 8 and "reindex" in s["api"]["agent"]
                      and (s["static"]["status"], s["static"]["admin"]) == ("UP", 0), timeout=10,

@@ -16,6 +16,7 @@ import pytest
 
 from agent.app import Agent
 from agent.config import parse_config
+from tests.docs import blocks, page
 from tests.helpers import ROOT, free_port, require, wait_for
 from tests.test_lifecycle import MEM as TOML_MEM
 
@@ -264,9 +265,11 @@ def test_deploy_config_is_valid(tmp_path: Path) -> None:
 
 
 def test_readme_backend_is_the_deploy_config() -> None:
-    """The backend the README tells users to copy is the one in deploy/haproxy/haproxy.cfg that `haproxy -c` checks."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("```haproxy\n", 1)[1].split("```", 1)[0]
+    """The backend the README and docs/haproxy.md tell users to copy is the one in deploy/haproxy/haproxy.cfg
+    that `haproxy -c` checks."""
     deployed = {line.strip() for line in (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text().splitlines()}
-    missing = [line for line in block.splitlines() if line.strip() and line.strip() not in deployed]
-    assert not missing, missing
+    for name in ("README.md", "docs/haproxy.md"):
+        backend = blocks(page(name), "haproxy")
+        assert backend, f"{name} shows no haproxy backend"
+        missing = [line for line in backend[0].splitlines() if line.strip() and line.strip() not in deployed]
+        assert not missing, (name, missing)

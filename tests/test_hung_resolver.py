@@ -20,7 +20,7 @@ from tests.helpers import ROOT, agent_toml, free_port, memory_check, toml_table,
 # Where host-name lookups wait: the default executor's 32 workers under asyncio's loop (agent/app.py); under
 # uvloop, libuv's own pool of 4 (UV_THREADPOOL_SIZE). The issue's 33 threads were asyncio's pool plus main.
 POOL = {"asyncio": 32, "uvloop": 4}
-TAKES_EFFECT = 1.0  # the bound the README promises for drain and maintenance, whatever the probes do
+TAKES_EFFECT = 1.0  # the bound docs/operations.md promises for drain and maintenance, whatever the probes do
 
 # The lookups would hang within the probes' own timeouts anyway; short intervals fill the pool in seconds.
 FAST = {"interval": "200ms", "timeout": "100ms", "critical": False, "fall": 1}

@@ -1,4 +1,4 @@
-"""The README's config examples are valid configs: documentation that drifts from the code fails here."""
+"""The README's quick start and the docs' tables hold against the code: documentation that drifts fails here."""
 
 from __future__ import annotations
 
@@ -14,23 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config, parse_config
-from tests.helpers import PASSING, ROOT, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
-
-BLOCKS = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-
-
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_toml_example_validates(block: str) -> None:
-    """Every TOML block in the README parses and validates as a config; a fragment without a critical check
-    of its own (listener lines, an early-warning check) validates once one is added, and lacks nothing else."""
-    data = tomllib.loads(block)
-    try:
-        parse_config(data)
-    except ConfigError as e:
-        assert len(e.errors) == 1 and e.errors[0].startswith("checks: "), e.errors
-        assert "at least one critical check is required" in e.errors[0], e.errors
-        parse_config({**data, "checks": [*data.get("checks", []), {**PASSING, "name": "readme-critical"}]})
+from agent.config import load_config, parse_config
+from tests.docs import page, section
+from tests.helpers import ROOT, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
@@ -69,9 +55,9 @@ def test_license_is_an_spdx_expression() -> None:
     assert project["license"] == "Apache-2.0"
 
 
-def test_every_exported_metric_is_in_the_readme(agent_process, dependency, tmp_path: Path) -> None:
+def test_every_exported_metric_is_in_the_metrics_table(agent_process, dependency, tmp_path: Path) -> None:
     """Every metric family a running agent exports (fleet guard off; verdict groups, the agent-check and
-    several check types on, one of them failing) is named in the README's metrics table."""
+    several check types on, one of them failing) is named in the metrics table of docs/prometheus.md."""
     beat = tmp_path / "beat"
     beat.write_text("ok")
     config = agent_toml() + toml_table("[agent_check]", listen="127.0.0.1:0") + memory_check() + "".join(
@@ -89,14 +75,13 @@ def test_every_exported_metric_is_in_the_readme(agent_process, dependency, tmp_p
     body = agent.get("/metrics")[1]
     families = dict(line.split()[2:4] for line in body.splitlines() if line.startswith("# TYPE "))
     assert "healthgate_up_since_timestamp_seconds" in families and "healthgate_group_up" in families
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## Metrics\n"):readme.index("\n## Logs\n")]
+    table = section(page("docs/prometheus.md"), "Metrics")
     # A counter's TYPE line names it with or without _total, depending on the client library's version.
     missing = [name for name, kind in families.items()
-               if not (name.startswith("process_") and "`process_*`" in section)
+               if not (name.startswith("process_") and "`process_*`" in table)
                and not re.search(rf"`{name.removesuffix('_total')}{'_total' if kind == 'counter' else ''}(?![a-z_])",
-                                 section)]
-    assert not missing, f"exported but not in the README's metrics table: {missing}"
+                                 table)]
+    assert not missing, f"exported but not in the metrics table of docs/prometheus.md: {missing}"
 
 
 def test_the_default_config_is_tracked_and_not_ignored() -> None:

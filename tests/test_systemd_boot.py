@@ -1,4 +1,4 @@
-"""The shipped unit under a real systemd as PID 1: a container booted, the project installed as the README says."""
+"""The shipped unit under a real systemd as PID 1: a container booted, the project installed as the docs say."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
+from tests.docs import block, page, section
 from tests.helpers import REQUIRE_E2E, ROOT, require
 
 pytestmark = [pytest.mark.systemd_boot, pytest.mark.e2e]
 
-# The container's tree: a minimal Debian with what the README's commands and this test need. It is
+# The container's tree: a minimal Debian with what the documented commands and this test need. It is
 # built once per recipe and kept outside the checkout; changing the recipe changes the key, so the
 # next run builds a new tree (and removes the old one).
 SUITE = "bookworm"
@@ -33,7 +34,7 @@ CACHE = Path(os.environ.get("HEALTHGATE_SYSTEMD_TREE_CACHE", "/var/cache/healthg
 TREE = CACHE / f"{SUITE}-{hashlib.sha256(RECIPE.encode()).hexdigest()[:12]}"
 
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CHECKOUT = "/root/healthgate"  # where the README's commands run, as from a checkout
+CHECKOUT = "/root/healthgate"  # where the documented commands run, as from a checkout
 CONFIG = "/etc/healthgate/healthgate.toml"
 URL = "http://127.0.0.1:8080"  # the default config's listener, inside the container's own network
 ADMIN_SOCKET = "/var/lib/healthgate/healthgate.sock"  # StateDirectory=healthgate: the default admin socket
@@ -44,18 +45,20 @@ PIP_ENV = re.compile(r"^(PIP_\w+|SSL_CERT_FILE|REQUESTS_CA_BUNDLE|(https?|no)_pr
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
-def readme_block(section: str, lang: str) -> str:
-    """The first ```lang block under the README's `## section` heading."""
-    text = (ROOT / "README.md").read_text()
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    block = re.search(rf"```{lang}\n(.*?)```", body, re.S)
-    assert block, f"no {lang} block in the README's {section} section"
-    return block[1]
+# Where the commands this test runs are documented: the page and its section.
+INSTALL = ("README.md", "Install")
+SYSTEMD = ("docs/systemd.md", "systemd")
 
 
-def readme_commands(section: str) -> list[str]:
-    """The lines of the first ```sh block under the README's `## section` heading."""
-    return [line for line in readme_block(section, "sh").splitlines() if line.strip()]
+def doc_block(where: tuple[str, str], lang: str) -> str:
+    """The first ```lang block of a page's section."""
+    name, title = where
+    return block(section(page(name), title), lang)
+
+
+def doc_commands(where: tuple[str, str]) -> list[str]:
+    """The lines of the first ```sh block of a page's section."""
+    return [line for line in doc_block(where, "sh").splitlines() if line.strip()]
 
 
 def build_tree() -> Path:
@@ -188,7 +191,7 @@ def _descends(pid: int, ancestor: int) -> bool:
 
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory) -> Iterator[Machine]:
-    """A container booted with systemd as PID 1, the project and the unit installed as the README says."""
+    """A container booted with systemd as PID 1, the project and the unit installed as the docs say."""
     nspawn = require("systemd-nspawn", "systemd-container")
     require("nsenter", "util-linux")
     if os.geteuid() != 0:
@@ -226,7 +229,7 @@ def machine(tmp_path_factory) -> Iterator[Machine]:
         m.wait(lambda: m.sh("systemctl is-system-running", check=False).strip() in ("running", "degraded"),
                120, "the container's boot to finish")
         booted = time.monotonic() - started - built
-        install, unit = readme_commands("Install"), readme_commands("systemd")
+        install, unit = doc_commands(INSTALL), doc_commands(SYSTEMD)
         m.sh(f"set -e; cd {CHECKOUT}; " + "; ".join(install), timeout=600, network=False)
         m.sh(f"set -e; cd {CHECKOUT}; " + "; ".join(x for x in unit if not x.startswith("systemctl reload")),
              timeout=120)
@@ -244,7 +247,7 @@ def machine(tmp_path_factory) -> Iterator[Machine]:
 
 
 def test_default_config_goes_up(machine: Machine) -> None:
-    """Installed and enabled as the README says, the shipped unit with the shipped config is active and UP,
+    """Installed and enabled as the docs say, the shipped unit with the shipped config is active and UP,
     its disk check passing on a / that ProtectSystem=strict made read-only for the agent only."""
     props = machine.show("ActiveState", "SubState", "Type")
     assert props == {"ActiveState": "active", "SubState": "running", "Type": "notify"}, props
@@ -350,7 +353,7 @@ def test_node_check_catalogue_passes(machine: Machine) -> None:
 
 
 def test_fds_drop_in_counts_another_users_fds(machine: Machine) -> None:
-    """The README's drop-in lets an fds check count a root process's fds (refused without it), and the
+    """docs/systemd.md's drop-in lets an fds check count a root process's fds (refused without it), and the
     unit's exposure stays at most 2.0 with it."""
     check = '[[checks]]\nname = "journald-fds"\ntype = "fds"\nprocess_name = "systemd-journal"\n'
     config = (ROOT / "config" / "healthgate.toml").read_text() + check
@@ -364,7 +367,7 @@ def test_fds_drop_in_counts_another_users_fds(machine: Machine) -> None:
     assert "permission denied reading /proc/" in refused["output"], refused
     drop_in = machine.root / "etc/systemd/system/healthgate.service.d/override.conf"
     drop_in.parent.mkdir(parents=True, exist_ok=True)
-    drop_in.write_text(readme_block("systemd", "ini"))
+    drop_in.write_text(doc_block(SYSTEMD, "ini"))
     try:
         machine.sh("systemctl daemon-reload")
         machine.use_config(config)
@@ -415,7 +418,7 @@ def test_reload_with_a_broken_config_keeps_serving(machine: Machine) -> None:
     refused = failures()
     assert refused >= 0
     (machine.root / CONFIG.lstrip("/")).write_text("[server\nlisten = \n")
-    reload = next(x for x in readme_commands("systemd") if x.startswith("systemctl reload"))
+    reload = next(x for x in doc_commands(SYSTEMD) if x.startswith("systemctl reload"))
     machine.sh(reload)
     codes = []
 

@@ -215,7 +215,7 @@ def _steady(agent) -> None:
 def test_a_state_directory_removed_and_made_again_still_applies_maint_within_1s(agent_process, tmp_path: Path,
                                                                                   removed: str) -> None:
     """The state directory, or the directory above it too, removed (their watches lost) and made again while
-    the agent runs: maintenance written into it by hand is in force within the README's 1 s, not at the next
+    the agent runs: maintenance written into it by hand is in force within docs/operations.md's 1 s, not at the next
     10 s safety look."""
     state = tmp_path / "var" / "state"
     agent = _agent_on(agent_process, state)
@@ -243,7 +243,7 @@ def test_a_state_directory_symlink_swapped_still_applies_maint_within_1s(agent_p
 
 def test_a_config_directory_symlink_swapped_reloads_within_2s(agent_process, tmp_path: Path) -> None:
     """The config file's directory is a symlink (`current` -> a release) swapped to a new release: the new
-    file is reloaded within the README's 2 s, not at the next 10 s safety look."""
+    file is reloaded within docs/operations.md's 2 s, not at the next 10 s safety look."""
 
     for release, name in (("r1", "mem"), ("r2", "swapped")):
         (tmp_path / release).mkdir()
