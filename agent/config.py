@@ -57,7 +57,8 @@ class ServerConfig(Strict):
     read_timeout: duration(HOUR, positive=True) = Field(default=5.0,
                                                         description="a client must send its request within this")
     fast_health: bool = Field(
-        default=True, description="answer /health /ready /live with a minimal responder; false = aiohttp only"
+        default=True, description="answer /health /ready /live /metrics with a minimal responder, aiohttp loaded "
+        "for the first other request; false = aiohttp only, loaded at start"
     )
     status_token_file: str | None = Field(
         default=None, description="bearer token that unlocks details (/status, reasons, the journal, the page)"
