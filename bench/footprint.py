@@ -16,6 +16,7 @@ CPU_RATIO_TARGET = 1.3
 DEFAULT = "healthgate, default config"
 BARE = "bare asyncio, waking every 100 ms"
 DEPS = "healthgate, config/examples/dependencies.toml"
+LOADED = "healthgate, default config, after one /status (aiohttp loaded)"
 
 
 def startup(ctx: Ctx, reps: int) -> list[dict[str, float]]:
@@ -39,15 +40,17 @@ def run(ctx: Ctx) -> Section:
         DEFAULT: s.healthgate(agent_config(), name="hg-default"),
         "healthgate, default config, asyncio loop": s.healthgate(agent_config(), loop="asyncio",
                                                                  name="hg-default-asyncio"),
+        LOADED: s.healthgate(agent_config(), name="hg-default-loaded"),
         DEPS: s.healthgate(agent_config(base="config/examples/dependencies.toml"), name="hg-deps"),
         "healthgate, 20 checks at 1 s": s.healthgate(agent_config(checks20(ctx.redis.port, ctx.nginx.port)),
                                                      name="hg-20checks"),
         BARE: s.bare(0.1),
         "node-exporter (idle)": s.node_exporter(),
     }
-    for name in (DEFAULT, "healthgate, default config, asyncio loop", "healthgate, 20 checks at 1 s"):
+    for name in (DEFAULT, LOADED, "healthgate, default config, asyncio loop", "healthgate, 20 checks at 1 s"):
         p = procs[name]
         wait_until(lambda p=p: http_status(f"http://127.0.0.1:{p.port}/health") == 200, 60, f"{name} up", p)
+    http_status(f"http://127.0.0.1:{procs[LOADED].port}/status")  # the first request only aiohttp answers
     time.sleep(2)  # past start-up work (first samples, the GC freeze) before any window
     windows = ctx.reps
     ctx.log(f"footprint: {windows} windows of {ctx.window:g} s")
@@ -98,7 +101,8 @@ def run(ctx: Ctx) -> Section:
         f"{windows} windows of {ctx.window:g} s, all processes sampled over the same windows (CPU: the "
         "nanoseconds every thread spent on a CPU, from /proc/PID/task/*/schedstat, over the window; RSS = VmRSS "
         "from /proc/PID/status once a second; PSS and USS (private pages) from /proc/PID/smaps_rollup at the end "
-        "of each window). The reference is `bench/bare.py`, a bare asyncio process that only wakes every 100 ms "
+        "of each window). The agents are probed (/health) but not scraped or asked for /status, except the one "
+        "asked for /status once, which makes it load aiohttp (a /metrics scrape would not). The reference is `bench/bare.py`, a bare asyncio process that only wakes every 100 ms "
         "(what the agent's heartbeat does), started beside them; node-exporter is idle (never scraped). "
         f"`{DEPS}` runs the full example config with none of its dependencies present (every check fails): "
         "every probe module and client library it names is loaded. Median [min–max] over windows; ratios per "
@@ -110,7 +114,8 @@ def run(ctx: Ctx) -> Section:
         + f"Start-up ({len(starts)} runs, default config): exec to the first /live 200 "
         f"{live.fmt(1e3, 0, ' ms')}, to the first /health 200 {health.fmt(1e3, 0, ' ms')}.\n\n"
         + "Where the memory goes: RSS after each stage of the agent's imports and the default config's load, "
-        "in a fresh interpreter (shared libraries included, as in RSS):\n\n"
+        "in a fresh interpreter (shared libraries included, as in RSS); the last two stages are what the first "
+        "request only aiohttp answers (/status, the page, /admin) adds:\n\n"
         + table(["import stage", "RSS added MB"], [[f"`{n}`", f"{b / MB:.1f}"] for n, b in stages])
         + (f"\n\nClient libraries imported at startup although the default config uses none of them: "
            f"{', '.join(heavy)}." if heavy else "")

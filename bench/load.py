@@ -165,8 +165,8 @@ def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[
     return out
 
 
-IMPORT_STAGES = ["asyncio", "uvloop", "pydantic", "aiohttp.web", "prometheus_client", "agent.config", "agent.app",
-                 "(the default config)"]
+IMPORT_STAGES = ["asyncio", "uvloop", "pydantic", "prometheus_client", "agent.config", "agent.app",
+                 "(the default config)", "aiohttp.web", "agent.serving.http_api"]  # the last two: the first /status
 HEAVY = ["redis", "asyncpg", "dns", "cryptography", "psutil"]
 _STAGES_SCRIPT = """
 import importlib, re, sys

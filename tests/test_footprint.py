@@ -37,6 +37,19 @@ def test_node_checks_load_no_client_library() -> None:
     assert loaded(config) == set()
 
 
+def test_the_agent_and_a_config_without_http_checks_load_no_aiohttp() -> None:
+    """The running agent's modules and the default config import no aiohttp (the listener loads it for the
+    first request the fast responder does not answer); an http check's config does."""
+    config = (ROOT / "config" / "healthgate.toml").read_text()
+    out = subprocess.run([sys.executable, "-c", SCRIPT.replace("agent.cli.main", "agent.cli.main, agent.serving.listener"), config,
+                          "aiohttp,yarl,multidict"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == ""
+    http = config + '[[checks]]\nname = "web"\ntype = "http"\nurl = "http://127.0.0.1:1/"\n'
+    out = subprocess.run([sys.executable, "-c", SCRIPT, http, "aiohttp"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "aiohttp"
+
+
 def test_each_dependency_check_loads_its_library_with_the_config() -> None:
     """A redis, postgres, tls, server-asking dns or body_regex http check loads its library with the config."""
     config = """
