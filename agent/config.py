@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from agent.fields import DAY, HOUR, Listen, Network, Strict, duration
+from agent.fields import DAY, HOUR, Duration, Listen, Network, Strict
 from agent.fleet.config import FleetConfig
 from agent.probes import PROBES
 from agent.probes.base import NAME_PATTERN
@@ -43,7 +43,7 @@ def _default_state_dir() -> str:
 class ServerConfig(Strict):
     listen: Listen = Field(default="0.0.0.0:8080", validate_default=True,
                            description="/health /ready /live /status /metrics")
-    shutdown_drain: duration(HOUR) = Field(default=5.0,
+    shutdown_drain: Annotated[float, Duration(HOUR)] = Field(default=5.0,
                                            description="how long DOWN is served after SIGTERM before exit")
     drain_status: Literal[503, 404] = Field(
         default=503, description="status of /health while draining; 404 for HAProxy's http-check disable-on-404"
@@ -54,7 +54,7 @@ class ServerConfig(Strict):
         "the probes (/health, /ready, /live and their groups, as the fast responder answers them; a probe only "
         "aiohttp can take counts a tenth, and none with fast_health = false); beyond it 429 and the connection "
         "is closed, so junk cannot starve the probes; 0 = no limit")
-    read_timeout: duration(HOUR, positive=True) = Field(default=5.0,
+    read_timeout: Annotated[float, Duration(HOUR, positive=True)] = Field(default=5.0,
                                                         description="a client must send its request within this")
     fast_health: bool = Field(
         default=True, description="answer /health /ready /live with a minimal responder; false = aiohttp only"
@@ -85,8 +85,8 @@ class AgentCheckConfig(Strict):
         default="cpu", description="load headroom the weight follows: cpu busy, PSI cpu avg10, load per CPU; off = 100%"
     )
     weight_floor: int = Field(default=10, ge=1, le=100, description="the weight never goes below this (percent)")
-    weight_smoothing: duration(HOUR) = Field(default=10.0, description="EWMA time constant of the headroom; 0 = raw")
-    slow_start: duration(HOUR) = Field(
+    weight_smoothing: Annotated[float, Duration(HOUR)] = Field(default=10.0, description="EWMA time constant of the headroom; 0 = raw")
+    slow_start: Annotated[float, Duration(HOUR)] = Field(
         default=30.0, description="after a recovery, a drain or maintenance the weight ramps from weight_floor over this long"
     )
     max_connections: int = Field(default=64, ge=1, le=4096, description="agent-check connections beyond this are closed")
@@ -103,17 +103,17 @@ MIN_LOOP_LAG = 0.05
 
 
 class PolicyConfig(Strict):
-    stale_grace: duration(HOUR) = Field(
+    stale_grace: Annotated[float, Duration(HOUR)] = Field(
         default=1.0, description="a check whose last result is older than interval + timeout + this counts as failing"
     )
-    max_loop_lag: duration(HOUR, positive=True) = Field(
+    max_loop_lag: Annotated[float, Duration(HOUR, positive=True)] = Field(
         default=0.5, description="event-loop lag beyond this makes the verdict DOWN (the agent can't vouch); "
                                  "at least 50ms"
     )
-    loop_recovery: duration(HOUR) = Field(
+    loop_recovery: Annotated[float, Duration(HOUR)] = Field(
         default=2.0, description="the loop must stay under max_loop_lag this long before the verdict can be UP"
     )
-    flap_window: duration(DAY, positive=True) = Field(
+    flap_window: Annotated[float, Duration(DAY, positive=True)] = Field(
         default=60.0, description="window in which flaps (failures after a pass) are counted")
 
     @field_validator("max_loop_lag")
@@ -128,7 +128,7 @@ class PolicyConfig(Strict):
     flap_threshold: int = Field(
         default=5, ge=0, le=1000, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
     )
-    flap_hold: duration(DAY) = Field(
+    flap_hold: Annotated[float, Duration(DAY)] = Field(
         default=30.0, description="a flapping check must pass for this long before it rises again"
     )
 
