@@ -9,7 +9,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -18,9 +18,42 @@ from agent.fleet.config import FleetConfig
 from agent.probes import PROBES
 from agent.probes.base import NAME_PATTERN
 
+if TYPE_CHECKING:
+    from pydantic.config import JsonDict
+    from pydantic_core import ErrorDetails
+
+    from agent.probes import (
+        cpu,
+        disk,
+        dns,
+        exec,
+        fds,
+        file,
+        http,
+        listen_queue,
+        load,
+        memory,
+        postgres,
+        pressure,
+        process,
+        redis,
+        swap,
+        tcp,
+        tls,
+    )
+
+    # What a type checker reads for Config.checks: the union of every check model, in the registry's order
+    # (tests/test_config.py holds the two lists together). At run time the name does not exist: the union is
+    # built from the registry, of only the types a config names (config_model), so only their modules load.
+    CheckConfig = Annotated[
+        tcp.Config | http.Config | memory.Config | disk.Config | cpu.Config | load.Config | swap.Config
+        | pressure.Config | fds.Config | listen_queue.Config | process.Config | exec.Config | file.Config
+        | tls.Config | dns.Config | redis.Config | postgres.Config,
+        Field(discriminator="type"),
+    ]
+
 DEFAULT_PATH = "/etc/healthgate/healthgate.toml"
 SOCKET_NAME = "healthgate.sock"
-
 
 
 def check_union(types: tuple[str, ...]) -> Any:
@@ -155,7 +188,7 @@ class GroupConfig(Strict):
 
 
 # An item that does not say critical = false: the schema's half of _something_to_vouch_for.
-_CRITICAL = {"not": {"required": ["critical"], "properties": {"critical": {"const": False}}}}
+_CRITICAL: JsonDict = {"not": {"required": ["critical"], "properties": {"critical": {"const": False}}}}
 
 
 class Config(Strict):
@@ -323,7 +356,7 @@ _WORDS = {
 _KINDS = {"int_type": int, "int_parsing": int, "bool_type": bool, "bool_parsing": bool}
 
 
-def _message(err: dict[str, Any], model: type[BaseModel]) -> str:
+def _message(err: ErrorDetails, model: type[BaseModel]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return _unknown_key(model, err["loc"])
@@ -339,7 +372,7 @@ def _message(err: dict[str, Any], model: type[BaseModel]) -> str:
         ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (err.get("ctx") or {}).items() if k != "error"}
         if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
             return f"{_toml(value)} is not a name: use letters, digits, _ . - (at most 63, the first a letter or digit)"
-        if kind == "string_too_short" and ctx.get("min_length", 1) > 1:
+        if kind == "string_too_short" and isinstance(least := ctx.get("min_length"), int) and least > 1:
             return f"must be at least {ctx['min_length']} characters long"
         text = _WORDS[kind].format(value=_toml(value), input=value, **ctx)
         key = next((p for p in reversed(err["loc"]) if isinstance(p, str)), "")
@@ -395,6 +428,7 @@ def config_model(types: frozenset[str]) -> type[Config]:
     field = Config.model_fields["checks"]
     return type("Config", (Config,), {
         "__module__": __name__, "__qualname__": "Config",
+        # a union built at run time, from the registry: no type a checker could read
         "__annotations__": {"checks": list[union]},  # type: ignore[valid-type]
         "checks": Field(default_factory=list, validate_default=True, description=field.description,
                         json_schema_extra=field.json_schema_extra),
@@ -413,8 +447,8 @@ def full_config() -> type[Config]:
 def named_types(data: Any) -> frozenset[str]:
     """The known check types a parsed file names; all of them when it names none (it will be refused)."""
     checks = data.get("checks") if isinstance(data, dict) else None
-    found = frozenset(c.get("type") for c in checks if isinstance(c, dict)) if isinstance(checks, list) else frozenset()
-    found = frozenset(t for t in found if isinstance(t, str) and t in PROBES)
+    named = frozenset(c.get("type") for c in checks if isinstance(c, dict)) if isinstance(checks, list) else frozenset()
+    found = frozenset(t for t in named if isinstance(t, str) and t in PROBES)
     return found or frozenset(PROBES)
 
 
@@ -488,7 +522,7 @@ def json_schema() -> dict[str, Any]:
     for old, new in names.items():
         if old != new:
             text = text.replace(f'"#/$defs/{old}"', f'"#/$defs/{new}"')
-    schema = json.loads(text)
+    schema = dict(json.loads(text))
     schema["$defs"] = {names[k]: v for k, v in schema.get("$defs", {}).items()}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "healthgate configuration"
