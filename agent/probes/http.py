@@ -64,7 +64,7 @@ class Config(TLSOptions, CheckBase):
     method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] = "GET"
     headers: dict[str, str] = Field(default_factory=dict)
     body: str | None = Field(default=None, description="request body (for POST/PUT)")
-    expect_status: list[int | str] = Field(default_factory=lambda: ["2xx"], min_length=1)
+    expect_status: list[int | str] = Field(default_factory=lambda: list[int | str](["2xx"]), min_length=1)
     body_contains: str | None = Field(default=None, min_length=1)
     body_regex: str | None = Field(default=None, min_length=1)
     max_body_bytes: int = Field(default=65536, ge=1, le=16 * 1024 * 1024,

@@ -161,7 +161,9 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
         conn = await _connect(cfg, ctx)
         row = await conn.fetchrow(cfg.query)
         elapsed = loop.time() - t0
-        standby, caught_up, age = await conn.fetchrow(ROLE_SQL)
+        server = await conn.fetchrow(ROLE_SQL)
+        assert server is not None  # a SELECT without FROM returns one row
+        standby, caught_up, age = server
         await conn.close()  # a polite Terminate on the happy path; the finally below covers the rest
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ConnectionError) as e:
         raise _failure(cfg, e) from None
