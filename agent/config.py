@@ -76,8 +76,8 @@ def _default_state_dir() -> str:
 class ServerConfig(Strict):
     listen: Listen = Field(default="0.0.0.0:8080", validate_default=True,
                            description="/health /ready /live /status /metrics")
-    shutdown_drain: Annotated[float, Duration(HOUR)] = Field(default=5.0,
-                                           description="how long DOWN is served after SIGTERM before exit")
+    shutdown_drain: Annotated[float, Duration(HOUR)] = Field(
+        default=5.0, description="how long DOWN is served after SIGTERM before exit")
     drain_status: Literal[503, 404] = Field(
         default=503, description="status of /health while draining; 404 for HAProxy's http-check disable-on-404"
     )
@@ -87,8 +87,8 @@ class ServerConfig(Strict):
         "the probes (/health, /ready, /live and their groups, as the fast responder answers them; a probe only "
         "aiohttp can take counts a tenth, and none with fast_health = false); beyond it 429 and the connection "
         "is closed, so junk cannot starve the probes; 0 = no limit")
-    read_timeout: Annotated[float, Duration(HOUR, positive=True)] = Field(default=5.0,
-                                                        description="a client must send its request within this")
+    read_timeout: Annotated[float, Duration(HOUR, positive=True)] = Field(
+        default=5.0, description="a client must send its request within this")
     fast_health: bool = Field(
         default=True, description="answer /health /ready /live with a minimal responder; false = aiohttp only"
     )
@@ -118,7 +118,8 @@ class AgentCheckConfig(Strict):
         default="cpu", description="load headroom the weight follows: cpu busy, PSI cpu avg10, load per CPU; off = 100%"
     )
     weight_floor: int = Field(default=10, ge=1, le=100, description="the weight never goes below this (percent)")
-    weight_smoothing: Annotated[float, Duration(HOUR)] = Field(default=10.0, description="EWMA time constant of the headroom; 0 = raw")
+    weight_smoothing: Annotated[float, Duration(HOUR)] = Field(
+        default=10.0, description="EWMA time constant of the headroom; 0 = raw")
     slow_start: Annotated[float, Duration(HOUR)] = Field(
         default=30.0, description="after a recovery, a drain or maintenance the weight ramps from weight_floor over this long"
     )

@@ -162,9 +162,11 @@ def human_size(size: float) -> str:
 
 
 # A size field: bytes from a number or a string with a unit, written back as a string.
-ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str), WithJsonSchema({
-    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _SIZE.pattern}],
-    "description": "bytes, or a string with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)"})]
+ByteSize = Annotated[
+    int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str), WithJsonSchema({
+        "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _SIZE.pattern}],
+        "description": "bytes, or a string with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)"}),
+]
 
 
 def _absolute(value: str) -> str:

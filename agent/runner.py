@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 # Tasks a probe spawns (and they spawn) are recorded in the set this variable holds while it runs. A probe
 # may leave a few behind on purpose (a client library's background task); past LEAK_LIMIT per check they
 # are cancelled and the check fails, so a probe that forgets its tasks cannot grow the agent without bound.
-_SPAWNED: contextvars.ContextVar[set[asyncio.Future[Any]] | None] = contextvars.ContextVar("healthgate_spawned",
-                                                                                   default=None)
+_SPAWNED: contextvars.ContextVar[set[asyncio.Future[Any]] | None] = contextvars.ContextVar(
+    "healthgate_spawned", default=None)
 LEAK_LIMIT = 32
 
 

@@ -21,7 +21,8 @@ MAX_KEPT = 1000  # samples kept for a window, whatever window / interval says
 class Config(CheckBase):
     type: Literal["cpu"]
     max_percent: float = Field(default=95.0, gt=0, le=100, description="utilisation above this fails")
-    window: Annotated[float, Duration(DAY)] = Field(default=0.0, description="average over this long; 0 = since the previous sample")
+    window: Annotated[float, Duration(DAY)] = Field(
+        default=0.0, description="average over this long; 0 = since the previous sample")
 
     @field_validator("window")
     @classmethod

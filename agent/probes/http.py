@@ -69,8 +69,8 @@ class Config(TLSOptions, CheckBase):
     body_regex: str | None = Field(default=None, min_length=1)
     max_body_bytes: int = Field(default=65536, ge=1, le=16 * 1024 * 1024,
                                 description="at most this much of the body is read and matched")
-    max_latency: Annotated[float, Duration(HOUR, positive=True)] | None = Field(default=None,
-                                                              description="a slower answer fails the check")
+    max_latency: Annotated[float, Duration(HOUR, positive=True)] | None = Field(
+        default=None, description="a slower answer fails the check")
     follow_redirects: bool = False
     max_redirects: int = Field(default=5, ge=1, le=30)
     server_name: str | None = Field(default=None, min_length=1, description="TLS SNI and name to verify")
