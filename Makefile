@@ -124,8 +124,10 @@ pythons:
 python-path:
 	@command -v $(PYTHON)
 
+# ruff, then the type checker (its settings, strict on the pure core, are [tool.mypy] in pyproject.toml).
 lint: test-venv
 	$(BIN)/ruff check agent tests bench
+	$(BIN)/mypy
 
 bench: test-venv $(VENV)/.bench-installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

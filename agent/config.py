@@ -9,18 +9,51 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from agent.fields import DAY, HOUR, Listen, Network, Strict, duration
+from agent.fields import DAY, HOUR, Duration, Listen, Network, Strict
 from agent.fleet.config import FleetConfig
 from agent.probes import PROBES
 from agent.probes.base import NAME_PATTERN
 
+if TYPE_CHECKING:
+    from pydantic.config import JsonDict
+    from pydantic_core import ErrorDetails
+
+    from agent.probes import (
+        cpu,
+        disk,
+        dns,
+        exec,
+        fds,
+        file,
+        http,
+        listen_queue,
+        load,
+        memory,
+        postgres,
+        pressure,
+        process,
+        redis,
+        swap,
+        tcp,
+        tls,
+    )
+
+    # What a type checker reads for Config.checks: the union of every check model, in the registry's order
+    # (tests/test_config.py holds the two lists together). At run time the name does not exist: the union is
+    # built from the registry, of only the types a config names (config_model), so only their modules load.
+    CheckConfig = Annotated[
+        tcp.Config | http.Config | memory.Config | disk.Config | cpu.Config | load.Config | swap.Config
+        | pressure.Config | fds.Config | listen_queue.Config | process.Config | exec.Config | file.Config
+        | tls.Config | dns.Config | redis.Config | postgres.Config,
+        Field(discriminator="type"),
+    ]
+
 DEFAULT_PATH = "/etc/healthgate/healthgate.toml"
 SOCKET_NAME = "healthgate.sock"
-
 
 
 def check_union(types: tuple[str, ...]) -> Any:
@@ -43,8 +76,8 @@ def _default_state_dir() -> str:
 class ServerConfig(Strict):
     listen: Listen = Field(default="0.0.0.0:8080", validate_default=True,
                            description="/health /ready /live /status /metrics")
-    shutdown_drain: duration(HOUR) = Field(default=5.0,
-                                           description="how long DOWN is served after SIGTERM before exit")
+    shutdown_drain: Annotated[float, Duration(HOUR)] = Field(
+        default=5.0, description="how long DOWN is served after SIGTERM before exit")
     drain_status: Literal[503, 404] = Field(
         default=503, description="status of /health while draining; 404 for HAProxy's http-check disable-on-404"
     )
@@ -54,8 +87,8 @@ class ServerConfig(Strict):
         "the probes (/health, /ready, /live and their groups, as the fast responder answers them; a probe only "
         "aiohttp can take counts a tenth, and none with fast_health = false); beyond it 429 and the connection "
         "is closed, so junk cannot starve the probes; 0 = no limit")
-    read_timeout: duration(HOUR, positive=True) = Field(default=5.0,
-                                                        description="a client must send its request within this")
+    read_timeout: Annotated[float, Duration(HOUR, positive=True)] = Field(
+        default=5.0, description="a client must send its request within this")
     fast_health: bool = Field(
         default=True, description="answer /health /ready /live /metrics with a minimal responder, aiohttp loaded "
         "for the first other request; false = aiohttp only, loaded at start"
@@ -86,8 +119,9 @@ class AgentCheckConfig(Strict):
         default="cpu", description="load headroom the weight follows: cpu busy, PSI cpu avg10, load per CPU; off = 100%"
     )
     weight_floor: int = Field(default=10, ge=1, le=100, description="the weight never goes below this (percent)")
-    weight_smoothing: duration(HOUR) = Field(default=10.0, description="EWMA time constant of the headroom; 0 = raw")
-    slow_start: duration(HOUR) = Field(
+    weight_smoothing: Annotated[float, Duration(HOUR)] = Field(
+        default=10.0, description="EWMA time constant of the headroom; 0 = raw")
+    slow_start: Annotated[float, Duration(HOUR)] = Field(
         default=30.0, description="after a recovery, a drain or maintenance the weight ramps from weight_floor over this long"
     )
     max_connections: int = Field(default=64, ge=1, le=4096, description="agent-check connections beyond this are closed")
@@ -104,17 +138,17 @@ MIN_LOOP_LAG = 0.05
 
 
 class PolicyConfig(Strict):
-    stale_grace: duration(HOUR) = Field(
+    stale_grace: Annotated[float, Duration(HOUR)] = Field(
         default=1.0, description="a check whose last result is older than interval + timeout + this counts as failing"
     )
-    max_loop_lag: duration(HOUR, positive=True) = Field(
+    max_loop_lag: Annotated[float, Duration(HOUR, positive=True)] = Field(
         default=0.5, description="event-loop lag beyond this makes the verdict DOWN (the agent can't vouch); "
                                  "at least 50ms"
     )
-    loop_recovery: duration(HOUR) = Field(
+    loop_recovery: Annotated[float, Duration(HOUR)] = Field(
         default=2.0, description="the loop must stay under max_loop_lag this long before the verdict can be UP"
     )
-    flap_window: duration(DAY, positive=True) = Field(
+    flap_window: Annotated[float, Duration(DAY, positive=True)] = Field(
         default=60.0, description="window in which flaps (failures after a pass) are counted")
 
     @field_validator("max_loop_lag")
@@ -129,7 +163,7 @@ class PolicyConfig(Strict):
     flap_threshold: int = Field(
         default=5, ge=0, le=1000, description="this many flaps within flap_window mark a check flapping: down, and held; 0 = off"
     )
-    flap_hold: duration(DAY) = Field(
+    flap_hold: Annotated[float, Duration(DAY)] = Field(
         default=30.0, description="a flapping check must pass for this long before it rises again"
     )
 
@@ -156,7 +190,7 @@ class GroupConfig(Strict):
 
 
 # An item that does not say critical = false: the schema's half of _something_to_vouch_for.
-_CRITICAL = {"not": {"required": ["critical"], "properties": {"critical": {"const": False}}}}
+_CRITICAL: JsonDict = {"not": {"required": ["critical"], "properties": {"critical": {"const": False}}}}
 
 
 class Config(Strict):
@@ -324,7 +358,7 @@ _WORDS = {
 _KINDS = {"int_type": int, "int_parsing": int, "bool_type": bool, "bool_parsing": bool}
 
 
-def _message(err: dict[str, Any], model: type[BaseModel]) -> str:
+def _message(err: ErrorDetails, model: type[BaseModel]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return _unknown_key(model, err["loc"])
@@ -340,7 +374,7 @@ def _message(err: dict[str, Any], model: type[BaseModel]) -> str:
         ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (err.get("ctx") or {}).items() if k != "error"}
         if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
             return f"{_toml(value)} is not a name: use letters, digits, _ . - (at most 63, the first a letter or digit)"
-        if kind == "string_too_short" and ctx.get("min_length", 1) > 1:
+        if kind == "string_too_short" and isinstance(least := ctx.get("min_length"), int) and least > 1:
             return f"must be at least {ctx['min_length']} characters long"
         text = _WORDS[kind].format(value=_toml(value), input=value, **ctx)
         key = next((p for p in reversed(err["loc"]) if isinstance(p, str)), "")
@@ -396,6 +430,7 @@ def config_model(types: frozenset[str]) -> type[Config]:
     field = Config.model_fields["checks"]
     return type("Config", (Config,), {
         "__module__": __name__, "__qualname__": "Config",
+        # a union built at run time, from the registry: no type a checker could read
         "__annotations__": {"checks": list[union]},  # type: ignore[valid-type]
         "checks": Field(default_factory=list, validate_default=True, description=field.description,
                         json_schema_extra=field.json_schema_extra),
@@ -414,8 +449,8 @@ def full_config() -> type[Config]:
 def named_types(data: Any) -> frozenset[str]:
     """The known check types a parsed file names; all of them when it names none (it will be refused)."""
     checks = data.get("checks") if isinstance(data, dict) else None
-    found = frozenset(c.get("type") for c in checks if isinstance(c, dict)) if isinstance(checks, list) else frozenset()
-    found = frozenset(t for t in found if isinstance(t, str) and t in PROBES)
+    named = frozenset(c.get("type") for c in checks if isinstance(c, dict)) if isinstance(checks, list) else frozenset()
+    found = frozenset(t for t in named if isinstance(t, str) and t in PROBES)
     return found or frozenset(PROBES)
 
 
@@ -489,7 +524,7 @@ def json_schema() -> dict[str, Any]:
     for old, new in names.items():
         if old != new:
             text = text.replace(f'"#/$defs/{old}"', f'"#/$defs/{new}"')
-    schema = json.loads(text)
+    schema = dict(json.loads(text))
     schema["$defs"] = {names[k]: v for k, v in schema.get("$defs", {}).items()}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "healthgate configuration"

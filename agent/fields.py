@@ -5,9 +5,12 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Annotated, Any
 
+from annotated_types import GroupedMetadata
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,11 +50,6 @@ def _quantity(value: Any, pattern: re.Pattern[str], units: dict[str | None, Any]
     if (isinstance(amount, float) and not math.isfinite(amount)) or amount < 0:
         raise ValueError(f"must be a non-negative {what}")
     return amount
-
-
-def _with_units(base: type, parse: Any, render: Any, schema: dict[str, Any]) -> Any:
-    """A config field type read from a number or a string with a unit, and written back as a string."""
-    return Annotated[base, BeforeValidator(parse), PlainSerializer(render, return_type=str), WithJsonSchema(schema)]
 
 
 def parse_duration(value: Any) -> float:
@@ -113,17 +111,31 @@ def duration_pattern(maximum: int, positive: bool = False) -> str:
     return rf"^{zero}\s*(?:{'|'.join(forms)})\s*$"
 
 
+@dataclass(frozen=True, slots=True)
+class Duration(GroupedMetadata):
+    """A duration field, `Annotated[float, Duration(HOUR)]`: seconds from a number or a string with
+    ms / s / m / h, at most `maximum` seconds (whole hours), more than 0 when `positive`; written back as a
+    string, and the JSON schema says exactly the same. The bounds live in the metadata, not in a type made
+    by a call, so a type checker reads the field as the float it is."""
+
+    maximum: int
+    positive: bool = False
+
+    def __iter__(self) -> Iterator[object]:
+        maximum, positive = self.maximum, self.positive
+        bound = {"exclusiveMinimum": 0} if positive else {"minimum": 0}
+        words = ("more than 0" if positive else "0") + f" to {format_duration(maximum)}"
+        yield BeforeValidator(lambda v: bounded_duration(v, maximum, positive))
+        yield PlainSerializer(format_duration, return_type=str)
+        yield WithJsonSchema({"anyOf": [{"type": "number", **bound, "maximum": maximum},
+                                        {"type": "string", "pattern": duration_pattern(maximum, positive)}],
+                              "description": f"seconds, or a string with ms / s / m / h; {words}"})
+
+
 def duration(maximum: int, positive: bool = False) -> Any:
-    """A duration field type: seconds from a number or a string with ms / s / m / h, at most `maximum`
-    seconds (whole hours), more than 0 when `positive`; the JSON schema says exactly the same."""
-    bound = {"exclusiveMinimum": 0} if positive else {"minimum": 0}
-    words = ("more than 0" if positive else "0") + f" to {format_duration(maximum)}"
-    return _with_units(
-        float, lambda v: bounded_duration(v, maximum, positive), format_duration,
-        {"anyOf": [{"type": "number", **bound, "maximum": maximum},
-                   {"type": "string", "pattern": duration_pattern(maximum, positive)}],
-         "description": f"seconds, or a string with ms / s / m / h; {words}"},
-    )
+    """`Annotated[float, Duration(maximum, positive)]` as one value. A type checker cannot read a call as a
+    type: a field written `x: duration(HOUR)` is unchecked, so new fields use the Annotated form."""
+    return Annotated[float, Duration(maximum, positive)]
 
 
 def parse_size(value: Any) -> int:
@@ -149,9 +161,12 @@ def human_size(size: float) -> str:
     return f"{size:.0f} B"
 
 
-ByteSize = _with_units(int, parse_size, format_size, {
-    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _SIZE.pattern}],
-    "description": "bytes, or a string with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)"})
+# A size field: bytes from a number or a string with a unit, written back as a string.
+ByteSize = Annotated[
+    int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str), WithJsonSchema({
+        "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _SIZE.pattern}],
+        "description": "bytes, or a string with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024)"}),
+]
 
 
 def _absolute(value: str) -> str:

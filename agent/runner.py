@@ -5,21 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Mapping
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from agent.model import Observation, Result
 from agent.probes import PROBES
-from agent.probes.base import CheckBase, CheckFailed, Context
+from agent.probes.base import CheckFailed, Context
 from agent.text import mask, one_line
+
+if TYPE_CHECKING:
+    from agent.config import CheckConfig
 
 # Tasks a probe spawns (and they spawn) are recorded in the set this variable holds while it runs. A probe
 # may leave a few behind on purpose (a client library's background task); past LEAK_LIMIT per check they
 # are cancelled and the check fails, so a probe that forgets its tasks cannot grow the agent without bound.
-_SPAWNED: contextvars.ContextVar[set[asyncio.Task] | None] = contextvars.ContextVar("healthgate_spawned",
-                                                                                   default=None)
+_SPAWNED: contextvars.ContextVar[set[asyncio.Future[Any]] | None] = contextvars.ContextVar(
+    "healthgate_spawned", default=None)
 LEAK_LIMIT = 32
 
 
@@ -28,7 +33,7 @@ def _install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
     if getattr(previous, "healthgate", False):
         return
 
-    def factory(loop: asyncio.AbstractEventLoop, coro, **kw) -> asyncio.Future:
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Future[Any]:
         task = previous(loop, coro, **kw) if previous else asyncio.Task(coro, loop=loop, **kw)
         owner = _SPAWNED.get()
         if owner is not None:  # created from inside a probe
@@ -36,6 +41,8 @@ def _install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
             task.add_done_callback(owner.discard)
         return task
 
+    # Marks the factory as ours, so a second install on the same loop is a no-op; a function attribute,
+    # which no type describes.
     factory.healthgate = True  # type: ignore[attr-defined]
     loop.set_task_factory(factory)
 
@@ -60,9 +67,9 @@ class Runner:
         self.ctx = ctx
         self.probes = probes  # injectable so tests can run deliberately broken probes
         self.hung: dict[str, asyncio.Task] = {}
-        self.spawned: dict[str, set[asyncio.Task]] = {}  # check -> tasks its probes left running
+        self.spawned: dict[str, set[asyncio.Future[Any]]] = {}  # check -> tasks its probes left running
 
-    async def run(self, check: CheckBase) -> Result:
+    async def run(self, check: CheckConfig) -> Result:
         loop = asyncio.get_running_loop()
         _install_task_factory(loop)
         spawned = self.spawned.setdefault(check.name, set())
@@ -78,7 +85,7 @@ class Runner:
                           "leak", result.duration, result.started, result.finished, result.wall)
         return result
 
-    async def _sample(self, check: CheckBase, spawned: set[asyncio.Task]) -> Result:
+    async def _sample(self, check: CheckConfig, spawned: set[asyncio.Future[Any]]) -> Result:
         loop = asyncio.get_running_loop()
         started = loop.time()
         # Durations use perf_counter: uvloop's loop.time() ticks in whole milliseconds.
@@ -114,7 +121,7 @@ class Runner:
         if not task.done():
             task.cancel()
             self.hung[check.name] = task
-            task.add_done_callback(lambda t, name=check.name: self._forget(name, t))
+            task.add_done_callback(functools.partial(self._forget, check.name))
             return result(False, f"timeout after {check.timeout * 1000:.0f} ms", "timeout")
         # A probe that blocks the loop in a synchronous call (a C library, a stray time.sleep) finishes before
         # the wait's timer can fire, however long it took: the clock, not the timer, decides what was late.

@@ -8,13 +8,16 @@ import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from agent import logs
 from agent.model import Result
-from agent.probes.base import CheckBase
 from agent.runner import Runner
 from agent.serving.decision import beat
 from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.config import CheckConfig
 
 START_RATE = 1000.0  # first samples per second at most, spread over the checks' intervals
 RIDE_AFTER = 10  # a wait of at least this many heartbeats rides on a heartbeat's wake-up (see _wait)
@@ -24,14 +27,14 @@ WARM_UP_MAX = 30.0  # seconds a reload's first samples may take at most, whateve
 WARM_UP_SLACK = 0.5  # room for the loop's own scheduling beyond the probes' timeouts
 
 
-def warm_up_bound(checks: Iterable[CheckBase]) -> float:
+def warm_up_bound(checks: Iterable[CheckConfig]) -> float:
     """How long a reload waits for the first samples of its new and changed checks: the longest of their
     `rise` back-to-back samples, each at most its timeout, plus slack; never more than WARM_UP_MAX."""
     longest = max((c.rise * c.timeout for c in checks), default=0.0)
     return min(WARM_UP_MAX, longest + WARM_UP_SLACK) if longest else 0.0
 
 
-async def first_samples(runner: Runner, checks: Iterable[CheckBase]) -> dict[str, list[Result]]:
+async def first_samples(runner: Runner, checks: Iterable[CheckConfig]) -> dict[str, list[Result]]:
     """Sample each check beside the running config, back to back, until it has `rise` passes or one
     failure, all within warm_up_bound(): a reload's make-before-break. What arrived by the bound is returned;
     samples still in flight then are cancelled (the runner cancels their probes).
@@ -42,7 +45,7 @@ async def first_samples(runner: Runner, checks: Iterable[CheckBase]) -> dict[str
     checks = list(checks)
     results: dict[str, list[Result]] = {c.name: [] for c in checks}
 
-    async def sample(check: CheckBase) -> None:
+    async def sample(check: CheckConfig) -> None:
         got = results[check.name]
         while len(got) < check.rise:
             got.append(await runner.run(check))
@@ -62,7 +65,7 @@ async def first_samples(runner: Runner, checks: Iterable[CheckBase]) -> dict[str
     return results
 
 
-def _incomplete(check: CheckBase, got: list[Result]) -> bool:
+def _incomplete(check: CheckConfig, got: list[Result]) -> bool:
     return len(got) < check.rise and all(r.ok for r in got)
 
 
@@ -106,11 +109,11 @@ class Scheduler:
             if not self._unreported:
                 self.ready.set()
 
-    def _start(self, check: CheckBase) -> None:
+    def _start(self, check: CheckConfig) -> None:
         assert self._tg is not None
         self.loops[check.name] = self._tg.create_task(self._loop(check), name=f"check:{check.name}")
 
-    async def _loop(self, check: CheckBase) -> None:
+    async def _loop(self, check: CheckConfig) -> None:
         loop = asyncio.get_running_loop()
         fast = check.confirm_interval()
         # Spread first samples so many checks don't all start in the same millisecond: over a tenth of the

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 from agent import logs
 from agent.config import Config
 from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Status, Verdict
-from agent.probes.base import CheckBase
 from agent.serving.decision import Answer, Condition, beat, decide
 from agent.verdict import Tally, holdable, next_state, stale_limit, view
 
 if TYPE_CHECKING:
+    from agent.config import CheckConfig
     from agent.fleet.guard import FleetGuard, GuardView
 
 # Histogram buckets for check durations, in seconds.
@@ -67,7 +67,7 @@ class AgentState:
 
     def __init__(self, config: Config, now: float):
         self.config = config
-        self.checks: dict[str, CheckBase] = {c.name: c for c in config.checks}
+        self.checks: dict[str, CheckConfig] = {c.name: c for c in config.checks}
         self.states: dict[str, CheckState] = {name: CheckState() for name in self.checks}
         self.stats: dict[str, CheckStats] = {name: CheckStats() for name in self.checks}
         self.lag_stats = CheckStats(LAG_BUCKETS)  # schedule lag of every check sample
@@ -199,7 +199,7 @@ class AgentState:
         self.condition = self._condition()
         self.refresh(now)
 
-    def changed_checks(self, config: Config) -> list[CheckBase]:
+    def changed_checks(self, config: Config) -> list[CheckConfig]:
         """The checks of `config` that are new or whose definition differs from the running one."""
         return [c for c in config.checks if self.checks.get(c.name) != c]
 

@@ -7,11 +7,15 @@ import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from agent.config import PolicyConfig
 from agent.fields import format_duration
 from agent.model import CheckState, CheckView, Result, Status, Verdict
 from agent.probes.base import CheckBase
+
+if TYPE_CHECKING:
+    from agent.config import CheckConfig
 
 HISTORY = 100  # results kept per check for the status page strip
 
@@ -68,10 +72,11 @@ def stale_limit(check: CheckBase, policy: PolicyConfig) -> float:
     that sample may take its whole timeout: a healthy check's results are at most that far apart.
     `stale_grace` adds room for the loop's own scheduling.
     """
-    return check.interval * (1 + check.jitter) + check.timeout + policy.stale_grace
+    limit: float = check.interval * (1 + check.jitter) + check.timeout + policy.stale_grace
+    return limit
 
 
-def view(check: CheckBase, state: CheckState, policy: PolicyConfig, threshold: str | None = None,
+def view(check: CheckConfig, state: CheckState, policy: PolicyConfig, threshold: str | None = None,
          limit: float | None = None) -> CheckView:
     """A check as the serving paths see it. `threshold` and `limit` may be passed in, computed once per config."""
     last = state.last

@@ -24,6 +24,7 @@ import errno
 import os
 import struct
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -34,7 +35,7 @@ MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | I
 LOST = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED  # the directory itself is gone: its watch is over
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then len bytes of name
 
-_libc: ctypes.CDLL | None | bool = None
+_libc: ctypes.CDLL | None | Literal[False] = None  # None: not tried yet; False: no inotify here
 
 
 def _lib() -> ctypes.CDLL | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from agent.cli import main as cli
 from agent.config import ConfigError, load_config, parse_config
 from agent.fields import format_duration, parse_duration
+from agent.probes import TYPES
 from tests.helpers import PASSING, ROOT, memory_check
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -108,6 +110,18 @@ def test_models_are_frozen() -> None:
     cfg = parse_config({"checks": [PASSING]})
     with pytest.raises(ValidationError):
         cfg.server.shutdown_drain = 1  # type: ignore[misc]
+
+
+def test_the_checkers_union_is_the_registry() -> None:
+    """The union a type checker reads for Config.checks holds every registered check model, in the registry's
+    order: a new check type cannot be left out of it."""
+    tree = ast.parse((ROOT / "agent" / "config.py").read_text())
+    alias = next(node for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 and [ast.unparse(t) for t in node.targets] == ["CheckConfig"])
+    annotated = alias.value  # Annotated[<the union>, Field(discriminator="type")]
+    assert isinstance(annotated, ast.Subscript) and isinstance(annotated.slice, ast.Tuple)
+    union = ast.unparse(annotated.slice.elts[0])
+    assert union.split(" | ") == [f"{t}.Config" for t in TYPES]
 
 
 def test_schema_command_prints_json_schema() -> None:

@@ -134,7 +134,7 @@ def check_rows(status: dict[str, Any], history: int = 20) -> list[tuple[str, ...
     """One row per check, with the status page's columns; `history` = how many recent results to show."""
     status = clean(status)
     now = now_of(status)
-    rows = [HEADER]
+    rows: list[tuple[str, ...]] = [HEADER]
     for c in checks(status):
         h = c.get("history", "")
         rows.append((
@@ -169,7 +169,9 @@ def _width(rows: Sequence[Sequence[str]]) -> int:
 def fit(rows: Sequence[Sequence[str]], width: int | None) -> list[tuple[str, ...]]:
     """The table narrowed to `width` columns (NARROWING) where it can be; None = every column in full."""
     out = [tuple(r) for r in rows]
-    for step, name, floor in NARROWING if width is not None and out else ():
+    if width is None or not out:
+        return out
+    for step, name, floor in NARROWING:
         over = _width(out) - width
         if over <= 0:
             break
@@ -352,7 +354,7 @@ def _explain_node(status: dict[str, Any]) -> str:
     since = f" since {clock(hg['since'], now)} UTC ({ago(hg['since'], now)})" if hg.get("since") else ""
     all_checks = checks(status)
     crit = [c for c in all_checks if c.get("critical")]
-    minor = [c.get("componentId") for c in all_checks if not c.get("critical") and c.get("status") != "pass"]
+    minor = [c.get("componentId", "?") for c in all_checks if not c.get("critical") and c.get("status") != "pass"]
     aside = (f" Not critical, so not counted: {', '.join(minor)} {'is' if len(minor) == 1 else 'are'} failing."
              if minor else "")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from agent.fields import DAY, HOUR, Strict, duration, format_duration
+from agent.fields import DAY, HOUR, Duration, Strict, format_duration
 from agent.fleet.budget import MaxDown, parse_max_down
 from agent.probes.common import unique, url_secrets
 
@@ -39,17 +39,24 @@ class FleetConfig(Strict):
                              "the members seen within `window`; when set, the larger of the two")
     on_store_error: Literal["serve", "shed"] = Field(default="serve", description="the store unreachable for "
                                                      "`grace`: serve (shared reasons stop shedding) or shed")
-    heartbeat: duration(HOUR, positive=True) = Field(default=1.0, description="how often this node beats into the store")
-    ttl: duration(HOUR, positive=True) = Field(default=5.0, description="a member silent this long counts as not serving; this "
-                          "node's own grant lapses locally sooner than that when the store stops answering")
-    timeout: duration(HOUR, positive=True) = Field(default=0.5, description="every store call is abandoned after this")
-    grace: duration(HOUR) = Field(default=5.0, description="the store unreachable this long: on_store_error applies")
-    min_hold: duration(HOUR) = Field(default=10.0, description="a grant is kept at least this long while its "
-                               "reason lasts (released at once when the reason clears); re-checked after that")
-    jitter: duration(HOUR) = Field(default=0.5, description="a request for a grant waits a random 0..jitter first, "
-                             "so a group failing together does not ask in lockstep")
-    window: duration(DAY, positive=True) = Field(default=600.0, description="members seen within this long make the expected "
-                             "size; a member that stopped beating counts as not serving for this long")
+    heartbeat: Annotated[float, Duration(HOUR, positive=True)] = Field(
+        default=1.0, description="how often this node beats into the store")
+    ttl: Annotated[float, Duration(HOUR, positive=True)] = Field(
+        default=5.0, description="a member silent this long counts as not serving; this "
+        "node's own grant lapses locally sooner than that when the store stops answering")
+    timeout: Annotated[float, Duration(HOUR, positive=True)] = Field(
+        default=0.5, description="every store call is abandoned after this")
+    grace: Annotated[float, Duration(HOUR)] = Field(
+        default=5.0, description="the store unreachable this long: on_store_error applies")
+    min_hold: Annotated[float, Duration(HOUR)] = Field(
+        default=10.0, description="a grant is kept at least this long while its "
+        "reason lasts (released at once when the reason clears); re-checked after that")
+    jitter: Annotated[float, Duration(HOUR)] = Field(
+        default=0.5, description="a request for a grant waits a random 0..jitter first, "
+        "so a group failing together does not ask in lockstep")
+    window: Annotated[float, Duration(DAY, positive=True)] = Field(
+        default=600.0, description="members seen within this long make the expected "
+        "size; a member that stopped beating counts as not serving for this long")
 
     @field_validator("store")
     @classmethod

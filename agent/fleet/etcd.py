@@ -137,7 +137,7 @@ class EtcdStore:
         if compare is None and self._written == (status, doc):
             return True
         here, other = ("serving", "down") if status in SERVING else ("down", "serving")
-        ops = [{"request_delete_range": {"key": _b64(self._key(other, report.node))}},
+        ops: list[dict[str, Any]] = [{"request_delete_range": {"key": _b64(self._key(other, report.node))}},
                {"request_put": {"key": _b64(self._key(here, report.node)), "value": _b64(doc), "lease": self._lease}},
                {"request_put": {"key": _b64(self._key("seen", report.node)), "value": _b64(doc),
                                 "lease": self._seen_lease}}]
@@ -232,7 +232,7 @@ class EtcdStore:
         for node in sorted(set(live) | set(last)):
             doc = live.get(node) or last.get(node) or {}
             reasons, since = parse_doc(json.dumps(doc))
-            status = doc.get("status") if doc.get("status") in ("up", "held", "down", "shed") else "up"
+            status: MemberStatus = doc["status"] if doc.get("status") in ("up", "held", "down", "shed") else "up"
             members.append(Member(node, status, node in live, reasons, since, None))
         expected = expected_size(self.cfg.size, len(members))
         serving_n = sum(1 for m in members if m.alive and m.status in SERVING)

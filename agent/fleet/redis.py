@@ -98,7 +98,7 @@ class RedisStore:
         self.calls = 0  # requests sent to the store (the bench's ops per member)
 
     async def _call(self, op: str, report: Report) -> Standing:
-        args = [op, report.node, report.status, report.doc(), math.ceil(self.cfg.ttl * 1000),
+        args: list[str | int] = [op, report.node, report.status, report.doc(), math.ceil(self.cfg.ttl * 1000),
                 math.ceil(self.cfg.window * 1000), *self._rule_args]
         self.calls += 1
         status, expected, serving, allowed, _now = await self._script(keys=self.keys, args=args)
@@ -118,7 +118,11 @@ class RedisStore:
 
         seen, _serving, _down, _shed, status, info, _born = self.keys
         pipe = self.client.pipeline(transaction=True)
-        pipe.time().zrange(seen, 0, -1, withscores=True).hgetall(status).hgetall(info)
+        # queued one by one: redis-py types a command's reply, not the pipeline it returns for chaining
+        pipe.time()
+        pipe.zrange(seen, 0, -1, withscores=True)
+        pipe.hgetall(status)
+        pipe.hgetall(info)
         now_pair, beats, statuses, infos = await pipe.execute()
         now = now_pair[0] * 1000 + now_pair[1] // 1000
         members: list[Member] = []

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from agent.fields import DAY, duration, format_duration
+from agent.fields import DAY, Duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import kernel_read
@@ -21,7 +21,8 @@ MAX_KEPT = 1000  # samples kept for a window, whatever window / interval says
 class Config(CheckBase):
     type: Literal["cpu"]
     max_percent: float = Field(default=95.0, gt=0, le=100, description="utilisation above this fails")
-    window: duration(DAY) = Field(default=0.0, description="average over this long; 0 = since the previous sample")
+    window: Annotated[float, Duration(DAY)] = Field(
+        default=0.0, description="average over this long; 0 = since the previous sample")
 
     @field_validator("window")
     @classmethod

@@ -256,13 +256,19 @@ def _kill(pid: int, started: int) -> int | None:
     return fd
 
 
+def _resolve(done: asyncio.Future[None]) -> None:
+    """A pidfd reader's callback: it may fire again before the reader is removed, so only the first counts."""
+    if not done.done():
+        done.set_result(None)
+
+
 async def _readable(fds: list[int], within: float) -> None:
     """Until every pidfd is readable (its process exited), for `within` seconds at most."""
     loop = asyncio.get_running_loop()
     futures = []
     for fd in fds:
         done = loop.create_future()
-        loop.add_reader(fd, lambda d=done: d.done() or d.set_result(None))
+        loop.add_reader(fd, _resolve, done)
         futures.append(done)
     try:
         await asyncio.wait(futures, timeout=within)
@@ -317,7 +323,7 @@ async def _exited(proc: subprocess.Popen) -> int:
         return proc.returncode
     try:
         done = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        loop.add_reader(fd, _resolve, done)
         try:
             await done
         finally:
@@ -395,7 +401,8 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
         finally:
             if _running.get(proc.pid) == started:  # the pid is free once reaped: it may be a new sample's
                 del _running[proc.pid]
-            proc.stdout.close()
+            if proc.stdout is not None:  # always a pipe: Popen was asked for one
+                proc.stdout.close()
 
     text = output.decode(errors="replace")
     first = text.strip().split("\n", 1)[0].split("|", 1)[0].strip()[:300]

@@ -6,11 +6,11 @@ import os
 import re
 import stat
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from agent.fields import DAY, AbsolutePath, Regex, duration, format_duration
+from agent.fields import DAY, AbsolutePath, Duration, Regex, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import blocking
@@ -21,8 +21,8 @@ MAX_READ = 64 * 1024  # bytes of the file that `contains` and `matches` look at
 class Config(CheckBase):
     type: Literal["file"]
     path: AbsolutePath = Field(description="absolute path of the file")
-    max_age: duration(30 * DAY, positive=True) | None = Field(default=None,
-                                                              description="modified longer ago than this fails")
+    max_age: Annotated[float, Duration(30 * DAY, positive=True)] | None = Field(
+        default=None, description="modified longer ago than this fails")
     contains: str | None = Field(default=None, min_length=1, description="the file must contain this text")
     matches: Regex | None = Field(default=None, description="the file must match this regex")
 

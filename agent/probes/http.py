@@ -8,13 +8,13 @@ import errno
 import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 from pydantic import AnyHttpUrl, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from agent.fields import HOUR, duration, format_duration
+from agent.fields import HOUR, Duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import blocking
@@ -64,13 +64,13 @@ class Config(TLSOptions, CheckBase):
     method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] = "GET"
     headers: dict[str, str] = Field(default_factory=dict)
     body: str | None = Field(default=None, description="request body (for POST/PUT)")
-    expect_status: list[int | str] = Field(default_factory=lambda: ["2xx"], min_length=1)
+    expect_status: list[int | str] = Field(default_factory=lambda: list[int | str](["2xx"]), min_length=1)
     body_contains: str | None = Field(default=None, min_length=1)
     body_regex: str | None = Field(default=None, min_length=1)
     max_body_bytes: int = Field(default=65536, ge=1, le=16 * 1024 * 1024,
                                 description="at most this much of the body is read and matched")
-    max_latency: duration(HOUR, positive=True) | None = Field(default=None,
-                                                              description="a slower answer fails the check")
+    max_latency: Annotated[float, Duration(HOUR, positive=True)] | None = Field(
+        default=None, description="a slower answer fails the check")
     follow_redirects: bool = False
     max_redirects: int = Field(default=5, ge=1, le=30)
     server_name: str | None = Field(default=None, min_length=1, description="TLS SNI and name to verify")

@@ -66,7 +66,7 @@ MESSAGE = struct.Struct("=BBBB2s2s16s16sI8xIIIII")  # inet_diag_msg
 
 
 def _dump(family: int) -> list[Listener]:
-    out = []
+    out: list[Listener] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(2.0)
         body = REQUEST.pack(family, socket.IPPROTO_TCP, 0, 1 << TCP_LISTEN)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.fields import DAY, duration, format_duration
+from agent.fields import DAY, Duration, format_duration
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.common import TLSOptions, address, client_context, secret_forms, unique, url_secrets
@@ -43,7 +43,7 @@ class Config(CheckBase):
     key_file: str | None = Field(default=None, min_length=1)
     query: str = Field(default="SELECT 1", min_length=1, description="must succeed; a first value false fails")
     role: Literal["primary", "standby"] | None = None
-    max_replication_lag: duration(DAY, positive=True) | None = Field(
+    max_replication_lag: Annotated[float, Duration(DAY, positive=True)] | None = Field(
         default=None, description="a standby replaying further behind fails")
 
     @field_validator("dsn")
@@ -161,7 +161,9 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
         conn = await _connect(cfg, ctx)
         row = await conn.fetchrow(cfg.query)
         elapsed = loop.time() - t0
-        standby, caught_up, age = await conn.fetchrow(ROLE_SQL)
+        server = await conn.fetchrow(ROLE_SQL)
+        assert server is not None  # a SELECT without FROM returns one row
+        standby, caught_up, age = server
         await conn.close()  # a polite Terminate on the happy path; the finally below covers the rest
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ConnectionError) as e:
         raise _failure(cfg, e) from None

@@ -124,7 +124,8 @@ async def probe(cfg: Config, ctx: Context) -> Observation:
     try:
         # One round trip for all three: PING proves it answers, INFO tells loading and role.
         pipe = client.pipeline(transaction=False)
-        pipe.ping().info("persistence")
+        pipe.ping()  # queued one by one: redis-py types a command's reply, not the pipeline it returns
+        pipe.info("persistence")
         if cfg.role:
             pipe.info("replication")
         replies = await pipe.execute()
