@@ -116,7 +116,9 @@ class Agent:
         self.ctx = Context()
         self.runner = runner or Runner(self.ctx)
         self.scheduler: Scheduler | None = None
-        self._sched_task: asyncio.Task | None = None
+        self._sched_task: asyncio.Task[None] | None = None
+        self._guard_task: asyncio.Task[None] | None = None  # the node's fleet guard, with [fleet]
+        self._group_guard_tasks: dict[str, asyncio.Task[None]] = {}  # each verdict group's, with [fleet]
         self._web: Listener | None = None
         self._stop = asyncio.Event()
         self.address: tuple[str, int] | None = None
@@ -383,16 +385,17 @@ class Agent:
         from agent.fleet.guard import FleetGuard
 
         assert self.state is not None and self.config.fleet is not None
-        tasks: dict[str, asyncio.Task] = getattr(self, "_group_guard_tasks", {})
+        tasks = self._group_guard_tasks
         for g in [g for g in tasks if g not in self.config.groups]:
             tasks.pop(g).cancel()  # awaited with the other tasks at stop
-        guards = {}
+        guards: dict[str, FleetGuard] = {}
         for g in self.config.groups:
-            guards[g] = self.state.group_guards.get(g) if g in tasks else None
-            if guards[g] is None:
-                guards[g] = FleetGuard(self.config.fleet.for_verdict_group(g))
-                tasks[g] = asyncio.create_task(guards[g].run(), name=f"fleet-guard-{g}")
+            kept = self.state.group_guards.get(g) if g in tasks else None
+            if kept is None:
+                kept = FleetGuard(self.config.fleet.for_verdict_group(g))
+                tasks[g] = asyncio.create_task(kept.run(), name=f"fleet-guard-{g}")
                 self._tasks.append(tasks[g])
+            guards[g] = kept
         self._group_guard_tasks = tasks
         self.state.group_guards = guards
         views = {g: v for g, v in self.state.condition.group_guards.items() if g in guards}
@@ -401,7 +404,7 @@ class Agent:
     def _stop_fleet_guard(self) -> None:
         """A reload that changes or removes [fleet]: the old guards stop (each task closes its store)."""
         assert self.state is not None
-        for task in [getattr(self, "_guard_task", None), *getattr(self, "_group_guard_tasks", {}).values()]:
+        for task in [self._guard_task, *self._group_guard_tasks.values()]:
             if task is not None:
                 task.cancel()  # awaited with the other tasks at stop
         self._guard_task = None
@@ -430,11 +433,14 @@ class Agent:
             await self.stop()
             return
         try:
+            sched = self._sched_task
+            assert sched is not None  # start() made it
             waiter = asyncio.create_task(self._stop.wait())
-            await asyncio.wait({waiter, self._sched_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, sched}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
-            if self._sched_task.done() and not self._sched_task.cancelled() and self._sched_task.exception():
-                raise self._sched_task.exception()
+            error = sched.exception() if sched.done() and not sched.cancelled() else None
+            if error is not None:
+                raise error
             await self.drain()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from agent import __version__
-from agent.fields import DAY, HOUR, Strict, duration, format_duration
+from agent.fields import DAY, HOUR, Duration, Strict, format_duration
 from agent.fleet.scope import Scope, default_scope
 
 if TYPE_CHECKING:
@@ -33,14 +33,15 @@ class CheckBase(Strict):
     """Keys every check has; each probe module subclasses it with `type` and its own keys."""
 
     name: str = Field(pattern=NAME_PATTERN, description="unique; letters, digits, _ . -")
-    interval: duration(DAY, positive=True) = Field(default=2.0, description="time between samples")
-    timeout: duration(HOUR, positive=True) = Field(default=1.0,
-                                                   description="a sample taking longer fails with `timeout`")
+    interval: Annotated[float, Duration(DAY, positive=True)] = Field(default=2.0,
+                                                                     description="time between samples")
+    timeout: Annotated[float, Duration(HOUR, positive=True)] = Field(
+        default=1.0, description="a sample taking longer fails with `timeout`")
     fall: int = Field(default=2, ge=1, le=100, description="consecutive failures before the check is down")
     rise: int = Field(default=2, ge=1, le=100, description="consecutive passes before it is up again")
     critical: bool = Field(default=True, description="a non-critical check is reported but never moves the verdict")
     jitter: float = Field(default=0.1, ge=0, le=0.5, description="random spread of the interval, as a fraction")
-    fast_interval: duration(DAY, positive=True) | None = Field(
+    fast_interval: Annotated[float, Duration(DAY, positive=True)] | None = Field(
         default=None, description="after a failure, re-check this soon until `fall` confirms it (HAProxy's "
                                   "fastinter); unset = interval/5, at least 50ms"
     )
@@ -112,7 +113,7 @@ class Context:
     """Shared resources handed to every probe; the runner and the scheduler own their lifetime."""
 
     proc: Path = Path("/proc")  # injectable so fixture files can drive the system probes
-    memo: dict[str, Any] = field(default_factory=dict)  # per-check memory between samples (e.g. cpu times)
+    memo: dict[tuple[object, ...], Any] = field(default_factory=dict)  # per-check memory between samples
     _http: aiohttp.ClientSession | None = None
 
     def http(self) -> aiohttp.ClientSession:

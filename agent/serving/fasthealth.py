@@ -7,6 +7,7 @@ import email.utils
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from agent import logs
 from agent.serving.decision import health_response, live_response
@@ -239,7 +240,7 @@ class HealthProtocol(asyncio.Protocol):
 
     def __init__(self, front: FastHealth):
         self.front = front
-        self.transport: asyncio.Transport | None = None
+        # self.transport: set by connection_made, before any other call (asyncio's protocol contract)
         self.inner: asyncio.Protocol | None = None
         self.buf = b""
         self._due = 0.0  # the next complete request must arrive by then (read_timeout after the last answer)
@@ -247,10 +248,12 @@ class HealthProtocol(asyncio.Protocol):
         self.held = False  # waiting for aiohttp to load, to hand over to it; not reading meanwhile
         self.paused = False  # the client does not read our answers (pause_writing)
 
+    transport: asyncio.Transport
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self.front
-        self.transport = transport
-        if front.guard.refuse(transport):
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport: this is a TCP/unix server
+        if front.guard.refuse(self.transport):
             self.closing = True
             return
         self._due = front.loop.time() + front.guard.read_timeout
@@ -275,7 +278,7 @@ class HealthProtocol(asyncio.Protocol):
             self.buf = buf
             return
         pos = 0
-        out = []
+        out: list[bytes] = []
         scrape = False
         while True:
             end = buf.find(b"\r\n\r\n", pos)

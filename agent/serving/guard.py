@@ -21,8 +21,10 @@ PROBE_COST = 0.1  # of a token: what a probe answered by aiohttp costs against m
 class Connection(Protocol):
     """What the guard needs of a connection it counts: the fast responder's and aiohttp's protocols alike."""
 
-    transport: asyncio.Transport | None
     _due: float  # loop time by which its next complete request must arrive
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
 
 
 class Guard:

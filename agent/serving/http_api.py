@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -166,7 +167,7 @@ def check_entry(v: CheckView, t: float, fresh: bool = True) -> dict[str, Any]:
         entry["time"] = iso(last.wall)
         entry["durationSeconds"] = tidy(last.duration)
     if obs is not None:
-        entry["observedValue"] = tidy(obs.value)
+        entry["observedValue"] = None if obs.value is None else tidy(obs.value)
         entry["observedUnit"] = obs.unit
         if obs.detail:
             entry["detail"] = obs.detail
@@ -259,10 +260,14 @@ async def metrics(request: web.Request) -> web.Response:
     Python 3.12+) must not stall the loop, or the agent would fail closed for junk traffic: the handler
     yields first, so the heartbeat and the probes run between two renders.
     """
+    from prometheus_client import CollectorRegistry
+
     from agent.serving.metrics import render
 
+    registry = request.app[REGISTRY]
+    assert isinstance(registry, CollectorRegistry)  # make_app's caller gives one to an app that serves /metrics
     await asyncio.sleep(0)
-    return web.Response(body=render(request.app[REGISTRY]),
+    return web.Response(body=render(registry),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **NO_STORE})
 
 
@@ -326,7 +331,7 @@ async def admin_action(request: web.Request) -> web.Response:
     return web.json_response(answer, headers=NO_STORE)
 
 
-def unknown_group_error(name: str, groups: object) -> str:
+def unknown_group_error(name: str, groups: Iterable[str]) -> str:
     """The one wording for a group name the config does not have, wherever one is asked for."""
     return f"group: no group named {json.dumps(name)} (known: {', '.join(groups) or 'none'})"
 

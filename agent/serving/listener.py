@@ -101,12 +101,12 @@ class Listener:
         self._runner: web.AppRunner | None = None
         self._loading: asyncio.Task[None] | None = None
         self._slots: dict[str, Any] = {}  # the import's thread (probes.blocking.off_loop)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         # The admin socket has a guard of its own: a flood on the TCP port cannot evict an operator.
         self.local_guard = Guard(server)
         self.local_guard.configure(server, rate=0)
         self._local_fast: FastHealth | None = None
-        self._local: asyncio.AbstractServer | None = None
+        self._local: asyncio.Server | None = None
         self._local_path: str | None = None
         self._local_id: tuple[int, int] | None = None
 
@@ -134,17 +134,25 @@ class Listener:
         await off_loop(self._slots, "import", _import_all, WEB_MODULES, name="healthgate-import")
         from aiohttp import web
 
-        from agent.serving.handler import handler_factory, within_rate
+        from agent.serving.handler import within_rate
 
-        app = self._build()
+        # Built and published before the await below: a reload meanwhile updates this app's tokens.
+        self.app = app = self._build()
         if within_rate not in app.middlewares:
             app.middlewares.insert(0, within_rate)  # first: a refused request costs nothing more
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        self.app, self._runner = app, runner
+        self._runner = runner
         for fast, guard in ((self._fast, self.guard), (self._local_fast, self.local_guard)):
             if fast is not None:
-                fast.fallback = handler_factory(runner.server, guard)
+                fast.fallback = self._handlers(guard)
+
+    def _handlers(self, guard: Guard) -> Callable[[], asyncio.Protocol]:
+        """aiohttp's protocol factory for connections under `guard`; once loaded."""
+        from agent.serving.handler import handler_factory
+
+        assert self._runner is not None and self._runner.server is not None
+        return handler_factory(self._runner.server, guard)
 
     def _front(self, guard: Guard) -> FastHealth:
         return FastHealth(self.state, guard, self.load, metrics=self._metrics)
@@ -158,10 +166,7 @@ class Listener:
                 protocol: Any = self._fast.protocol
             else:  # aiohttp answers every request from its first byte
                 await self.load()
-                from agent.serving.handler import handler_factory
-
-                assert self._runner is not None
-                protocol = handler_factory(self._runner.server, self.guard)
+                protocol = self._handlers(self.guard)
             self._server = await listen_tcp(functools.partial(loop.create_server, protocol), host, port,
                                             backlog=1024)
         except BaseException:
@@ -179,9 +184,7 @@ class Listener:
         _clear_stale(path)
         self._local_fast = front = self._front(self.local_guard)
         if self._runner is not None:
-            from agent.serving.handler import handler_factory
-
-            front.fallback = handler_factory(self._runner.server, self.local_guard)
+            front.fallback = self._handlers(self.local_guard)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # umask, not a chmod after bind: no moment in which the socket is open to others. The loop's
@@ -203,10 +206,11 @@ class Listener:
         if self._local is not None:
             self._local.close()
             self._local = None
+            path = self._local_path
             try:  # only our own file: another agent may have replaced it since
-                st = os.stat(self._local_path)
-                if (st.st_dev, st.st_ino) == self._local_id:
-                    os.unlink(self._local_path)
+                st = os.stat(path) if path is not None else None
+                if st is not None and path is not None and (st.st_dev, st.st_ino) == self._local_id:
+                    os.unlink(path)
             except OSError:
                 pass
         if self._server is not None:
