@@ -132,12 +132,6 @@ class Duration(GroupedMetadata):
                               "description": f"seconds, or a string with ms / s / m / h; {words}"})
 
 
-def duration(maximum: int, positive: bool = False) -> Any:
-    """`Annotated[float, Duration(maximum, positive)]` as one value. A type checker cannot read a call as a
-    type: a field written `x: duration(HOUR)` is unchecked, so new fields use the Annotated form."""
-    return Annotated[float, Duration(maximum, positive)]
-
-
 def parse_size(value: Any) -> int:
     """Bytes from a number (of bytes) or a string such as "512MiB", "512Mi", "1.5GB", "10G" (G = 10^9, Gi = 2^30)."""
     return int(_quantity(value, _SIZE, _SIZE_UNIT, "size", "bytes", "512MiB, 2GiB, 500MB, 1GB"))

@@ -72,8 +72,7 @@ def stale_limit(check: CheckBase, policy: PolicyConfig) -> float:
     that sample may take its whole timeout: a healthy check's results are at most that far apart.
     `stale_grace` adds room for the loop's own scheduling.
     """
-    limit: float = check.interval * (1 + check.jitter) + check.timeout + policy.stale_grace
-    return limit
+    return check.interval * (1 + check.jitter) + check.timeout + policy.stale_grace
 
 
 def view(check: CheckConfig, state: CheckState, policy: PolicyConfig, threshold: str | None = None,
