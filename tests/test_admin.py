@@ -19,14 +19,15 @@ from agent.admin import (
     make_record,
     read_record,
     sanitize,
-    set_admin_cli,
     setting_group,
     state_path,
     update_record,
     write_record,
 )
+from agent.cli.admin import set_admin_cli
 from agent.cli.main import main as cli_main
 from agent.model import Admin
+from agent.serving import admin_watch
 from tests.helpers import PASSING, ROOT, async_wait_for, memory_check, wait_for
 from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import MEM as TOML_MEM
@@ -456,14 +457,13 @@ async def test_state_dir_that_hangs_at_startup_is_maintenance(tmp_path: Path, mo
     import asyncio
     import threading
 
-    from agent.admin import AdminWatcher
     from agent.config import parse_config
     from agent.state import AgentState
 
     release = threading.Event()
-    monkeypatch.setattr(admin_mod, "READ_TIMEOUT", 0.1)
+    monkeypatch.setattr(admin_watch, "READ_TIMEOUT", 0.1)
     state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}, "checks": [PASSING]}), asyncio.get_running_loop().time())
-    watcher = AdminWatcher(state)
+    watcher = admin_watch.AdminWatcher(state)
     real_poll = watcher.poll
     monkeypatch.setattr(watcher, "poll", lambda force=False: (release.wait(5), real_poll(force))[1])
     try:

@@ -232,7 +232,7 @@ def not_a_group(path: str, cfg: Config, group: str | None) -> bool:
 def cmd_admin(args: argparse.Namespace) -> int:
     """Over the admin socket when the agent has one (it writes and applies the state at once); else the
     state file is written here and the agent picks it up."""
-    from agent.admin import confirm, set_admin_cli, who
+    from agent.cli.admin import confirm, set_admin_cli, who
     from agent.cli.remote import admin_socket, post_admin
 
     cfg = None
