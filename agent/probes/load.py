@@ -30,9 +30,15 @@ class Config(CheckBase):
 
 
 def read_load(proc: Path) -> tuple[tuple[float, float, float], int]:
-    fields = (proc / "loadavg").read_text().split()
+    loads = parse_loadavg((proc / "loadavg").read_text())
     _, cpus = read_cpu(proc)
-    return (float(fields[0]), float(fields[1]), float(fields[2])), cpus
+    return loads, cpus
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    """/proc/loadavg's text: the 1-, 5- and 15-minute load averages."""
+    fields = text.split()
+    return float(fields[0]), float(fields[1]), float(fields[2])
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:

@@ -60,6 +60,11 @@ def read_pressure(proc: Path, resource: str) -> dict[str, dict[str, float]]:
             raise CheckFailed("pressure: PSI is disabled in this kernel (boot it with psi=1)",
                               "unsupported") from None
         raise
+    return parse_pressure(text)
+
+
+def parse_pressure(text: str) -> dict[str, dict[str, float]]:
+    """A /proc/pressure file's text as {"some": {"avg10": ..., "total": ...}, "full": {...}}."""
     out: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         kind, *pairs = line.split()
