@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -165,9 +166,9 @@ def test_cli_disk_full_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert f"cannot write {tmp_path}/admin.json: No space left on device" in err
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=30)
+                          timeout=30, env=env)
 
 
 def test_cli_unwritable_state_dir_exits_2(tmp_path: Path) -> None:
@@ -318,6 +319,24 @@ def test_unparseable_state_file_fails_closed_until_ready(agent_process, tmp_path
     assert '"event": "admin_state_unusable"' in agent.logs()
     assert run_cli("ready", "-c", str(agent.path)).returncode == 0
     assert agent.get("/health")[0] == 200
+
+
+def test_cli_confirmation_never_goes_through_a_proxy(agent_process, tmp_path: Path) -> None:
+    """drain and maint are confirmed by the agent itself when http_proxy and HTTP_PROXY name a proxy that
+    refuses every connection: the command asks its own agent directly, never through a proxy. (No admin
+    socket: the command writes the file and confirms over HTTP.)"""
+    agent = agent_process((AGENT % (404, tmp_path / "state")).replace("[server]\n", '[server]\nadmin_socket = ""\n', 1))
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    with socket.socket() as dead:  # bound, never listening: a connection to it is refused
+        dead.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+        env.update(http_proxy=proxy, HTTP_PROXY=proxy)
+        for action, code in (("drain", 404), ("maint", 503)):
+            proc = run_cli(action, "-c", str(agent.path), "--reason", f"{action} past the proxy", env=env)
+            assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+            assert proc.stdout.startswith(f"{action}: {action} past the proxy (")  # confirmed by the agent
+            assert agent.get("/health")[0] == code
 
 
 def test_cli_exits_1_when_no_agent_confirms(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import time
+import urllib.error
 from pathlib import Path
 
 from agent.admin import (
@@ -16,7 +17,7 @@ from agent.admin import (
     setting_group,
     update_record,
 )
-from agent.cli.remote import admin_socket, unix_request
+from agent.cli.remote import admin_socket, open_url, unix_request
 from agent.config import Config
 from agent.fields import format_listen
 from agent.model import Admin
@@ -64,9 +65,6 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
     or the group's own: `groups.<name>.admin`), and for drain and maint shows the record's reason, so a
     node already in maintenance from another file or an older write does not pass for a confirmation.
     """
-    import urllib.error
-    import urllib.request
-
     host, port = config.server.listen
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     url = f"http://{format_listen((host, port))}/status"
@@ -92,9 +90,8 @@ def confirm(config: Config, record: AdminRecord, path: Path, timeout: float = 2.
             if sock is not None:
                 body = unix_request(sock, "GET", "/status", {"Accept": "application/json"}, 0.5)[1]
             else:
-                request = urllib.request.Request(url, headers=headers)
                 try:
-                    with urllib.request.urlopen(request, timeout=0.5) as resp:
+                    with open_url(url, headers, 0.5) as resp:
                         body = resp.read()
                 except urllib.error.HTTPError as e:  # 503 while down still carries the details
                     body = e.read()
