@@ -9,9 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent.model import Admin
-from agent.probes.load import parse_loadavg
-from agent.probes.pressure import parse_pressure
-from agent.probes.procfs import CpuTimes, parse_stat
+from agent.probes.procfs import CpuTimes, parse_loadavg, parse_pressure, parse_stat
 from agent.serving.haproxy_agent import format_reply
 from agent.serving.weight import (
     Reading,

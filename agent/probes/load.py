@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import kernel_read
-from agent.probes.procfs import read_cpu
+from agent.probes.procfs import parse_loadavg, read_cpu
 
 
 class Config(CheckBase):
@@ -33,12 +33,6 @@ def read_load(proc: Path) -> tuple[tuple[float, float, float], int]:
     loads = parse_loadavg((proc / "loadavg").read_text())
     _, cpus = read_cpu(proc)
     return loads, cpus
-
-
-def parse_loadavg(text: str) -> tuple[float, float, float]:
-    """/proc/loadavg's text: the 1-, 5- and 15-minute load averages."""
-    fields = text.split()
-    return float(fields[0]), float(fields[1]), float(fields[2])
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import kernel_read
+from agent.probes.procfs import parse_pressure
 
 WINDOWS = ("avg10", "avg60", "avg300")
 
@@ -61,15 +62,6 @@ def read_pressure(proc: Path, resource: str) -> dict[str, dict[str, float]]:
                               "unsupported") from None
         raise
     return parse_pressure(text)
-
-
-def parse_pressure(text: str) -> dict[str, dict[str, float]]:
-    """A /proc/pressure file's text as {"some": {"avg10": ..., "total": ...}, "full": {...}}."""
-    out: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        kind, *pairs = line.split()
-        out[kind] = {k: float(v) for k, _, v in (p.partition("=") for p in pairs)}
-    return out
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:

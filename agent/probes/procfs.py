@@ -1,4 +1,4 @@
-"""Readers of /proc shared by the node probes: CPU times, and finding processes by pidfile, name or cmdline."""
+"""Readers of /proc shared by the node probes and the weight: CPU times, load, PSI, processes by pidfile, name, cmdline."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ def parse_stat(text: str) -> tuple[CpuTimes | None, int]:
         elif line.startswith("cpu") and line[3:4].isdigit():
             cpus += 1
     return times, cpus
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    """/proc/loadavg's text: the 1-, 5- and 15-minute load averages."""
+    fields = text.split()
+    return float(fields[0]), float(fields[1]), float(fields[2])
+
+
+def parse_pressure(text: str) -> dict[str, dict[str, float]]:
+    """A /proc/pressure file's text as {"some": {"avg10": ..., "total": ...}, "full": {...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        out[kind] = {k: float(v) for k, _, v in (p.partition("=") for p in pairs)}
+    return out
 
 
 class ProcessSelector(BaseModel):

@@ -11,9 +11,7 @@ from pathlib import Path
 from agent import logs
 from agent.model import Admin
 from agent.probes.blocking import StillBlocked, off_loop
-from agent.probes.load import parse_loadavg
-from agent.probes.pressure import parse_pressure
-from agent.probes.procfs import CpuTimes, parse_stat
+from agent.probes.procfs import CpuTimes, parse_loadavg, parse_pressure, parse_stat
 from agent.state import AgentState
 
 SAMPLE_EVERY = 1.0  # seconds between /proc readings
