@@ -2,8 +2,9 @@
 # `make soak` the 10-minute soak (HEALTHGATE_SOAK_SECONDS to change it), `make test-systemd` the shipped
 # unit under a real systemd in a container (root; about 3 minutes), `make fuzz` the differential fuzz of the
 # fast responder with fresh inputs (HEALTHGATE_FUZZ_EXAMPLES per property, default 2000), `make mutate` the mutation
-# testing of the trust core with mutmut (agent/serving/decision.py, access.py, text.py, verdict.py, admin.py against the
-# fast in-process tests; about a minute, not in CI; docs/mutation.md). All create .venv when missing.
+# testing of the trust core with mutmut (agent/serving/decision.py, access.py, text.py, verdict.py, admin.py,
+# serving/admin_watch.py against the fast in-process tests; about a minute, not in CI; docs/mutation.md). All
+# create .venv when missing.
 #
 # Other interpreters and loops (see CONTRIBUTING.md):
 #   make test PY=3.13                      the suite on Python 3.13, in its own .venv-3.13

@@ -14,12 +14,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from agent import logs
-from agent.admin import AdminWatcher
 from agent.config import Config, ConfigError
 from agent.probes.base import Context
 from agent.probes.blocking import LookupPool, StillBlocked, off_loop
 from agent.runner import Runner
 from agent.scheduler import Scheduler, first_samples
+from agent.serving.admin_watch import AdminWatcher
 from agent.serving.haproxy_agent import AgentCheckServer
 from agent.serving.listener import Listener
 from agent.serving.metrics import make_registry, render

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,15 @@ from agent.admin import (
     make_record,
     read_record,
     sanitize,
-    set_admin_cli,
     setting_group,
     state_path,
     update_record,
     write_record,
 )
+from agent.cli.admin import set_admin_cli
 from agent.cli.main import main as cli_main
 from agent.model import Admin
+from agent.serving import admin_watch
 from tests.helpers import PASSING, ROOT, async_wait_for, memory_check, wait_for
 from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import MEM as TOML_MEM
@@ -164,9 +166,9 @@ def test_cli_disk_full_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert f"cannot write {tmp_path}/admin.json: No space left on device" in err
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=30)
+                          timeout=30, env=env)
 
 
 def test_cli_unwritable_state_dir_exits_2(tmp_path: Path) -> None:
@@ -319,6 +321,24 @@ def test_unparseable_state_file_fails_closed_until_ready(agent_process, tmp_path
     assert agent.get("/health")[0] == 200
 
 
+def test_cli_confirmation_never_goes_through_a_proxy(agent_process, tmp_path: Path) -> None:
+    """drain and maint are confirmed by the agent itself when http_proxy and HTTP_PROXY name a proxy that
+    refuses every connection: the command asks its own agent directly, never through a proxy. (No admin
+    socket: the command writes the file and confirms over HTTP.)"""
+    agent = agent_process((AGENT % (404, tmp_path / "state")).replace("[server]\n", '[server]\nadmin_socket = ""\n', 1))
+    wait_for(lambda: agent.get("/health")[0] == 200, what="up")
+    with socket.socket() as dead:  # bound, never listening: a connection to it is refused
+        dead.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+        env.update(http_proxy=proxy, HTTP_PROXY=proxy)
+        for action, code in (("drain", 404), ("maint", 503)):
+            proc = run_cli(action, "-c", str(agent.path), "--reason", f"{action} past the proxy", env=env)
+            assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+            assert proc.stdout.startswith(f"{action}: {action} past the proxy (")  # confirmed by the agent
+            assert agent.get("/health")[0] == code
+
+
 def test_cli_exits_1_when_no_agent_confirms(tmp_path: Path) -> None:
     """With no agent running, the state is still written but the command exits 1 saying nobody confirmed it;
     --no-wait writes it and exits 0 without asking."""
@@ -456,14 +476,13 @@ async def test_state_dir_that_hangs_at_startup_is_maintenance(tmp_path: Path, mo
     import asyncio
     import threading
 
-    from agent.admin import AdminWatcher
     from agent.config import parse_config
     from agent.state import AgentState
 
     release = threading.Event()
-    monkeypatch.setattr(admin_mod, "READ_TIMEOUT", 0.1)
+    monkeypatch.setattr(admin_watch, "READ_TIMEOUT", 0.1)
     state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}, "checks": [PASSING]}), asyncio.get_running_loop().time())
-    watcher = AdminWatcher(state)
+    watcher = admin_watch.AdminWatcher(state)
     real_poll = watcher.poll
     monkeypatch.setattr(watcher, "poll", lambda force=False: (release.wait(5), real_poll(force))[1])
     try:

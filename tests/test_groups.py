@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.admin import set_admin_cli
 from agent.app import Agent
+from agent.cli.admin import set_admin_cli
 from agent.config import ConfigError, parse_config
 from agent.model import Admin
 from tests.helpers import ROOT, async_wait_for, free_port, toml_table, wait_for

@@ -221,7 +221,7 @@ async def _weight_is(coro, weight: int) -> bool:
 async def test_weight_ramps_again_after_drain_or_maintenance(tmp_path, action: str) -> None:
     """Set back to ready after drain or maintenance, the agent-check weight starts at the floor again and
     ramps over slow_start, as after a recovery from DOWN, instead of jumping back to full headroom."""
-    from agent.admin import set_admin_cli
+    from agent.cli.admin import set_admin_cli
 
     state_dir = str(tmp_path / "state")
     # A 6 s ramp: the first reply after `ready` is read long before the ramp could end, even on a loaded machine.

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import admin as admin_mod
 from agent.access import admitted, is_unix, peer, trusted, within
 from agent.admin import (
     READY,
     AdminRecord,
-    AdminWatcher,
     AdminWriteError,
     encode,
     keeping_groups,
@@ -32,6 +30,8 @@ from agent.config import PolicyConfig, parse_config
 from agent.fleet.guard import GuardView
 from agent.model import Admin, CheckState, CheckView, Group, Result, Snapshot, Status, Verdict
 from agent.probes.tcp import Config as TcpConfig
+from agent.serving import admin_watch
+from agent.serving.admin_watch import AdminWatcher
 from agent.serving.decision import (
     STALLED,
     Answer,
@@ -627,6 +627,9 @@ def test_a_group_command_replaces_its_entry_at_its_own_time() -> None:
                                   "which rewrites it")
 
 
+# -- agent/serving/admin_watch.py: the record in force at a given wall time ------------------------
+
+
 @pytest.fixture
 def watcher(tmp_path: Path) -> AdminWatcher:
     state = AgentState(parse_config({"agent": {"state_dir": str(tmp_path)}, "checks": [PASSING]}), 0.0)
@@ -686,7 +689,7 @@ class Armed:
 
 def _beats_to_a_look(w: AdminWatcher, now: float, wall: float, monkeypatch) -> bool:
     """Whether a heartbeat at loop time `now` and wall time `wall` asks the watcher for a look."""
-    monkeypatch.setattr(admin_mod.time, "time", lambda: wall)
+    monkeypatch.setattr(admin_watch.time, "time", lambda: wall)
     w._due.clear()
     w.beat(now)
     return w._due.is_set()

@@ -10,7 +10,8 @@ import pytest
 
 from tests.helpers import ROOT
 
-TRUST_CORE = ["agent/serving/decision.py", "agent/access.py", "agent/text.py", "agent/verdict.py", "agent/admin.py"]
+TRUST_CORE = ["agent/serving/decision.py", "agent/access.py", "agent/text.py", "agent/verdict.py", "agent/admin.py",
+              "agent/serving/admin_watch.py"]
 
 
 def test_mutmut_mutates_the_trust_core_and_the_report_names_it() -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import admin as admin_mod
 from agent import app as app_mod
 from agent.admin import make_record, write_record
 from agent.model import Admin
+from agent.serving import admin_watch
 from agent.watch import DirWatch, config_dirs, enabled
 from tests.helpers import ROOT, agent_toml, async_wait_for, memory_check, wait_for
 from tests.test_reload import config_text
@@ -122,7 +122,7 @@ async def test_the_agent_applies_a_state_file_change_on_notification(start_agent
                                                                      monkeypatch) -> None:
     """The polls so slow that only a change notification explains it: maint written straight into the state
     file (no command, no socket) is in force within 1 s."""
-    monkeypatch.setattr(admin_mod, "SAFETY_POLL", 3600.0)
+    monkeypatch.setattr(admin_watch, "SAFETY_POLL", 3600.0)
     agent = await start_agent({"checks": [], "agent": {"watch_config": False}} | _mem())
     await async_wait_for(lambda: _is(agent.agent.admin._watch is not None and agent.agent.admin._watch.armed),
                          what="the state directory watched")
@@ -132,7 +132,7 @@ async def test_the_agent_applies_a_state_file_change_on_notification(start_agent
 async def test_without_inotify_the_poll_applies_it(start_agent, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HEALTHGATE_INOTIFY", "0")
     agent = await start_agent({"checks": [], "agent": {"watch_config": False}} | _mem())
-    await _maint_applies(agent, tmp_path / "state", within=1.0 + admin_mod.POLL)
+    await _maint_applies(agent, tmp_path / "state", within=1.0 + admin_watch.POLL)
     assert not agent.agent.admin._watch.armed
 
 
@@ -207,7 +207,7 @@ def _steady(agent) -> None:
     """Serve for a moment after the watch is made: the fast poll's last look has planned the next one 10 s
     out, as in an agent that has run for hours (what the faults below must not wait for)."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 2 * admin_mod.POLL:
+    while time.monotonic() - t0 < 2 * admin_watch.POLL:
         assert agent.get("/health")[0] == 200
 
 

@@ -9,15 +9,13 @@ from types import SimpleNamespace
 import pytest
 
 from agent.model import Admin
+from agent.probes.procfs import CpuTimes, parse_loadavg, parse_pressure, parse_stat
 from agent.serving.haproxy_agent import format_reply
 from agent.serving.weight import (
     Reading,
     WeightState,
     capacity_weight,
     headroom,
-    parse_loadavg,
-    parse_pressure,
-    parse_stat,
     read_load,
     smooth,
     track,
@@ -32,14 +30,26 @@ PRESSURE = "some avg10=12.50 avg60=3.00 avg300=1.00 total=123\nfull avg10=0.00 a
 
 
 def test_parsers_read_the_proc_formats() -> None:
-    """/proc/stat gives busy (idle and iowait excluded), total and CPU count; loadavg and PSI their headline."""
-    assert parse_stat(STAT) == (200.0, 1000.0, 2)
-    assert parse_loadavg("1.50 0.80 0.40 2/300 1234\n") == 1.5
-    assert parse_pressure(PRESSURE) == 12.5
+    """The probes' parsers the weight reads with: /proc/stat gives busy (idle and iowait excluded), total and
+    CPU count; loadavg and PSI their headline."""
+    assert parse_stat(STAT) == (CpuTimes(busy=200, total=1000, iowait=100, steal=0), 2)
+    assert parse_loadavg("1.50 0.80 0.40 2/300 1234\n")[0] == 1.5
+    assert parse_pressure(PRESSURE)["some"]["avg10"] == 12.5
+
+
+@pytest.mark.parametrize("source, name, text", [
+    ("pressure", "pressure/cpu", "full avg10=1.00\n"),
+    ("cpu", "stat", "intr 1 2\n"),
+    ("load", "stat", "intr 1 2\n"),
+])
+def test_a_file_without_the_line_the_weight_needs_is_an_error(tmp_path: Path, source: str, name: str,
+                                                              text: str) -> None:
+    """A PSI file without "some avg10", or a /proc/stat without its aggregate cpu line, is a ValueError."""
+    (tmp_path / "pressure").mkdir()
+    (tmp_path / "loadavg").write_text("1.00 0.50 0.25 1/100 42\n")
+    (tmp_path / name).write_text(text)
     with pytest.raises(ValueError):
-        parse_pressure("full avg10=1.00\n")
-    with pytest.raises(ValueError):
-        parse_stat("intr 1 2\n")
+        read_load(tmp_path, source)
 
 
 def test_read_load_uses_the_injected_proc_root(tmp_path: Path) -> None:

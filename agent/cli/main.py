@@ -232,7 +232,7 @@ def not_a_group(path: str, cfg: Config, group: str | None) -> bool:
 def cmd_admin(args: argparse.Namespace) -> int:
     """Over the admin socket when the agent has one (it writes and applies the state at once); else the
     state file is written here and the agent picks it up."""
-    from agent.admin import confirm, set_admin_cli, who
+    from agent.cli.admin import confirm, set_admin_cli, who
     from agent.cli.remote import admin_socket, post_admin
 
     cfg = None
@@ -254,7 +254,11 @@ def cmd_admin(args: argparse.Namespace) -> int:
         # A stopped or hung agent: write the file here all the same, so the change is not lost and applies
         # once the agent reads it, and say that it was not confirmed (exit 1).
         print(message, file=sys.stderr)
-    state_dir = args.state_dir or cfg.agent.state_dir
+    if args.state_dir:
+        state_dir = args.state_dir
+    else:
+        assert cfg is not None  # without --state-dir the config was loaded above
+        state_dir = cfg.agent.state_dir
     record, written, message = set_admin_cli(state_dir, args.command, args.reason, args.duration, args.group)
     print(message, file=sys.stdout if record else sys.stderr)
     if record is None or written is None:
@@ -392,6 +396,7 @@ EXIT_PIPE = 128 + 13  # as a tool killed by SIGPIPE: `healthgate schema | head -
 
 def main(argv: list[str] | None = None) -> int | str | None:
     """The entry point: the command's exit status; a reader that closed the pipe ends it quietly."""
+    code: int | str | None
     try:
         try:
             code = _main(argv)

@@ -81,6 +81,13 @@ def unix_request(path: str, method: str, target: str, headers: dict[str, str], t
         conn.close()
 
 
+def open_url(url: str, headers: dict[str, str], timeout: float) -> Any:
+    """GET `url` from the agent directly, never through a proxy whatever http_proxy says: a proxy's loopback
+    is not this host's, and a proxy must not see the status token. urllib's response and errors, as urlopen's."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+
+
 def fetch_json(url: str, token: str | None, timeout: float, sock: str | None = None) -> dict[str, Any]:
     """GET `url` as JSON; over the admin socket at `sock` when given (then `url` is only a path)."""
     headers = {"Accept": "application/json", "User-Agent": "healthgate-cli"}
@@ -98,10 +105,8 @@ def fetch_json(url: str, token: str | None, timeout: float, sock: str | None = N
         if code not in (200, 503):
             raise Unreachable(f"HTTP {code} from {sock}")
         return _json(raw, sock)
-    # No proxy: the agent is asked directly, whatever http_proxy says.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+        with open_url(url, headers, timeout) as resp:
             raw = resp.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):

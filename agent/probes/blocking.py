@@ -71,6 +71,11 @@ async def off_loop(slots: MutableMapping[Any, Any], slot: object, fn: Callable[.
     one of the loop's shared executor, so a hung call cannot starve anyone else's threads (the executor is
     where drivers resolve host names, and a hung resolver fills it). And while a slot's previous call is
     still stuck, the next one fails at once instead of starting another: at most one stuck thread per slot.
+
+    Every blocking call of the agent comes here (none uses asyncio.to_thread or the default executor); the
+    bound stays the caller's `asyncio.timeout` around the await, not a parameter: what running out means
+    differs (a round skipped, a reload refused, maintenance at startup) and one budget may cover two calls
+    (the admin watcher's carry_over reads, then writes).
     """
     previous = slots.get(slot)
     if previous is not None and not previous[0].is_set():

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import kernel_read
-from agent.probes.procfs import read_cpu
+from agent.probes.procfs import parse_loadavg, read_cpu
 
 
 class Config(CheckBase):
@@ -30,9 +30,9 @@ class Config(CheckBase):
 
 
 def read_load(proc: Path) -> tuple[tuple[float, float, float], int]:
-    fields = (proc / "loadavg").read_text().split()
+    loads = parse_loadavg((proc / "loadavg").read_text())
     _, cpus = read_cpu(proc)
-    return (float(fields[0]), float(fields[1]), float(fields[2])), cpus
+    return loads, cpus
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from agent.model import Observation
 from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import kernel_read
+from agent.probes.procfs import parse_pressure
 
 WINDOWS = ("avg10", "avg60", "avg300")
 
@@ -60,11 +61,7 @@ def read_pressure(proc: Path, resource: str) -> dict[str, dict[str, float]]:
             raise CheckFailed("pressure: PSI is disabled in this kernel (boot it with psi=1)",
                               "unsupported") from None
         raise
-    out: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        kind, *pairs = line.split()
-        out[kind] = {k: float(v) for k, _, v in (p.partition("=") for p in pairs)}
-    return out
+    return parse_pressure(text)
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:

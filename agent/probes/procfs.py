@@ -1,4 +1,4 @@
-"""Readers of /proc shared by the node probes: CPU times, and finding processes by pidfile, name or cmdline."""
+"""Readers of /proc shared by the node probes and the weight: CPU times, load, PSI, processes by pidfile, name, cmdline."""
 
 from __future__ import annotations
 
@@ -25,9 +25,17 @@ class CpuTimes:
 
 def read_cpu(proc: Path) -> tuple[CpuTimes, int]:
     """The aggregate CPU times and the number of online CPUs, from /proc/stat."""
+    times, cpus = parse_stat((proc / "stat").read_text())
+    if times is None or cpus == 0:
+        raise CheckFailed(f"cannot parse {proc / 'stat'}", "error")
+    return times, cpus
+
+
+def parse_stat(text: str) -> tuple[CpuTimes | None, int]:
+    """/proc/stat's text: its aggregate CPU times (None without a `cpu ` line) and how many CPUs it lists."""
     times: CpuTimes | None = None
     cpus = 0
-    for line in (proc / "stat").read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("cpu "):
             f = [int(x) for x in line.split()[1:]] + [0] * 10
             user, nice, system, idle, iowait, irq, softirq, steal = f[:8]
@@ -36,9 +44,22 @@ def read_cpu(proc: Path) -> tuple[CpuTimes, int]:
             times = CpuTimes(busy=total - idle - iowait, total=total, iowait=iowait, steal=steal)
         elif line.startswith("cpu") and line[3:4].isdigit():
             cpus += 1
-    if times is None or cpus == 0:
-        raise CheckFailed(f"cannot parse {proc / 'stat'}", "error")
     return times, cpus
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    """/proc/loadavg's text: the 1-, 5- and 15-minute load averages."""
+    fields = text.split()
+    return float(fields[0]), float(fields[1]), float(fields[2])
+
+
+def parse_pressure(text: str) -> dict[str, dict[str, float]]:
+    """A /proc/pressure file's text as {"some": {"avg10": ..., "total": ...}, "full": {...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        out[kind] = {k: float(v) for k, _, v in (p.partition("=") for p in pairs)}
+    return out
 
 
 class ProcessSelector(BaseModel):

@@ -14,8 +14,9 @@ from aiohttp import web
 
 from agent import __version__
 from agent.access import is_unix
-from agent.admin import AdminWatcher, AdminWriteError, make_record, parse_for, state_path
+from agent.admin import AdminWriteError, make_record, parse_for, state_path
 from agent.model import Admin, CheckView, Snapshot
+from agent.serving.admin_watch import AdminWatcher
 from agent.serving.decision import (
     Answer,
     admin_text,

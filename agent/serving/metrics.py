@@ -18,8 +18,8 @@ from prometheus_client.core import (
 )
 
 from agent import __version__
-from agent.model import Admin
-from agent.serving.decision import check_up
+from agent.model import Admin, Snapshot
+from agent.serving.decision import Answer, check_up
 from agent.state import AgentState, CheckStats
 
 if TYPE_CHECKING:
@@ -33,6 +33,9 @@ def _histogram(stats: CheckStats) -> tuple[list[tuple[str, float]], float]:
 
 
 class StateCollector:
+    """Reads the state at scrape time: the node's families, then the verdict groups' and the fleet guard's
+    when there are any, then one family per check series."""
+
     def __init__(self, state: AgentState, hung: Callable[[], int] = lambda: 0):
         self.state = state
         self.hung = hung
@@ -46,7 +49,18 @@ class StateCollector:
             now = asyncio.get_running_loop().time()
         except RuntimeError:  # rendered outside the agent's loop (tests): the loop clock is the monotonic one
             now = time.monotonic()
-        snap, answer = state.snapshot, state.answer(now)
+        snap, answer = state.snapshot, state.answer(now)  # one snapshot for the whole scrape
+        yield from self._node(answer)
+        if snap.groups:
+            yield self._groups(snap, now)
+        if state.guard is not None:
+            yield from _fleet_families(state.guard, tuple(state.group_guards.values()))
+        yield from self._agent(snap, answer)
+        yield from self._checks(snap, answer, now)
+        yield self._schedule_lag()
+
+    def _node(self, answer: Answer) -> Iterator[Metric]:
+        """What the node is served as: up, healthy, live."""
         info = InfoMetricFamily("healthgate_build", "healthgate version")
         info.add_metric([], {"version": __version__})
         yield info
@@ -56,15 +70,18 @@ class StateCollector:
                                 value=1.0 if answer.healthy else 0.0)
         yield GaugeMetricFamily("healthgate_live", "1 while the agent's own loop is healthy (/live answers 200)",
                                 value=1.0 if answer.live else 0.0)
-        if snap.groups:
-            group_up = GaugeMetricFamily("healthgate_group_up",
-                                         "1 when the verdict group is served as up (/health/<group> answers 200)",
-                                         labels=["group"])
-            for g in snap.groups:
-                group_up.add_metric([g], 1.0 if state.answer(now, g).up else 0.0)
-            yield group_up
-        if state.guard is not None:
-            yield from _fleet_families(state.guard, tuple(state.group_guards.values()))
+
+    def _groups(self, snap: Snapshot, now: float) -> Metric:
+        group_up = GaugeMetricFamily("healthgate_group_up",
+                                     "1 when the verdict group is served as up (/health/<group> answers 200)",
+                                     labels=["group"])
+        for g in snap.groups:
+            group_up.add_metric([g], 1.0 if self.state.answer(now, g).up else 0.0)
+        return group_up
+
+    def _agent(self, snap: Snapshot, answer: Answer) -> Iterator[Metric]:
+        """The admin state, the agent's own loop, and what changed since the start: transitions, reloads."""
+        state = self.state
         admin = GaugeMetricFamily("healthgate_admin_state", "1 for the admin state in force", labels=["state"])
         for a in Admin:
             admin.add_metric([a.value], 1.0 if answer.admin is a else 0.0)
@@ -79,9 +96,8 @@ class StateCollector:
                                 value=float(tasks))
         yield GaugeMetricFamily("healthgate_hung_probes", "probes that ignored their timeout and are still running",
                                 value=float(self.hung()))
-        since = GaugeMetricFamily("healthgate_up_since_timestamp_seconds",
-                                  "when the served up/down state last changed, unix time", value=snap.since_wall)
-        yield since
+        yield GaugeMetricFamily("healthgate_up_since_timestamp_seconds",
+                                "when the served up/down state last changed, unix time", value=snap.since_wall)
         transitions = CounterMetricFamily("healthgate_transitions", "verdict transitions", labels=["to"])
         for to in ("up", "down"):
             transitions.add_metric([to], float(state.transitions[to]))
@@ -99,6 +115,8 @@ class StateCollector:
                                 "when a config was last applied (the start counts), unix time",
                                 value=state.last_reload_success_wall)
 
+    def _checks(self, snap: Snapshot, answer: Answer, now: float) -> Iterator[Metric]:
+        """One family per series, a sample per check: up, the values it observed, failures, durations."""
         up = GaugeMetricFamily("healthgate_check_up", "1 when the check is up and fresh",
                                labels=["check", "type", "critical"])
         value = GaugeMetricFamily("healthgate_check_value", "the value a check observed, in the unit named",
@@ -118,18 +136,20 @@ class StateCollector:
                     value.add_metric([v.name, "value", obs.unit], float(obs.value))
                 for series, val, unit in obs.values:
                     value.add_metric([v.name, series, unit], float(val))
-            stats = state.stats.get(v.name)
+            stats = self.state.stats.get(v.name)
             if stats is not None:
                 buckets, total = _histogram(stats)
                 durations.add_metric([v.name], buckets, total)
                 for kind, n in sorted(stats.failures.items()):
                     errors.add_metric([v.name, kind], float(n))
         yield from (up, value, fails, durations, errors)
+
+    def _schedule_lag(self) -> Metric:
         lag = HistogramMetricFamily("healthgate_check_schedule_lag_seconds",
                                     "how late check samples started against their schedule")
-        buckets, total = _histogram(state.lag_stats)
+        buckets, total = _histogram(self.state.lag_stats)
         lag.add_metric([], buckets, total)
-        yield lag
+        return lag
 
 
 def _fleet_families(guard: FleetGuard, group_guards: tuple[FleetGuard, ...] = ()) -> Iterator[Metric]:

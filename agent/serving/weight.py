@@ -11,6 +11,7 @@ from pathlib import Path
 from agent import logs
 from agent.model import Admin
 from agent.probes.blocking import StillBlocked, off_loop
+from agent.probes.procfs import CpuTimes, parse_loadavg, parse_pressure, parse_stat
 from agent.state import AgentState
 
 SAMPLE_EVERY = 1.0  # seconds between /proc readings
@@ -18,7 +19,7 @@ TICK = 0.2  # seconds between looks at the verdict (recovery detection for the s
 READ_TIMEOUT = 1.0  # a /proc read that takes longer is abandoned for this round
 
 
-# -- reading /proc: small pure parsers over the file texts ----------------------------------------
+# -- reading /proc, with the probes' parsers -----------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Reading:
@@ -31,50 +32,27 @@ class Reading:
     pressure: float | None = None  # pressure: PSI cpu "some avg10", percent
 
 
-def parse_stat(text: str) -> tuple[float, float, int]:
-    """(busy, total, cpus) from /proc/stat: idle and iowait are not busy."""
-    busy = total = 0.0
-    cpus = 0
-    for line in text.splitlines():
-        if line.startswith("cpu "):
-            fields = [float(x) for x in line.split()[1:]]
-            # user nice system idle iowait irq softirq steal guest guest_nice; guest time is already in user
-            counted = fields[:8]
-            idle = counted[3] + (counted[4] if len(counted) > 4 else 0.0)
-            total = sum(counted)
-            busy = total - idle
-        elif line.startswith("cpu") and line[3:4].isdigit():
-            cpus += 1
-    if total <= 0:
+def _cpu(proc: Path) -> tuple[CpuTimes, int]:
+    """/proc/stat's aggregate times and CPU count (at least 1); ValueError without a usable `cpu ` line."""
+    times, cpus = parse_stat((proc / "stat").read_text())
+    if times is None or times.total <= 0:
         raise ValueError("no aggregate cpu line in /proc/stat")
-    return busy, total, max(cpus, 1)
-
-
-def parse_loadavg(text: str) -> float:
-    return float(text.split()[0])
-
-
-def parse_pressure(text: str) -> float:
-    """The "some avg10" value of /proc/pressure/cpu, in percent."""
-    for line in text.splitlines():
-        if line.startswith("some "):
-            for field in line.split()[1:]:
-                key, _, value = field.partition("=")
-                if key == "avg10":
-                    return float(value)
-    raise ValueError("no 'some avg10=' in /proc/pressure/cpu")
+    return times, max(cpus, 1)
 
 
 def read_load(proc: Path, source: str) -> Reading:
     """One reading for `source` (blocking file reads: call it in a thread)."""
     if source == "cpu":
-        busy, total, _ = parse_stat((proc / "stat").read_text())
-        return Reading(busy=busy, total=total)
+        times, _ = _cpu(proc)
+        return Reading(busy=float(times.busy), total=float(times.total))
     if source == "load":
-        _, _, cpus = parse_stat((proc / "stat").read_text())
-        return Reading(load1=parse_loadavg((proc / "loadavg").read_text()), cpus=cpus)
+        _, cpus = _cpu(proc)
+        return Reading(load1=parse_loadavg((proc / "loadavg").read_text())[0], cpus=cpus)
     if source == "pressure":
-        return Reading(pressure=parse_pressure((proc / "pressure" / "cpu").read_text()))
+        some = parse_pressure((proc / "pressure" / "cpu").read_text()).get("some", {})
+        if "avg10" not in some:
+            raise ValueError("no 'some avg10=' in /proc/pressure/cpu")
+        return Reading(pressure=some["avg10"])
     raise ValueError(f"unknown weight source {source!r}")
 
 
@@ -83,15 +61,15 @@ def read_load(proc: Path, source: str) -> Reading:
 def headroom(source: str, prev: Reading | None, cur: Reading) -> float | None:
     """Spare capacity in [0, 1] (1 = idle); None when this reading alone can't tell (cpu needs two)."""
     if source == "cpu":
-        if prev is None or prev.total is None or cur.total is None:
+        if prev is None or prev.total is None or prev.busy is None or cur.total is None or cur.busy is None:
             return None
         dt = cur.total - prev.total
         if dt <= 0:
             return None
         used = (cur.busy - prev.busy) / dt
-    elif source == "load":
+    elif source == "load" and cur.load1 is not None and cur.cpus:
         used = cur.load1 / cur.cpus
-    elif source == "pressure":
+    elif source == "pressure" and cur.pressure is not None:
         used = cur.pressure / 100.0
     else:
         return None
