@@ -235,7 +235,7 @@ class HealthProtocol(asyncio.Protocol):
     relays; the connection never comes back.
     """
 
-    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing", "held", "paused")
+    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing", "held", "paused", "backlog")
 
     def __init__(self, front: FastHealth):
         self.front = front
@@ -246,6 +246,10 @@ class HealthProtocol(asyncio.Protocol):
         self.closing = False
         self.held = False  # waiting for aiohttp to load, to hand over to it; not reading meanwhile
         self.paused = False  # the client does not read our answers (pause_writing)
+        # Requests pipelined behind a scrape wait in `buf` for the next turn of the loop, not reading
+        # meanwhile (as aiohttp stops at its queue's limit): a client cannot make `buf` grow without bound,
+        # and its EOF is seen only once they are answered.
+        self.backlog = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         front = self.front
@@ -324,9 +328,16 @@ class HealthProtocol(asyncio.Protocol):
         rest = buf[pos:] if pos else buf
         if scrape and rest:  # a scrape, or more pipelined behind one: on the next turn of the loop
             self.buf = rest
+            if not self.backlog:
+                self.backlog = True
+                self.transport.pause_reading()
             if not self.paused:
                 self.front.loop.call_soon(self._more)
             return
+        if self.backlog:
+            self.backlog = False
+            if not self.paused:
+                self.transport.resume_reading()
         if rest and (end >= 0 or len(rest) > MAX_HEAD or not may_be_probe(rest)):
             self._hand_over(rest)  # not a probe, too long, or cannot become one: aiohttp decides
             return
@@ -348,21 +359,25 @@ class HealthProtocol(asyncio.Protocol):
         self._give(rest)
 
     def _give(self, rest: bytes) -> None:
+        """aiohttp takes the connection as if it had owned it from the start: reading (it stops by itself
+        when it must), and told when the client does not read, so that it waits before writing more."""
         assert self.front.fallback is not None
         self.buf = b""
         self.front.conns.discard(self)
         self.front.guard.open.pop(self, None)
+        if self.held or self.paused:
+            self.held = False
+            self.transport.resume_reading()  # takes effect on a later turn of the loop, after the hand-over
         self.inner = inner = self.front.fallback()
         inner.connection_made(self.transport)
+        if self.paused:
+            inner.pause_writing()
         inner.data_received(rest)
 
     def resume_hand_over(self) -> None:
         """aiohttp is loaded: hand over what waited, and read again."""
         if not self.held or self.transport is None or self.transport.is_closing():
             return
-        self.held = False
-        if not self.paused:
-            self.transport.resume_reading()  # takes effect on a later turn of the loop, after the hand-over
         self._give(self.buf)
 
     def _more(self) -> None:
@@ -389,6 +404,7 @@ class HealthProtocol(asyncio.Protocol):
             return
         self.paused = False
         if not self.closing and not self.held:
-            self.transport.resume_reading()
+            if not self.backlog:  # else reading resumes once the backlog is answered
+                self.transport.resume_reading()
             if self.buf:
                 self.front.loop.call_soon(self._more)
