@@ -162,3 +162,50 @@ async def test_pipelined_scrapes_to_a_client_that_stopped_reading_are_all_answer
         writer.close()
     finally:
         await listener.stop()
+
+
+async def test_a_reload_while_the_app_starts_reaches_the_tokens_it_serves_with(tmp_path) -> None:
+    """A reload that changes the admin token while aiohttp's app is built but still starting (an on_startup
+    hook that awaits) is honoured by it: the request that waited for it, sent with the old token, is refused
+    with 401, and the new token is accepted. (The agent's reload updates the app's tokens when
+    `listener.app` is set.)"""
+    from agent.serving.http_api import make_app
+    from agent.serving.httpcommon import TOKENS
+    from agent.serving.metrics import make_registry
+
+    listener, state = _listener({"agent": {"allow_root": True, "state_dir": str(tmp_path)}})
+    tokens = {"admin": "old"}
+    starting, go = asyncio.Event(), asyncio.Event()
+
+    async def on_startup(app) -> None:
+        starting.set()
+        await go.wait()
+
+    def build():
+        app = make_app(state, make_registry(state), dict(tokens))
+        app.on_startup.append(on_startup)
+        return app
+
+    listener._build = build
+    _, port = await listener.start("127.0.0.1", 0)
+
+    async def ready(token: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /admin/ready HTTP/1.1\r\n" + HOST + b"Authorization: Bearer " + token.encode()
+                     + b"\r\nContent-Length: 0\r\n\r\n")
+        code = (await read_response(reader))[0]
+        writer.close()
+        return code
+
+    try:
+        waited = asyncio.create_task(ready("old"))
+        await asyncio.wait_for(starting.wait(), 5)
+        tokens = {"admin": "new"}  # the reload, as the agent does it
+        if listener.app is not None:
+            listener.app[TOKENS].update(tokens)
+        go.set()
+        assert await waited == 401
+        assert await ready("new") == 200
+    finally:
+        go.set()
+        await listener.stop()
