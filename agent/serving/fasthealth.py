@@ -39,6 +39,7 @@ ALLOWED = (
     "user-agent", "accept", "accept-encoding", "accept-language", "connection", "keep-alive", "cache-control",
     "pragma", "authorization", "referer", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
     "x-real-ip", "x-request-id", "traceparent", "tracestate",
+    "x-prometheus-scrape-timeout-seconds",  # on every scrape Prometheus (and vmagent) sends
 )
 _OWS = rb"[ \t]*"
 _HOST = rb"\r\n(?i:host):" + _OWS + rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*" + _OWS
