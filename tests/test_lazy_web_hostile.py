@@ -229,3 +229,34 @@ async def test_a_scrape_as_prometheus_sends_it_is_answered_without_loading_aioht
         assert not listener.loaded, "a Prometheus scrape loaded aiohttp"
     finally:
         await listener.stop()
+
+
+async def test_a_load_that_keeps_failing_logs_a_line_a_minute_not_one_per_request(caplog) -> None:
+    """When aiohttp's app cannot be built (a broken install), every request that needs it is closed and
+    tries the load again, but a client sending them cannot flood the log: one line, then none for a minute
+    (the next counts the failures in between); probes are answered throughout."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="healthgate")
+    listener, _ = _listener()
+
+    def build():
+        raise OSError("the disk went away")
+
+    listener._build = build
+    _, port = await listener.start("127.0.0.1", 0)
+    try:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(STATUS)
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(LIVE)
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+        failed = [r for r in caplog.records if r.getMessage() == "http_app_load_failed"]
+        assert len(failed) == 1 and failed[0].levelno == logging.ERROR, failed
+        assert "the disk went away" in failed[0].fields["error"]
+    finally:
+        await listener.stop()

@@ -34,6 +34,7 @@ MAX_HEADERS = 32
 TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 18\r\n"
             b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many requests\n")
 SWEEP = 1.0  # seconds: the Date header's age at most, and between read-timeout checks of open connections
+FAILED_EVERY = 60.0  # seconds: a load of aiohttp that keeps failing is logged at most this often
 
 ALLOWED = (
     "user-agent", "accept", "accept-encoding", "accept-language", "connection", "keep-alive", "cache-control",
@@ -141,6 +142,8 @@ class FastHealth:
         self.conns: set[HealthProtocol] = set()
         self.waiting: set[HealthProtocol] = set()
         self._loader: asyncio.Task[None] | None = None
+        self._failed = 0  # loads failed since the last line that said so (every request retries one)
+        self._failed_quiet_until = -1.0  # loop time before which a failed load is only counted
         self.loop = asyncio.get_running_loop()
         self._cache: dict[tuple, bytes] = {}
         self._date = b""
@@ -174,7 +177,12 @@ class FastHealth:
                 raise RuntimeError("no aiohttp fallback and no loader for it")
             await self.load()
         except Exception as e:  # the waiting clients are closed; the next request that needs aiohttp retries
-            logs.event("http_app_load_failed", logging.ERROR, error=repr(e))
+            # Any client can make every request retry it: one line a minute at most, counting the rest.
+            self._failed += 1
+            now = self.loop.time()
+            if now >= self._failed_quiet_until:
+                logs.event("http_app_load_failed", logging.ERROR, error=repr(e), failures=self._failed)
+                self._failed, self._failed_quiet_until = 0, now + FAILED_EVERY
         finally:
             self._loader = None
             waiting, self.waiting = self.waiting, set()
