@@ -35,11 +35,13 @@ MAX_HEADERS = 32
 TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 18\r\n"
             b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many requests\n")
 SWEEP = 1.0  # seconds: the Date header's age at most, and between read-timeout checks of open connections
+FAILED_EVERY = 60.0  # seconds: a load of aiohttp that keeps failing is logged at most this often
 
 ALLOWED = (
     "user-agent", "accept", "accept-encoding", "accept-language", "connection", "keep-alive", "cache-control",
     "pragma", "authorization", "referer", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
     "x-real-ip", "x-request-id", "traceparent", "tracestate",
+    "x-prometheus-scrape-timeout-seconds",  # on every scrape Prometheus (and vmagent) sends
 )
 _OWS = rb"[ \t]*"
 _HOST = rb"\r\n(?i:host):" + _OWS + rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*" + _OWS
@@ -141,6 +143,8 @@ class FastHealth:
         self.conns: set[HealthProtocol] = set()
         self.waiting: set[HealthProtocol] = set()
         self._loader: asyncio.Task[None] | None = None
+        self._failed = 0  # loads failed since the last line that said so (every request retries one)
+        self._failed_quiet_until = -1.0  # loop time before which a failed load is only counted
         self.loop = asyncio.get_running_loop()
         self._cache: dict[tuple, bytes] = {}
         self._date = b""
@@ -174,7 +178,12 @@ class FastHealth:
                 raise RuntimeError("no aiohttp fallback and no loader for it")
             await self.load()
         except Exception as e:  # the waiting clients are closed; the next request that needs aiohttp retries
-            logs.event("http_app_load_failed", logging.ERROR, error=repr(e))
+            # Any client can make every request retry it: one line a minute at most, counting the rest.
+            self._failed += 1
+            now = self.loop.time()
+            if now >= self._failed_quiet_until:
+                logs.event("http_app_load_failed", logging.ERROR, error=repr(e), failures=self._failed)
+                self._failed, self._failed_quiet_until = 0, now + FAILED_EVERY
         finally:
             self._loader = None
             waiting, self.waiting = self.waiting, set()
@@ -236,7 +245,7 @@ class HealthProtocol(asyncio.Protocol):
     relays; the connection never comes back.
     """
 
-    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing", "held", "paused")
+    __slots__ = ("front", "transport", "inner", "buf", "_due", "closing", "held", "paused", "backlog")
 
     def __init__(self, front: FastHealth):
         self.front = front
@@ -247,6 +256,10 @@ class HealthProtocol(asyncio.Protocol):
         self.closing = False
         self.held = False  # waiting for aiohttp to load, to hand over to it; not reading meanwhile
         self.paused = False  # the client does not read our answers (pause_writing)
+        # Requests pipelined behind a scrape wait in `buf` for the next turn of the loop, not reading
+        # meanwhile (as aiohttp stops at its queue's limit): a client cannot make `buf` grow without bound,
+        # and its EOF is seen only once they are answered.
+        self.backlog = False
 
     transport: asyncio.Transport
 
@@ -327,9 +340,16 @@ class HealthProtocol(asyncio.Protocol):
         rest = buf[pos:] if pos else buf
         if scrape and rest:  # a scrape, or more pipelined behind one: on the next turn of the loop
             self.buf = rest
+            if not self.backlog:
+                self.backlog = True
+                self.transport.pause_reading()
             if not self.paused:
                 self.front.loop.call_soon(self._more)
             return
+        if self.backlog:
+            self.backlog = False
+            if not self.paused:
+                self.transport.resume_reading()
         if rest and (end >= 0 or len(rest) > MAX_HEAD or not may_be_probe(rest)):
             self._hand_over(rest)  # not a probe, too long, or cannot become one: aiohttp decides
             return
@@ -351,21 +371,25 @@ class HealthProtocol(asyncio.Protocol):
         self._give(rest)
 
     def _give(self, rest: bytes) -> None:
+        """aiohttp takes the connection as if it had owned it from the start: reading (it stops by itself
+        when it must), and told when the client does not read, so that it waits before writing more."""
         assert self.front.fallback is not None
         self.buf = b""
         self.front.conns.discard(self)
         self.front.guard.open.pop(self, None)
+        if self.held or self.paused:
+            self.held = False
+            self.transport.resume_reading()  # takes effect on a later turn of the loop, after the hand-over
         self.inner = inner = self.front.fallback()
         inner.connection_made(self.transport)
+        if self.paused:
+            inner.pause_writing()
         inner.data_received(rest)
 
     def resume_hand_over(self) -> None:
         """aiohttp is loaded: hand over what waited, and read again."""
         if not self.held or self.transport is None or self.transport.is_closing():
             return
-        self.held = False
-        if not self.paused:
-            self.transport.resume_reading()  # takes effect on a later turn of the loop, after the hand-over
         self._give(self.buf)
 
     def _more(self) -> None:
@@ -392,6 +416,7 @@ class HealthProtocol(asyncio.Protocol):
             return
         self.paused = False
         if not self.closing and not self.held:
-            self.transport.resume_reading()
+            if not self.backlog:  # else reading resumes once the backlog is answered
+                self.transport.resume_reading()
             if self.buf:
                 self.front.loop.call_soon(self._more)

@@ -136,12 +136,17 @@ class Listener:
 
         from agent.serving.handler import within_rate
 
-        # Built and published before the await below: a reload meanwhile updates this app's tokens.
+        # `app` from the moment it is built: a reload applies new tokens to it from then on, so one that
+        # lands while its runner starts (on_startup may await) is not lost.
         self.app = app = self._build()
         if within_rate not in app.middlewares:
             app.middlewares.insert(0, within_rate)  # first: a refused request costs nothing more
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
+        try:
+            await runner.setup()
+        except BaseException:
+            self.app = None
+            raise
         self._runner = runner
         for fast, guard in ((self._fast, self.guard), (self._local_fast, self.local_guard)):
             if fast is not None:
