@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load_config, parse_config
-from tests.helpers import PASSING, ROOT, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
+from tests.helpers import (
+    PASSING,
+    ROOT,
+    agent_toml,
+    closed_port,
+    free_port,
+    http_get,
+    memory_check,
+    toml_table,
+    wait_for,
+)
 
 BLOCKS = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
@@ -79,7 +89,7 @@ def test_every_exported_metric_is_in_the_readme(agent_process, dependency, tmp_p
         for check in (
             {"name": "disk", "type": "disk", "path": "/", "min_free_percent": 0},
             {"name": "db", "type": "tcp", "port": dependency.port},
-            {"name": "gone", "type": "tcp", "port": free_port(), "critical": False},
+            {"name": "gone", "type": "tcp", "port": closed_port(), "critical": False},
             {"name": "plugin", "type": "exec", "command": ["true"]},
             {"name": "beat", "type": "file", "path": str(beat)},
             {"name": "load", "type": "load", "max_per_cpu": 1000},
