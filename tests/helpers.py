@@ -42,56 +42,10 @@ def loop_in_use(choice: str = LOOP) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago, for a server that can only be told its port in advance.
-
-    Another process can bind it between this call and the server's own bind, so a server of ours binds
-    port 0 and reports what it got instead (tests/servers.py, tests/faulty.py, AgentProcess). What remains
-    is the external programs that take a port on their command line or in their config file (redis-server,
-    etcd, PostgreSQL, dnsmasq, nginx, Prometheus: started through `start_external`, which picks another
-    port when the first was taken meanwhile), an agent restarted on the port it had, and an agent whose
-    config a test writes itself (under systemd, in a container, agent_check.listen beside a fixed config).
-    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-_CLOSED: list[socket.socket] = []  # held open until the test run ends: the ports stay ours
-
-
-def closed_port() -> int:
-    """A loopback port that refuses every connection for the rest of this test run: a socket of ours is bound
-    to it and never listens, so no other process can take it and turn a dead dependency into a live one."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    _CLOSED.append(sock)
-    return sock.getsockname()[1]
-
-
-PORT_ATTEMPTS = 5
-
-
-def start_external(launch: Callable[[], subprocess.Popen], ready: Callable[[], object], output: Callable[[], str],
-                   repick: Callable[[], None] | None, timeout: float, what: str) -> subprocess.Popen:
-    """Launch an external server on its free_port() port and wait until `ready()`; the running process.
-
-    When the server exits saying the address is in use (another process took the port since free_port()
-    picked it), `repick()` chooses another port and the server is launched again, PORT_ATTEMPTS times at
-    most; without `repick` (a server coming back on the port it had) or for any other exit the test fails
-    with the server's `output()`.
-    """
-    for attempt in range(PORT_ATTEMPTS):
-        seen = len(output())
-        proc = launch()
-        wait_for(lambda p=proc: p.poll() is not None or ready(), timeout=timeout, what=what)
-        if proc.poll() is None:
-            return proc
-        said = output()[seen:]
-        if repick is None or attempt == PORT_ATTEMPTS - 1 or "address already in use" not in said.lower():
-            pytest.fail(f"{what}: exited with {proc.returncode}\n{said[-3000:]}")
-        repick()
-    raise AssertionError("unreachable")
 
 
 def require(binary: str, package: str) -> str:
@@ -147,40 +101,16 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
         return e.code, e.read().decode()
 
 
-def started_line(log: Path, proc: subprocess.Popen, offset: int = 0) -> dict:
-    """The agent's `started` log line at or after `offset` of its log: where it listens, e.g. {"listen":
-    "127.0.0.1:40549", "agent_check": null, ...}. Waits for it; fails with the log if the agent exits first."""
-    def line() -> dict | str | None:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            for raw in f:
-                if b'"event": "started"' in raw:
-                    return json.loads(raw)
-        return "exited" if proc.poll() is not None else None
-
-    found = wait_for(line, timeout=20, what="the agent's `started` log line")
-    if found == "exited":
-        pytest.fail(f"the agent exited with {proc.returncode} before it started:\n{log.read_text(errors='replace')}")
-    return found  # type: ignore[return-value]
-
-
-def bound_port(address: str) -> int:
-    """The port of a `started` line's address, "127.0.0.1:40549" or "[::1]:40549"."""
-    return int(address.rpartition(":")[2])
-
-
 class AgentProcess:
-    """`healthgate run` as a real subprocess on a loopback port: port 0 unless given one, the bound port
-    (and the agent-check's, if it listens) read from its `started` log line."""
+    """`healthgate run` as a real subprocess on a free loopback port."""
 
     def __init__(self, tmp: Path, config: str, port: int | None = None, extra_env: dict[str, str] | None = None,
                  wrapper: tuple[str, ...] = (), loop: str = LOOP):
         self.wrapper = wrapper  # a command prefix, e.g. setpriv dropping capabilities
         self.loop = loop
-        self._port = port  # None: this start's, known once it has logged `started`
-        self._started: dict | None = None
+        self.port = port or free_port()
         self.path = tmp / "healthgate.toml"
-        self.path.write_text(config.replace("{port}", str(port or 0)))
+        self.path.write_text(config.replace("{port}", str(self.port)))
         self.log = tmp / "agent.log"
         # The default state directory follows XDG_STATE_HOME: keep it inside the test's own directory.
         inherited = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
@@ -192,30 +122,11 @@ class AgentProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def port(self) -> int:
-        """The HTTP port: the one given, else the one this start bound (waiting for the log line)."""
-        return self._port or bound_port(self.started()["listen"])
-
-    @property
-    def agent_check_port(self) -> int:
-        """The agent-check listener's bound port (agent_check.listen may say port 0)."""
-        return bound_port(self.started()["agent_check"])
-
-    def started(self) -> dict:
-        """This start's `started` log line (see `started_line`)."""
-        assert self.proc is not None, "the agent's port is known once it has been started"
-        if self._started is None:
-            self._started = started_line(self.log, self.proc, self._offset)
-        return self._started
-
     def start(self, wait: bool = True) -> AgentProcess:
         self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
-        self._offset, self._started = self._log.tell(), None
         self.proc = subprocess.Popen([*self.wrapper, *run_argv(self.path, self.loop)],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
-            self.started()
             wait_for(lambda: self.get("/live")[0] == 200 or self.proc.poll() is not None, what="agent /live")
             assert self.proc.poll() is None, self.log.read_text()
         return self

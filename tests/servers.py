@@ -26,7 +26,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from tests.helpers import free_port, require, start_external
+from tests.helpers import free_port, require, wait_for
 
 PG_USERS = {"scram_user": "scram-sha-256", "md5_user": "md5", "pw_user": "password"}
 PG_PASSWORD = "Pg-s3cret:/@ %pass"  # every PostgreSQL test user has it; URL-hostile on purpose
@@ -43,10 +43,6 @@ def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
                 continue
         return port
     raise RuntimeError("no port free for both TCP and UDP")
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
@@ -187,13 +183,11 @@ class TLSServer(_ThreadServer):
 
 class HttpServer:
     """aiohttp on a loopback port. Knobs: `status`, `delay` (seconds), `body`, `redirect_to`; `/redirect`, `/endless`,
-    `/auth` (401 unless the Authorization header is one of `auth`) besides `/`. stop() closes the port; start() reopens it.
-
-    The first start() binds port 0 and keeps the port the kernel gave; later ones bind that port again."""
+    `/auth` (401 unless the Authorization header is one of `auth`) besides `/`. stop() closes the port; start() reopens it."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"):
         self.host = host
-        self.port = 0
+        self.port = free_port(host)
         self.ssl_context = ssl_context
         self.status = 200
         self.delay = 0.0
@@ -252,7 +246,6 @@ class HttpServer:
             site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context,
                                reuse_address=True)
             await site.start()
-            self.port = self._runner.addresses[0][1]
 
         self._call(up())
         return self
@@ -288,13 +281,12 @@ class RedisServer:
         self.binary = require("redis-server", "redis-server")
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()  # redis-server takes its port in its config: see start_external
+        self.port = free_port()
         self.password = password
         self.tls = tls
         self.options = options
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "redis.log"
-        self.listened = False  # once it has listened, a restart comes back on the same port
 
     def config(self, **extra: str) -> str:
         lines = {"bind": "127.0.0.1", "save": '""', "appendonly": "no", "dir": str(self.dir),
@@ -314,20 +306,14 @@ class RedisServer:
         return "\n".join(f"{k} {v}" for k, v in lines.items()) + "\n"
 
     def start(self, wait: bool = True, **extra: str) -> RedisServer:
-        def launch() -> subprocess.Popen:
-            conf = self.dir / "redis.conf"
-            conf.write_text(self.config(**extra))
-            return subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-        def repick() -> None:
-            self.port = free_port()
-
-        if not wait:
-            self.proc = launch()
-            return self
-        self.proc = start_external(launch, lambda: self.cli("PING").strip() == "PONG", lambda: _text(self.log),
-                                   None if self.listened else repick, timeout=10, what="redis-server")
-        self.listened = True
+        conf = self.dir / "redis.conf"
+        conf.write_text(self.config(**extra))
+        self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+        if wait:
+            wait_for(lambda: self.proc.poll() is not None or self.cli("PING").strip() == "PONG", timeout=10,
+                     what=f"redis-server on {self.port}")
+            assert self.proc.poll() is None, self.log.read_text()
         return self
 
     def cli(self, *args: str) -> str:
@@ -352,11 +338,10 @@ class EtcdServer:
         self.binary = require("etcd", "etcd-server")
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()  # etcd takes its ports on its command line: see start_external
+        self.port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "etcd.log"
-        self.listened = False  # once it has listened, a restart comes back on the same ports
 
     @property
     def url(self) -> str:
@@ -366,21 +351,13 @@ class EtcdServer:
         data = self.dir / "data"
         if fresh:
             shutil.rmtree(data, ignore_errors=True)
-
-        def launch() -> subprocess.Popen:
-            client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
-            cmd = [self.binary, "--name", "t", "--data-dir", str(data), "--listen-client-urls", client,
-                   "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls",
-                   peer, "--initial-cluster", f"t={peer}", "--log-outputs", str(self.log), "--logger", "zap"]
-            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-        def repick() -> None:
-            shutil.rmtree(data, ignore_errors=True)  # the failed start may have written the old peer URL there
-            self.port, self.peer_port = free_port(), free_port()
-
-        self.proc = start_external(launch, self._healthy, lambda: _text(self.log),
-                                   None if self.listened else repick, timeout=20, what="etcd")
-        self.listened = True
+        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        cmd = [self.binary, "--name", "t", "--data-dir", str(data), "--listen-client-urls", client,
+               "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+               "--initial-cluster", f"t={peer}", "--log-outputs", str(self.log), "--logger", "zap"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or self._healthy(), timeout=20, what=f"etcd on {self.port}")
+        assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else "etcd exited"
         return self
 
     def _healthy(self) -> bool:
@@ -409,8 +386,7 @@ class PostgresServer:
     def __init__(self, certs: Certs | None = None, base: str | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="healthgate-pg-", dir=base))
         self.data = self.root / "data"
-        self.port = free_port()  # postgres takes its port on its command line: see start_external
-        self.fixed_port = False  # a port asked for (a rebuilt standby): not ours to change
+        self.port = free_port()
         self.certs = certs
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "postgres.log"
@@ -457,19 +433,15 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         user = {"user": "postgres", "group": "postgres", "extra_groups": []} if self.as_postgres else {}
-
-        def launch() -> subprocess.Popen:
-            with open(self.log, "ab") as log:  # the child has its own copy
-                return subprocess.Popen(
-                    [_pg_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", self.socket_dir],
-                    stdout=log, stderr=subprocess.STDOUT, **user)
-
-        def repick() -> None:
-            self.port = free_port()
-
-        self.proc = start_external(launch, self.ready, lambda: _text(self.log),
-                                   None if self.fixed_port else repick, timeout=30, what="postgres accepting")
-        self.fixed_port = True  # it listened there: a restart comes back on the same port
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(
+                [_pg_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", self.socket_dir],
+                stdout=log, stderr=subprocess.STDOUT, **user)
+        finally:
+            log.close()
+        wait_for(lambda: self.proc.poll() is not None or self.ready(), timeout=30, what="postgres accepting")
+        assert self.proc.poll() is None, self.log.read_text()
         return self
 
     def ready(self) -> bool:
@@ -495,8 +467,7 @@ class PostgresServer:
     def standby(self, port: int | None = None) -> PostgresServer:
         """A streaming standby of this server (pg_basebackup -R), started; on `port` if given."""
         replica = PostgresServer(self.certs, base=str(self.root.parent))
-        if port:
-            replica.port, replica.fixed_port = port, True
+        replica.port = port or replica.port
         self._run(_pg_bin("pg_basebackup"), "-h", self.socket_dir, "-p", str(self.port), "-U", "postgres",
                   "-D", str(replica.data), "-R", "-X", "stream", "-c", "fast", "-N")
         return replica.start()
@@ -522,9 +493,8 @@ class DnsServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = self.dir / "hosts"
         self.hosts.write_text(hosts)
-        self.port = free_udp_tcp_port()  # dnsmasq takes its port on its command line: see start_external
+        self.port = free_udp_tcp_port()
         self.log = self.dir / "dnsmasq.log"
-        self.out = self.dir / "dnsmasq.out"  # what it says before its log is open: a port it cannot bind
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -532,20 +502,14 @@ class DnsServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> DnsServer:
-        def launch() -> subprocess.Popen:
-            cmd = [self.binary, "--keep-in-foreground", "--conf-file=/dev/null", f"--port={self.port}",
-                   "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
-                   f"--addn-hosts={self.hosts}", "--local=/test/", "--pid-file", f"--log-facility={self.log}"]
-            if os.geteuid() == 0:
-                cmd.append("--user=root")  # stay able to re-read the hosts file, which lives in a private tmp dir
-            with open(self.out, "ab") as out:
-                return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-
-        def repick() -> None:
-            self.port = free_udp_tcp_port()
-
-        self.proc = start_external(launch, self._answers, lambda: _text(self.out), repick,
-                                   timeout=10, what="dnsmasq")
+        cmd = [self.binary, "--keep-in-foreground", "--conf-file=/dev/null", f"--port={self.port}",
+               "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+               f"--addn-hosts={self.hosts}", "--local=/test/", "--pid-file", f"--log-facility={self.log}"]
+        if os.geteuid() == 0:
+            cmd.append("--user=root")  # stay able to re-read the hosts file, which lives in a private tmp dir
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or self._answers(), timeout=10, what="dnsmasq")
+        assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else "dnsmasq exited"
         return self
 
     def _answers(self) -> bool:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from agent.cli import remote, render
 from agent.text import tidy
-from tests.helpers import PASSING, ROOT, agent_toml, closed_port, free_port, toml_table, wait_for
+from tests.helpers import PASSING, ROOT, agent_toml, free_port, toml_table, wait_for
 
 CONFIG = agent_toml() + """
 [[checks]]
@@ -51,10 +51,8 @@ def checks_of(agent) -> dict:
 
 def test_status_and_explain_follow_the_agent(agent_process) -> None:
     """status and explain say DOWN with the failing check's reason (exit 2), then UP (exit 0) once it recovers."""
-    db = socket.socket()  # bound and not listening: refused until db.listen() below, and no one else's
-    db.bind(("127.0.0.1", 0))
-    db_port = db.getsockname()[1]
-    agent = agent_process(CONFIG % db_port, port=free_port())  # the CLI reads the port from the config
+    db_port = free_port()
+    agent = agent_process(CONFIG % db_port)
     wait_for(lambda: all("time" in c[0] for c in checks_of(agent).values()) and len(checks_of(agent)) == 2,
              what="both checks sampled")
 
@@ -78,8 +76,8 @@ def test_status_and_explain_follow_the_agent(agent_process) -> None:
     assert "is DOWN since" in why.stdout and "because 1 critical check fails: db (tcp): tcp 127.0.0.1:" in why.stdout
     assert why.stdout.count("\n") == 1  # one paragraph
 
-    with db:
-        db.listen(64)
+    with socket.create_server(("127.0.0.1", db_port)) as listener:
+        listener.listen(64)
         wait_for(lambda: agent.get("/health")[0] == 200, what="db recovered")
         up = healthgate("status", "--url", agent.url + "/", "-n", "3", "--color", "always")
         assert up.returncode == 0
@@ -92,7 +90,7 @@ def test_status_and_explain_follow_the_agent(agent_process) -> None:
 
 def test_status_unreachable_exits_3(tmp_path: Path) -> None:
     """With no agent listening, status and explain say "agent unreachable" and exit 3."""
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     for cmd in ("status", "explain"):
         out = healthgate(cmd, "--url", url, "--timeout", "2")
         assert out.returncode == 3 and "agent unreachable" in out.stderr and out.stdout == ""
@@ -144,9 +142,9 @@ def test_default_url_from_listen(listen: str, url: str) -> None:
 
 def test_check_prints_the_same_columns_as_status(tmp_path: Path) -> None:
     """`healthgate check` prints the status page's rows: the same header as `status`, one row per check."""
-    port = closed_port()
+    port = free_port()
     cfg = tmp_path / "c.toml"
-    cfg.write_text((CONFIG % port).replace("{port}", "0"))  # `check` listens nowhere
+    cfg.write_text((CONFIG % port).replace("{port}", str(free_port())))
     out = healthgate("check", "-c", str(cfg), "--wide")
     assert out.returncode == 2
     lines = out.stdout.splitlines()

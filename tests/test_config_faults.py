@@ -19,7 +19,7 @@ from tests.helpers import (
     ROOT,
     AgentProcess,
     agent_toml,
-    closed_port,
+    free_port,
     memory_check,
     require,
     run_argv,
@@ -139,7 +139,7 @@ def test_sighup_with_each_broken_file_keeps_the_old_config(tmp_path: Path, unpri
 def test_sighup_with_an_empty_file_keeps_a_down_node_down(tmp_path: Path) -> None:
     """A config truncated to nothing and reloaded is refused: a node DOWN for a failing check stays DOWN,
     rather than turning UP with nothing checked."""
-    closed = closed_port()
+    closed = free_port()
     agent = AgentProcess(tmp_path, good(tmp_path) + toml_table(
         "[[checks]]", name="db", type="tcp", port=closed, interval="200ms", timeout="100ms")).start()
     try:

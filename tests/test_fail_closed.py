@@ -12,7 +12,7 @@ import pytest
 from agent.config import parse_config
 from agent.model import Result
 from agent.state import AgentState
-from tests.helpers import agent_toml, memory_check, toml_table, wait_for
+from tests.helpers import agent_toml, free_port, memory_check, toml_table, wait_for
 
 MAX_LAG, RECOVERY = 0.5, 2.0
 
@@ -86,11 +86,11 @@ def _request(path: str, accept: str = "*/*") -> bytes:
 def test_requests_queued_during_a_sigstop_are_all_answered_down(agent_process, tmp_path: Path, stall: float) -> None:
     """Every consumer asked while the agent was SIGSTOPped (for longer than max_loop_lag) answers DOWN once
     it runs again: /health on the fast path and through aiohttp, /live, /status, /metrics, the agent-check."""
+    ac_port = free_port()
     cfg = (agent_toml(policy={"max_loop_lag": "500ms", "loop_recovery": "2s"})
-           + toml_table("[agent_check]", listen="127.0.0.1:0")
+           + toml_table("[agent_check]", listen=f"127.0.0.1:{ac_port}")
            + memory_check(interval="100ms", timeout="50ms"))
     agent = agent_process(cfg)
-    ac_port = agent.agent_check_port
     wait_for(lambda: agent.get("/health")[0] == 200, what="up")
     wait_for(lambda: _read_all(_send(ac_port, b"")).startswith(b"up "), what="agent-check up")
     agent.signal(signal.SIGSTOP)

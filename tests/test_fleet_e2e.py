@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fleet import TIMINGS, StoreServer
-from tests.helpers import AgentProcess, Dependency, closed_port, require, toml_table, wait_for
+from tests.helpers import AgentProcess, Dependency, free_port, require, toml_table, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,10 +37,11 @@ class Node:
         self.name = f"n{i:02d}"
         self.heartbeat = tmp / f"{self.name}.alive"
         self.heartbeat.write_text("ok\n")
+        self.agent_check = free_port()
         (tmp / self.name).mkdir()
         config = (toml_table("[server]", listen="127.0.0.1:{port}", shutdown_drain="0s")
                   + toml_table("[agent]", allow_root=True)
-                  + toml_table("[agent_check]", listen="127.0.0.1:0", weight_source="off")
+                  + toml_table("[agent_check]", listen=f"127.0.0.1:{self.agent_check}", weight_source="off")
                   + toml_table("[fleet]", store=store, group="web", node=self.name, max_down=MAX_DOWN, size=N,
                                **TIMINGS)
                   + toml_table("[[checks]]", name="db", type="tcp", port=dep, interval="200ms", timeout="150ms",
@@ -57,8 +58,8 @@ class HAProxy:
     def __init__(self, tmp: Path, nodes: list[Node]) -> None:
         self.sock = tmp / "haproxy.sock"
         servers = "\n".join(
-            f"  server {n.name} 127.0.0.1:{closed_port()} check port {n.proc.port} inter 200ms fall 1 rise 1 "
-            f"agent-check agent-port {n.proc.agent_check_port} agent-inter 200ms" for n in nodes)
+            f"  server {n.name} 127.0.0.1:{free_port()} check port {n.proc.port} inter 200ms fall 1 rise 1 "
+            f"agent-check agent-port {n.agent_check} agent-inter 200ms" for n in nodes)
         cfg = tmp / "haproxy.cfg"
         cfg.write_text(f"global\n  stats socket {self.sock} mode 600 level admin\ndefaults\n  mode http\n"
                        "  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n  timeout check 1s\n"

@@ -15,7 +15,7 @@ from agent.app import Agent
 from agent.cli.admin import set_admin_cli
 from agent.config import ConfigError, parse_config
 from agent.model import Admin
-from tests.helpers import ROOT, async_wait_for, closed_port, toml_table, wait_for
+from tests.helpers import ROOT, async_wait_for, free_port, toml_table, wait_for
 from tests.test_admin import run_cli
 from tests.test_haproxy_e2e import Dependency, dependency, haproxy  # noqa: F401 - fixtures
 from tests.test_lifecycle import MEM as TOML_MEM
@@ -220,9 +220,8 @@ def test_group_drain_with_the_cli_against_a_running_agent(agent_process, tmp_pat
     send "api" gets `drain`, while /health, /health/static and agent-send "static" stay up and ready. A node-
     wide drain and ready leave the group's drain in place; `ready --group api` ends it; an unknown group is a
     config error."""
-    state_dir = tmp_path / "state"
-    agent = agent_process(GROUPS_TOML % (state_dir, 0))
-    check_port = agent.agent_check_port
+    state_dir, check_port = tmp_path / "state", free_port()
+    agent = agent_process(GROUPS_TOML % (state_dir, check_port))
     cfg = str(agent.path)
     wait_for(lambda: _codes(agent) == [200, 200, 200], what="all up")
 
@@ -262,12 +261,12 @@ def test_group_maintenance_survives_a_restart_and_expires(agent_process, tmp_pat
     """`maint --group api --for` is in the state file: an agent started after it serves the group in
     maintenance from its first answer, and the maintenance ends by itself at its expiry."""
     state_dir = tmp_path / "state"
-    agent = agent_process(GROUPS_TOML % (state_dir, 0))
+    agent = agent_process(GROUPS_TOML % (state_dir, free_port()))
     wait_for(lambda: _codes(agent) == [200, 200, 200], what="all up")
     proc = run_cli("maint", "-c", str(agent.path), "--group", "api", "--for", "4s", "--reason", "rebuild")
     assert proc.returncode == 0 and " until " in proc.stdout, proc.stderr
     agent.stop()
-    again = agent_process(GROUPS_TOML % (state_dir, 0))
+    again = agent_process(GROUPS_TOML % (state_dir, free_port()))
     assert again.get("/health/api")[0] == 503  # from the very first answer, before any check result
     wait_for(lambda: _codes(again) == [200, 503, 200], what="only api in maintenance")
     assert json.loads(again.get("/status")[1])["groups"]["api"]["state"] == "maint"
@@ -287,8 +286,8 @@ def test_status_and_explain_show_each_group(agent_process, tmp_path: Path) -> No
     `status` lists both groups under 100 columns (api DOWN with the database's reason, static UP and drained
     until its expiry), `explain` says why api is down, and `--group` focuses either command on one group with
     the group's exit code; an unknown group is exit 3, as any state unknown from here."""
-    db_port = closed_port()
-    agent = agent_process(status_toml(tmp_path / "state", 0, db_port))
+    db_port = free_port()
+    agent = agent_process(status_toml(tmp_path / "state", free_port(), db_port))
     cfg = str(agent.path)
     wait_for(lambda: _codes(agent) == [503, 503, 200], what="api down, static up")
 

@@ -17,7 +17,7 @@ import pytest
 from agent.app import Agent
 from agent.config import parse_config
 from tests.docs import blocks, page
-from tests.helpers import ROOT, closed_port, require, wait_for
+from tests.helpers import ROOT, free_port, require, wait_for
 from tests.test_lifecycle import MEM as TOML_MEM
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +54,7 @@ class HAProxy:
     def __init__(self, tmp: Path, http: int, agent: int, backends: str = BACKENDS):
         self.sock = tmp / "haproxy.sock"
         self.cfg = tmp / "haproxy.cfg"
-        self.cfg.write_text(backends.format(sock=self.sock, app=closed_port(), http=http, agent=agent))
+        self.cfg.write_text(backends.format(sock=self.sock, app=free_port(), http=http, agent=agent))
         self.log = tmp / "haproxy.log"
         binary = require("haproxy", "haproxy")
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
@@ -126,11 +126,10 @@ def haproxy(tmp_path: Path):
 
 
 class Dependency:
-    """A tiny TCP listener the agent's tcp check connects to; stop() kills it, start() brings it back (the
-    first start binds port 0, later ones the port it got)."""
+    """A tiny TCP listener the agent's tcp check connects to; stop() kills it, start() brings it back."""
 
     def __init__(self) -> None:
-        self.port = 0
+        self.port = free_port()
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -138,7 +137,6 @@ class Dependency:
             writer.close()
 
         self.server = await asyncio.start_server(accept, "127.0.0.1", self.port, reuse_address=True)
-        self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         assert self.server is not None
@@ -247,8 +245,9 @@ weight_source = "off"
 async def test_haproxy_marks_down_when_the_agent_is_killed(haproxy, agent_process) -> None:
     """SIGKILL of the agent process takes the node DOWN in HAProxy: httpchk fails even though the
     agent-check's last word was up."""
-    agent = await asyncio.to_thread(agent_process, AGENT % 0)
-    h = haproxy(agent.port, agent.agent_check_port)
+    agent_port = free_port()
+    agent = await asyncio.to_thread(agent_process, AGENT % agent_port)
+    h = haproxy(agent.port, agent_port)
     await h.wait(is_up("100"), timeout=10, what="UP")
     agent.proc.send_signal(signal.SIGKILL)
     took = await h.wait(lambda s: all(v["status"].startswith("DOWN") for v in s.values()), timeout=5,

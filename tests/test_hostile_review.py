@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, agent_toml, bound_port, http_get, memory_check, started_line, wait_for
+from tests.helpers import ROOT, agent_toml, free_port, http_get, memory_check, wait_for
 
 LAG = 0.4
 
@@ -23,14 +23,13 @@ def _stopped(pid: int) -> bool:
 
 
 def _start(tmp: Path, config: str, loop: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
     path = tmp / "healthgate.toml"
-    path.write_text(config.replace("{port}", "0"))
+    path.write_text(config.replace("{port}", str(port)))
     env = {**{k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}, "XDG_STATE_HOME": str(tmp / "xdg")}
-    log = tmp / "agent.log"
-    offset = log.stat().st_size if log.exists() else 0
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--loop", loop, "-c", str(path)], cwd=ROOT,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
-    return proc, bound_port(started_line(log, proc, offset)["listen"])
+                            stdout=open(tmp / "agent.log", "ab"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+    return proc, port
 
 
 def _loops() -> list[str]:
@@ -175,8 +174,9 @@ def test_a_short_stall_does_not_starve_the_systemd_watchdog(tmp_path: Path) -> N
     address = f"@healthgate-hostile-{os.getpid()}-{time.monotonic_ns()}"
     listener = Listener(address)
     cfg = agent_toml(policy={"loop_recovery": "4s"}) + memory_check(interval="100ms", timeout="50ms")
+    port = free_port()
     path = tmp_path / "healthgate.toml"
-    path.write_text(cfg.replace("{port}", "0"))  # nothing connects to it
+    path.write_text(cfg.replace("{port}", str(port)))
     env = {**{k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}, "XDG_STATE_HOME": str(tmp_path),
            "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "3000000"}
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)], cwd=ROOT,

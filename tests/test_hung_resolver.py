@@ -89,7 +89,7 @@ def test_maintenance_takes_effect_while_the_resolver_hangs(agent_process, silent
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(silent_dns.resolv_conf())
     config = agent_toml(state_dir=str(tmp_path / "state")) + memory_check()
-    config += toml_table("[agent_check]", listen="127.0.0.1:0")  # its weight sampler runs too
+    config += toml_table("[agent_check]", listen=f"127.0.0.1:{free_port()}")  # its weight sampler runs too
     agent = agent_process(config + hung_checks(), wrapper=hung_resolver_wrapper(resolv, loop))
     pid = agent.proc.pid  # unshare execs sh, which execs the agent: one process
     wait_for(lambda: agent.get("/health")[0] == 200, what="up on the memory check alone")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, AgentProcess, agent_toml, closed_port, free_port, toml_table, wait_for
+from tests.helpers import ROOT, AgentProcess, agent_toml, free_port, toml_table, wait_for
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -33,7 +33,7 @@ def test_loopback_is_untrusted_and_the_admin_socket_is_the_operators_channel(tmp
     explain, drain and ready to the CLI with every detail and no token."""
     sock = tmp_path / "hg.sock"
     config = agent_toml({"trusted_networks": [], "admin_socket": str(sock)},
-                        state_dir=str(tmp_path / "state")) + down_check(closed_port())
+                        state_dir=str(tmp_path / "state")) + down_check(free_port())
     agent = AgentProcess(tmp_path, config).start()
     try:
         wait_for(lambda: sock.exists(), what="the admin socket")
@@ -60,7 +60,7 @@ def test_a_stale_socket_file_is_replaced_and_trusted_networks_unlock_details(tmp
     """A socket file a killed agent left is replaced at the next start; a client from a trusted network
     (127.0.0.1/32 listed) sees reasons over TCP."""
     sock = tmp_path / "hg.sock"
-    config = agent_toml({"admin_socket": str(sock)}) + down_check(closed_port())
+    config = agent_toml({"admin_socket": str(sock)}) + down_check(free_port())
     first = AgentProcess(tmp_path, config).start()
     wait_for(lambda: sock.exists(), what="the admin socket")
     first.stop()  # SIGKILL: the file stays
@@ -77,13 +77,14 @@ async def test_allow_lists_close_other_clients_without_a_reply(start_agent) -> N
     """With allow_from naming only 127.0.0.1, a client from 127.0.0.2 (loopback too) is closed without a
     byte on the agent-check port and the HTTP port; 127.0.0.1 is answered. send_reasons = false sends
     HAProxy the state words only."""
+    ac_port = free_port()
     agent = await start_agent({
         "server": {"allow_from": ["127.0.0.1/32"], "trusted_networks": []},
-        "agent_check": {"listen": "127.0.0.1:0", "allow_from": ["127.0.0.1"], "send_reasons": False,
+        "agent_check": {"listen": f"127.0.0.1:{ac_port}", "allow_from": ["127.0.0.1"], "send_reasons": False,
                         "weight_source": "off"},
-        "checks": [{"name": "dep", "type": "tcp", "port": closed_port(), "interval": "100ms", "timeout": "80ms",
+        "checks": [{"name": "dep", "type": "tcp", "port": free_port(), "interval": "100ms", "timeout": "80ms",
                     "rise": 1, "fall": 1}]})
-    http_port, ac_port = agent.agent.address[1], agent.agent.agent_check_address[1]
+    http_port = agent.agent.address[1]
 
     async def talk(source: str, port: int, data: bytes) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
@@ -152,9 +153,7 @@ def test_hostile_text_reaches_no_terminal(tmp_path: Path) -> None:
                         interval="200ms", timeout="150ms", rise=1, fall=1)
     checks += toml_table("[[checks]]", name="noisy", type="exec", command=[str(script)], interval="200ms",
                          timeout="150ms", rise=1, fall=1)
-    # Without an admin socket the CLI finds the agent by the config's listen address: a real port there.
-    agent = AgentProcess(tmp_path, agent_toml({"admin_socket": ""}) + checks.replace("'", '"'),
-                         port=free_port()).start()
+    agent = AgentProcess(tmp_path, agent_toml({"admin_socket": ""}) + checks.replace("'", '"')).start()
     try:
         wait_for(lambda: "owned" in agent.get("/health/noisy")[1] and "pwned" in agent.get("/health/web")[1],
                  what="both reasons")
@@ -194,15 +193,15 @@ def test_secrets_with_quotes_backslashes_and_non_ascii_leave_through_no_output(t
     script = tmp_path / "echo.sh"
     script.write_text('#!/bin/sh\nprintf "CRITICAL: token %s key %s\\n" "$HG_TOKEN" "$1"\nexit 2\n')
     script.chmod(0o755)
+    ac_port = free_port()
     config = agent_toml({"admin_socket": ""}, log_level="debug") + toml_table(
-        "[agent_check]", listen="127.0.0.1:0", weight_source="off")
+        "[agent_check]", listen=f"127.0.0.1:{ac_port}", weight_source="off")
     config += (f'\n[[checks]]\nname = "api"\ntype = "http"\nurl = "http://127.0.0.1:{dep.port}/"\n'
                f'interval = "200ms"\ntimeout = "150ms"\nrise = 1\nfall = 1\n'
                f'headers = {{ X-Api-Key = {json.dumps(api_key)} }}\n'
                f'\n[[checks]]\nname = "job"\ntype = "exec"\ncommand = ["{script}", {json.dumps(api_key)}]\ninterval = "200ms"\n'
                f'timeout = "150ms"\nrise = 1\nfall = 1\nenv = {{ HG_TOKEN = {json.dumps(token)} }}\n')
     agent = AgentProcess(tmp_path, config).start()
-    ac_port = agent.agent_check_port
     try:
         wait_for(lambda: "***" in agent.get("/health/job")[1] and "***" in agent.get("/health/api")[1],
                  what="both checks failed with their secret masked")

@@ -15,16 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    ROOT,
-    AgentProcess,
-    closed_port,
-    free_port,
-    http_get,
-    loop_in_use,
-    run_argv,
-    wait_for,
-)
+from tests.helpers import ROOT, AgentProcess, free_port, http_get, loop_in_use, run_argv, wait_for
 
 BASE = """
 [server]
@@ -93,7 +84,7 @@ def test_sighup_swaps_checks_and_keeps_unchanged_state(agent_process) -> None:
     agent = agent_process(BASE % "0s" + MEM % "keep" + MEM % "gone")
     wait_for(lambda: agent.get("/health")[0] == 200, what="up")
     before = json.loads(agent.get("/status")[1])["checks"]["keep:memory"][0]["lastTransition"]
-    port = closed_port()
+    port = free_port()
     agent.path.write_text(BASE.replace("{port}", str(agent.port)) % "0s" + MEM % "keep" + f"""
 [[checks]]
 name = "new"
@@ -157,7 +148,7 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text("[agent]\nallow_root = true\n" + MEM % "mem")  # tests run as root
     bad = tmp_path / "bad.toml"
-    bad.write_text("[agent]\nallow_root = true\n" + MEM % "mem" + f'[[checks]]\nname = "db"\ntype = "tcp"\nport = {closed_port()}\n')
+    bad.write_text("[agent]\nallow_root = true\n" + MEM % "mem" + f'[[checks]]\nname = "db"\ntype = "tcp"\nport = {free_port()}\n')
     ok = subprocess.run([sys.executable, "-m", "agent", "check", "-c", str(good)], capture_output=True, text=True,
                         cwd=ROOT, timeout=30)
     assert ok.returncode == 0 and "OK: node would be UP" in ok.stdout

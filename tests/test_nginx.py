@@ -11,16 +11,7 @@ from pathlib import Path
 import crossplane
 import pytest
 
-from tests.helpers import (
-    ROOT,
-    AgentProcess,
-    agent_toml,
-    free_port,
-    http_get,
-    require,
-    start_external,
-    wait_for,
-)
+from tests.helpers import ROOT, AgentProcess, agent_toml, free_port, http_get, require, wait_for
 
 DEPLOY = ROOT / "deploy" / "nginx"
 PROXY = DEPLOY / "healthgate-proxy.conf"
@@ -87,28 +78,20 @@ def nginx(tmp_path: Path):
     procs: list[subprocess.Popen] = []
 
     def start(agent_port: int) -> str:
-        port = [free_port()]  # nginx takes its port in its config: see start_external
+        port = free_port()
         text = PROXY.read_text()
         assert text.count("listen 80;") == 1 and text.count("127.0.0.1:8080") == 1
         conf = tmp_path / "healthgate-proxy.conf"
-        error_log = tmp_path / "error.log"
-
-        def launch() -> subprocess.Popen:
-            conf.write_text(text.replace("listen 80;", f"listen 127.0.0.1:{port[0]};")
-                            .replace("127.0.0.1:8080", f"127.0.0.1:{agent_port}"))
-            main = main_conf(tmp_path, conf)
-            return subprocess.Popen(
-                [binary, "-p", str(tmp_path), "-e", str(error_log), "-c", str(main),
-                 "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"], stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT)
-
-        def repick() -> None:
-            port[0] = free_port()
-
-        procs.append(start_external(launch, lambda: http_get(f"http://127.0.0.1:{port[0]}/health")[0] > 0,
-                                    lambda: error_log.read_text(errors="replace") if error_log.exists() else "",
-                                    repick, timeout=10, what="nginx listening"))
-        return f"http://127.0.0.1:{port[0]}"
+        conf.write_text(text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+                        .replace("127.0.0.1:8080", f"127.0.0.1:{agent_port}"))
+        main = main_conf(tmp_path, conf)
+        procs.append(subprocess.Popen(
+            [binary, "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main),
+             "-g", f"daemon off; pid {tmp_path / 'nginx.pid'};"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: procs[-1].poll() is not None or http_get(url + "/health")[0] > 0, what="nginx listening")
+        assert procs[-1].poll() is None, (tmp_path / "error.log").read_text()
+        return url
 
     yield start
     for p in procs:

@@ -9,6 +9,7 @@ from pathlib import Path
 from agent.probes import PROBES
 from agent.probes.base import Context
 from agent.runner import Runner
+from tests.helpers import free_port
 from tests.outage import drill, fast_check, outage
 
 
@@ -23,8 +24,8 @@ async def _accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 async def test_ipv4_listener_stopped_takes_node_down_and_back(start_agent) -> None:
     """A stopped IPv4 listener makes the node DOWN (`connection refused`) in time; a restarted one brings it UP."""
-    servers = [await asyncio.start_server(_accept, "127.0.0.1", 0)]
-    port = servers[0].sockets[0].getsockname()[1]  # the restart below binds it again
+    port = free_port()
+    servers = [await asyncio.start_server(_accept, "127.0.0.1", port, reuse_address=True)]
     check = fast_check("db-port", type="tcp", host="127.0.0.1", port=port)
     agent = await start_agent(drill(check))
     loop = asyncio.get_running_loop()

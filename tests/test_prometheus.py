@@ -12,16 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import (
-    ROOT,
-    agent_toml,
-    closed_port,
-    free_port,
-    http_get,
-    require,
-    start_external,
-    wait_for,
-)
+from tests.helpers import ROOT, agent_toml, free_port, http_get, require, wait_for
 
 DEPLOY = ROOT / "deploy" / "prometheus"
 
@@ -120,7 +111,7 @@ def test_promtool_test_rules() -> None:
 
 def test_promtool_check_metrics_on_live_output(agent_process, dependency) -> None:
     """`promtool check metrics` finds nothing to lint in a running agent's /metrics, failures included."""
-    agent = agent_process(AGENT % closed_port())
+    agent = agent_process(AGENT % free_port())
     wait_for(lambda: 'reason="refused"' in agent.get("/metrics")[1], what="a failure counted")
     body = agent.get("/metrics")[1]
     for family in ("healthgate_check_value", "healthgate_check_duration_seconds_bucket",
@@ -149,23 +140,18 @@ def prometheus(tmp_path: Path):
     def start(config: dict) -> str:
         path = tmp_path / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
-        log = tmp_path / "prometheus.log"
-        port = [free_port()]  # Prometheus takes its port on its command line: see start_external
-
-        def launch() -> subprocess.Popen:
-            with open(log, "ab") as out:  # the child has its own copy
-                return subprocess.Popen(
-                    [binary, f"--config.file={path}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                     f"--web.listen-address=127.0.0.1:{port[0]}", "--log.level=warn"],
-                    stdout=out, stderr=subprocess.STDOUT)
-
-        def repick() -> None:
-            port[0] = free_port()
-
-        procs.append(start_external(launch, lambda: http_get(f"http://127.0.0.1:{port[0]}/-/ready")[0] == 200,
-                                    lambda: log.read_text(errors="replace") if log.exists() else "", repick,
-                                    timeout=20, what="prometheus ready"))
-        return f"http://127.0.0.1:{port[0]}"
+        port = free_port()
+        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen(
+            [binary, f"--config.file={path}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: procs[-1].poll() is not None or http_get(f"{base}/-/ready")[0] == 200, timeout=20,
+                 what="prometheus ready")
+        assert procs[-1].poll() is None, (tmp_path / "prometheus.log").read_text()
+        return base
 
     yield start
     for p in procs:

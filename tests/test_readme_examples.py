@@ -16,16 +16,7 @@ import pytest
 
 from agent.config import load_config, parse_config
 from tests.docs import page, section
-from tests.helpers import (
-    ROOT,
-    agent_toml,
-    closed_port,
-    free_port,
-    http_get,
-    memory_check,
-    toml_table,
-    wait_for,
-)
+from tests.helpers import ROOT, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
@@ -74,7 +65,7 @@ def test_every_exported_metric_is_in_the_metrics_table(agent_process, dependency
         for check in (
             {"name": "disk", "type": "disk", "path": "/", "min_free_percent": 0},
             {"name": "db", "type": "tcp", "port": dependency.port},
-            {"name": "gone", "type": "tcp", "port": closed_port(), "critical": False},
+            {"name": "gone", "type": "tcp", "port": free_port(), "critical": False},
             {"name": "plugin", "type": "exec", "command": ["true"]},
             {"name": "beat", "type": "file", "path": str(beat)},
             {"name": "load", "type": "load", "max_per_cpu": 1000},

@@ -18,7 +18,7 @@ from agent.admin import make_record, read_record, state_path, write_record
 from agent.config import parse_config
 from agent.model import Admin
 from agent.scheduler import WARM_UP_MAX, warm_up_bound
-from tests.helpers import async_wait_for, closed_port, memory_check, scrape, toml_table, wait_for
+from tests.helpers import async_wait_for, free_port, memory_check, scrape, toml_table, wait_for
 from tests.test_admin import run_cli
 from tests.test_haproxy_agent import MEM
 from tests.test_lifecycle import BASE
@@ -264,7 +264,7 @@ async def test_reload_adding_a_failing_critical_check_goes_down_at_the_swap(star
     path = tmp_path / "c.toml"
     agent = await start_agent({"checks": [MEM], "agent": NO_WATCH}, config_path=str(path))
     await async_wait_for(lambda: _up(agent), what="up")
-    port = closed_port()
+    port = free_port()
     path.write_text(config_text(tmp_path / "state", MEM["name"]) + toml_table(
         "[[checks]]", name="db", type="tcp", port=port, interval="200ms", timeout="100ms", rise=1))
     assert await agent.agent.reload() is True
@@ -299,7 +299,7 @@ def test_sighup_reloads_never_answer_503(agent_process, tmp_path: Path) -> None:
         assert set(codes) == {200}, codes
     assert scrape(agent.url).get('healthgate_transitions_total{to="down"}') == 0
     assert longest < 2.0, longest
-    port = closed_port()
+    port = free_port()
     agent.path.write_text(text + toml_table("[[checks]]", name="db", type="tcp", port=port, interval="200ms",
                                             timeout="100ms", rise=1))
     agent.signal(signal.SIGHUP)

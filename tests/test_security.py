@@ -30,6 +30,7 @@ from tests.helpers import (
     AgentProcess,
     agent_toml,
     async_wait_for,
+    free_port,
     memory_check,
     wait_for,
 )
@@ -107,12 +108,12 @@ def test_status_details_need_a_trusted_network_or_the_token(netns: dict[str, str
     token_file = tmp_path / "status.token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
+    port = free_port()
     config = agent_toml({"status_token_file": str(token_file)}, log_level="debug").replace(
         "127.0.0.1:{port}", "0.0.0.0:{port}") + memory_check()
-    agent = AgentProcess(tmp_path, config, wrapper=(netns["ip"], "netns", "exec", netns["agent_ns"]))
+    agent = AgentProcess(tmp_path, config, port=port, wrapper=(netns["ip"], "netns", "exec", netns["agent_ns"]))
     agent.start(wait=False)
     try:
-        port = agent.port
         remote = f"http://{netns['agent_ip']}:{port}"
         cases = [
             ["/status", {}],

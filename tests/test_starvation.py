@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.helpers import AgentProcess, agent_toml, closed_port, http_get, memory_check, toml_table, wait_for
+from tests.helpers import AgentProcess, agent_toml, free_port, http_get, memory_check, toml_table, wait_for
 
 MAX_LAG, RECOVERY = 0.3, 1.0
 
@@ -92,7 +92,7 @@ def test_stopped_agent_fails_closed_then_recovers(tmp_path: Path) -> None:
     finally:
         agent.stop()
 
-    dead = AgentProcess(tmp_path, CONFIG + toml_table("[[checks]]", name="db", type="tcp", port=closed_port(),
+    dead = AgentProcess(tmp_path, CONFIG + toml_table("[[checks]]", name="db", type="tcp", port=free_port(),
                                                       interval="200ms", timeout="100ms")).start()
     try:
         wait_for(lambda: dead.get("/health")[0] == 503 and dead.get("/live")[0] == 200, what="dependency down")

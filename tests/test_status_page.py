@@ -20,7 +20,7 @@ from agent.serving import statuspage
 from agent.serving.httpcommon import TOKENS
 from agent.serving.statuspage import add_routes, prefers_html
 from tests.browser import Browser
-from tests.helpers import PASSING, ROOT, async_wait_for, closed_port, require
+from tests.helpers import PASSING, ROOT, async_wait_for, free_port, require
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -51,7 +51,7 @@ async def browser():
 async def test_page_shows_checks_and_updates_in_place(start_agent, browser) -> None:
     """In Chromium the page shows a passing and a failing row, turns UP in place when the failing check
     recovers, says "agent unreachable" when the agent goes away, and asks nothing of any other origin."""
-    port = closed_port()
+    port = free_port()
     agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100),
                                           fast("db", type="tcp", port=port)]})
     await async_wait_for(lambda: _down_with_results(agent), what="first results")
@@ -125,7 +125,7 @@ async def _banner(browser: Browser, state: str):
 
 async def test_journal_endpoint_lists_transitions(start_agent) -> None:
     """GET /status/journal returns the verdict and check transitions with reasons, times in ISO 8601."""
-    port = closed_port()
+    port = free_port()
     agent = await start_agent({"checks": [fast("db", type="tcp", port=port)]})
     await async_wait_for(lambda: _has_entry(agent, "db"), what="a journal entry")
     status, text = await agent.get("/status/journal")
@@ -159,7 +159,7 @@ async def test_status_serves_the_page_to_browsers_and_json_to_the_rest(start_age
 async def test_the_page_carries_the_verdicts_status_code(start_agent) -> None:
     """A browser's GET /status (and /) answers 503 while the node is down, as the JSON answer does: a monitor
     pointed at the page with a browser's Accept header never reads a down node as 200."""
-    port = closed_port()
+    port = free_port()
     agent = await start_agent({"checks": [fast("db", type="tcp", port=port)]})
     await async_wait_for(lambda: _down_with_results(agent, 1), what="first results")
     browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8"
@@ -230,7 +230,7 @@ async def test_a_hostile_reason_is_shown_as_text(start_agent, browser) -> None:
 
     mod = types.ModuleType("hostile")
     mod.Config, mod.probe = PROBES["tcp"].Config, hostile
-    agent = await start_agent({"checks": [fast("evil", type="tcp", port=closed_port())]}, probes={"tcp": mod})
+    agent = await start_agent({"checks": [fast("evil", type="tcp", port=free_port())]}, probes={"tcp": mod})
     await async_wait_for(lambda: _down_with_results(agent, 1), what="the hostile result")
     await browser.send("Page.enable")
     await browser.send("Page.navigate", url=agent.url + "/")
@@ -252,7 +252,7 @@ GROUP_ROWS = """[...document.querySelectorAll('#groups tr')].map(tr => ({
 async def test_page_shows_each_verdict_group(start_agent, browser) -> None:
     """With verdict groups the page lists each one: name, UP or DOWN with the failing check's reason, its own
     admin state (drained alone, with the reason), and its member checks; without groups the section is hidden."""
-    port = closed_port()
+    port = free_port()
     agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100),
                                           fast("db", type="tcp", port=port)],
                                "groups": {"api": {"checks": ["db", "mem"]}, "static": {"checks": ["mem"]}}})
@@ -302,7 +302,7 @@ ADDRESS_LINES = """(() => {
 async def test_failing_row_reads_plainly_at_any_width(start_agent, browser) -> None:
     """A failing row's threshold does not read "pass: ...", its reason wraps between words and never inside
     an address such as 127.0.0.1:6390, at desktop and phone widths, and the times name their zone."""
-    port = closed_port()
+    port = free_port()
     agent = await start_agent({"checks": [fast("mem", type="memory", max_used_percent=100),
                                           fast("cache-with-a-rather-long-name", type="redis", port=port)]})
     await async_wait_for(lambda: _down_with_results(agent), what="first results")

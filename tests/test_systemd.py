@@ -257,10 +257,10 @@ def test_a_watchdog_shorter_than_a_stall_recovery_is_refused(tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from tests.helpers import ROOT
+    from tests.helpers import ROOT, free_port
 
     path = tmp_path / "healthgate.toml"
-    path.write_text(AGENT.replace("{port}", "0") % 1)  # refused before it listens
+    path.write_text(AGENT.replace("{port}", str(free_port())) % 1)
     env = {**os.environ, "NOTIFY_SOCKET": "@healthgate-refused", "WATCHDOG_USEC": "2000000",
            "XDG_STATE_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(path)], cwd=ROOT, env=env,

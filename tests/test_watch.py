@@ -254,9 +254,9 @@ def test_a_config_directory_symlink_swapped_reloads_within_2s(agent_process, tmp
     agent.proc.kill()
     agent.proc.wait()
     agent.path = tmp_path / "current" / "healthgate.toml"
-    for release in ("r1", "r2"):  # port 0 in both releases: the listen address stays as it was
+    for release in ("r1", "r2"):  # the same free port in both releases
         p = tmp_path / release / "healthgate.toml"
-        p.write_text(p.read_text().replace("{port}", "0"))
+        p.write_text(p.read_text().replace("{port}", str(agent.port)))
     agent.start()
 
     def names() -> set[str]:
