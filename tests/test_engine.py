@@ -305,5 +305,6 @@ async def test_reloads_leave_no_parked_waits_behind(start_agent) -> None:
         scheduler.reload({"mem"})
         await asyncio.gather(task, return_exceptions=True)
     beat = serving.beat(agent.state.config.policy.max_loop_lag)
-    await asyncio.sleep(beat * 3)  # a few heartbeats, each of which may tidy up
+    await async_wait_for(lambda: _async(len(scheduler._riders) <= 10), timeout=beat * 3 + 5,
+                         what="the heartbeats tidying the cancelled loops' waits up")
     assert len(scheduler._riders) <= 10, len(scheduler._riders)

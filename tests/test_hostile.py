@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.helpers import AgentProcess, agent_toml, memory_check, scrape, wait_for
+from tests.helpers import AgentProcess, agent_toml, async_wait_for, memory_check, scrape, wait_for
 
 CAP = 64
 READ_TIMEOUT = 1.0
@@ -176,9 +176,13 @@ async def test_idle_connection_flood_is_capped_and_health_stays_answered(agent: 
             conns.append(await asyncio.open_connection("127.0.0.1", agent.port))
         opened = time.monotonic() - t0
         watchers = [asyncio.create_task(closed_by_server(r)) for r, _ in conns]
-        await asyncio.sleep(0.2)
+
+        async def all_but_cap_shed() -> bool:
+            return sum(w.done() for w in watchers) >= n - CAP - 10
+
+        # All but the last `CAP` or so were evicted as newer ones came in; their watchers see the close.
+        await async_wait_for(all_but_cap_shed, timeout=5, what=f"{n - CAP - 10} connections shed")
         shed = sum(w.done() for w in watchers)
-        # All but the last `CAP` or so were evicted as newer ones came in.
         assert shed >= n - CAP - 10, (shed, opened)
         open_now = await asyncio.to_thread(metric, agent, "healthgate_http_connections")
         assert open_now <= CAP
