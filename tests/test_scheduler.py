@@ -18,16 +18,20 @@ from tests.helpers import async_wait_for
 
 
 class FakeRunner:
-    """Records (check, loop time) per sample; `failing` names the checks whose samples fail."""
+    """Records (check, loop time) per sample; `failing` names the checks whose samples fail, `raising` those
+    whose samples raise (a bug in the runner, which never raises by contract)."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[str, float]] = []
         self.failing: set[str] = set()
+        self.raising: set[str] = set()
         self.hung: dict = {}
 
     async def run(self, check: CheckBase) -> Result:
         now = asyncio.get_running_loop().time()
         self.samples.append((check.name, now))
+        if check.name in self.raising:
+            raise RuntimeError("a bug in the runner")
         ok = check.name not in self.failing
         return Result(ok=ok, reason="" if ok else "told to fail", kind="ok" if ok else "error", duration=0.0,
                       started=now, finished=now, wall=time.time())
@@ -59,6 +63,8 @@ async def _enough(runner: FakeRunner, name: str, n: int) -> bool:
 
 
 async def test_samples_follow_the_interval_within_its_jitter() -> None:
+    """Each check is sampled every interval, moved by at most +-jitter of it (and moved: the gaps differ);
+    without jitter every gap is the interval; `ready` is set once every check has reported."""
     cfg = config({"name": "a", "interval": "100ms", "jitter": 0.2}, {"name": "b", "interval": "250ms", "jitter": 0})
     scheduler, runner, task = await running(cfg)
     try:
@@ -70,10 +76,52 @@ async def test_samples_follow_the_interval_within_its_jitter() -> None:
     gaps_b = [y - x for x, y in zip(b, b[1:], strict=False)]
     assert all(0.08 - 0.005 <= g <= 0.12 + 0.05 for g in gaps_a), gaps_a  # 100 ms +- 20%, plus loop slack
     assert all(0.25 - 0.005 <= g <= 0.25 + 0.05 for g in gaps_b), gaps_b
+    assert max(gaps_a) - min(gaps_a) > 0.01, gaps_a  # +-20 ms drawn ~15 times: the jitter is in effect
     assert scheduler.ready.is_set()
 
 
+async def test_first_samples_are_spread_over_a_tenth_of_the_interval() -> None:
+    """The first samples of many checks start spread out, not in one burst, and all within a tenth of the
+    interval (the jitter's share of it) of the start."""
+    n = 20
+    cfg = config(*({"name": f"c{i}", "interval": "1s", "jitter": 0.1} for i in range(n)))
+    t0 = asyncio.get_running_loop().time()
+    scheduler, runner, task = await running(cfg)
+    try:
+        await asyncio.wait_for(scheduler.ready.wait(), timeout=5)
+    finally:
+        await stop(task)
+    firsts = [runner.times(f"c{i}")[0] for i in range(n)]
+    assert max(firsts) - t0 <= 0.1 + 0.05, [round(t - t0, 3) for t in firsts]  # plus loop slack
+    assert max(firsts) - min(firsts) > 0.02, [round(t - t0, 3) for t in firsts]  # 20 draws over 100 ms
+
+
+async def test_a_runner_that_raises_does_not_end_the_loop() -> None:
+    """A sample that raises (which the runner never should) is logged and the check sampled again at its
+    interval; its other checks go on, and it reports again once the runner answers."""
+    cfg = config({"name": "a", "interval": "50ms", "jitter": 0}, {"name": "b", "interval": "50ms", "jitter": 0})
+    scheduler, runner, task = await running(cfg)
+    runner.raising.add("a")
+    try:
+        await async_wait_for(lambda: _enough(runner, "a", 4), timeout=5, what="a sampled again after raising")
+        assert scheduler.state.states["a"].last is None  # nothing recorded: the check goes stale, and fails
+        assert scheduler.state.states["b"].last is not None
+        runner.raising.clear()
+
+        async def a_reported() -> bool:
+            return scheduler.state.states["a"].last is not None
+
+        await async_wait_for(a_reported, timeout=5, what="a result for a once the runner answers")
+    finally:
+        await stop(task)
+    a = runner.times("a")
+    gaps = [y - x for x, y in zip(a, a[1:], strict=False)]
+    assert all(g >= 0.05 - 0.005 for g in gaps), gaps  # at its interval: no busy loop on the error
+
+
 async def test_a_first_failure_is_confirmed_at_the_fast_interval_then_the_interval_resumes() -> None:
+    """After a first failure the next fall - 1 samples come at fast_interval; once the failure is confirmed
+    the check is sampled at its interval again."""
     cfg = config({"name": "a", "interval": "500ms", "fast_interval": "50ms", "jitter": 0, "fall": 3})
     scheduler, runner, task = await running(cfg)
     try:
@@ -93,6 +141,8 @@ async def test_a_first_failure_is_confirmed_at_the_fast_interval_then_the_interv
 
 
 async def test_a_reload_restarts_only_the_checks_it_changes() -> None:
+    """A reload restarts the loops of changed checks, starts added ones and stops removed ones (never
+    sampled again), and leaves an unchanged check's loop running as it was."""
     cfg = config({"name": "kept", "interval": "50ms"}, {"name": "changed", "interval": "50ms"},
                  {"name": "removed", "interval": "50ms"})
     scheduler, runner, task = await running(cfg)
