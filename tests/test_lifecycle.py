@@ -194,8 +194,10 @@ def test_readme_run_command_serves_up(tmp_path: Path) -> None:
     proc = subprocess.Popen([make, "-s", "run", f"CONFIG={cfg}"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # `make run` installs first when its venv is missing or older than pyproject.toml (a fresh clone,
+        # or another interpreter's venv under `make ... PY=3.12`): that install may take a minute.
         wait_for(lambda: http_get(f"http://127.0.0.1:{port}/health", timeout=0.5)[0] == 200 or proc.poll(),
-                 timeout=30, what="make run -> /health 200")
+                 timeout=150, what="make run -> /health 200")
         assert proc.poll() is None, proc.stdout.read().decode()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
