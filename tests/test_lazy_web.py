@@ -227,3 +227,58 @@ async def test_the_admin_socket_serves_the_app_on_first_need(tmp_path: Path, fas
         assert code == 503 and b'"checks"' in body and listener.loaded
     finally:
         await listener.stop()
+
+
+async def test_clients_queued_behind_the_load_are_handed_over_a_batch_per_turn_of_the_loop() -> None:
+    """Sixty-four clients that arrived while aiohttp loaded are all answered once it is there, handed over
+    a batch at a time with the loop running between batches (a flood's first requests cannot stall it)."""
+    from agent.serving.fasthealth import HAND_OVER_BATCH
+
+    listener, _ = _listener()
+    release = asyncio.Event()
+    real_load = listener.load
+
+    async def slow_load() -> None:
+        await release.wait()
+        await real_load()
+
+    listener.load = slow_load  # type: ignore[method-assign]
+    _, port = await listener.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    ticks, seen = [0], []
+
+    def tick() -> None:
+        ticks[0] += 1
+        handle[0] = loop.call_soon(tick)
+
+    handle = [loop.call_soon(tick)]
+    try:
+        n = 4 * HAND_OVER_BATCH
+        clients = [await _get(port, "/status") for _ in range(n)]
+        front = listener._fast
+        assert front is not None
+        deadline = loop.time() + 10
+        while len(front.waiting) < n and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(front.waiting) == n
+        real_handlers = listener._handlers
+
+        def handlers(guard):
+            inner = real_handlers(guard)
+
+            def counting() -> asyncio.Protocol:
+                seen.append(ticks[0])
+                return inner()
+
+            return counting
+
+        listener._handlers = handlers  # type: ignore[method-assign]
+        release.set()
+        codes = [(await read_response(r))[0] for r, _ in clients]
+        for _, w in clients:
+            w.close()
+        assert codes == [503] * n
+        assert len(seen) == n and len(set(seen)) >= n // HAND_OVER_BATCH, seen
+    finally:
+        handle[0].cancel()
+        await listener.stop()

@@ -34,6 +34,7 @@ MAX_HEAD = 4096  # bytes of a request head this front answers; longer ones (and 
 MAX_HEADERS = 32
 TOO_MANY = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 18\r\n"
             b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many requests\n")
+HAND_OVER_BATCH = 16  # connections waiting for aiohttp's load handed over per turn of the loop
 SWEEP = 1.0  # seconds: the Date header's age at most, and between read-timeout checks of open connections
 FAILED_EVERY = 60.0  # seconds: a load of aiohttp that keeps failing is logged at most this often
 
@@ -186,13 +187,18 @@ class FastHealth:
                 self._failed, self._failed_quiet_until = 0, now + FAILED_EVERY
         finally:
             self._loader = None
-            waiting, self.waiting = self.waiting, set()
-            for conn in waiting:
+        # What waited is handed over (or closed) a batch per turn of the loop: hundreds of clients queued
+        # behind the load (a flood's first requests) parsed by aiohttp in one callback would stall the
+        # heartbeat past max_loop_lag, and the node would fail closed for junk traffic.
+        while self.waiting:
+            for _ in range(min(HAND_OVER_BATCH, len(self.waiting))):
+                conn = self.waiting.pop()
                 if self.fallback is None:
-                    if conn.transport is not None:
-                        conn.transport.abort()
+                    conn.transport.abort()
                 else:
                     conn.resume_hand_over()
+            if self.waiting:
+                await asyncio.sleep(0)
 
     def admit(self, conn: HealthProtocol) -> None:
         self.conns.add(conn)
