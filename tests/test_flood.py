@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.faulty import TcpDependency
 from tests.helpers import AgentProcess, agent_toml, memory_check, require, scrape, toml_table, wait_for
@@ -83,6 +84,7 @@ async def wait_status(url: str, code: int, timeout: float = 10) -> None:
     raise AssertionError(f"/health never answered {code}")
 
 
+@pytest.mark.e2e  # wrk, a real external program, as the marker says
 async def test_probe_flood_does_not_delay_the_verdict(tmp_path: Path) -> None:
     """Under 20 s of /health as fast as wrk can send, a dependency killed mid-flood flips /health to 503
     within the idle bound, check schedule lag stays under 100 ms at p99, and every answer is 200 or 503."""
@@ -133,6 +135,7 @@ async def test_probe_flood_does_not_delay_the_verdict(tmp_path: Path) -> None:
 JUNK_SECONDS = 6.0
 
 
+@pytest.mark.e2e  # wrk, a real external program, as the marker says
 def test_a_junk_flood_cannot_starve_the_probes(tmp_path: Path) -> None:
     """Four wrk processes keep 512 connections busy with junk (a path nobody probes, aiohttp's slow path):
     past max_request_rate it is refused with 429 before aiohttp parses it, so a prober asking /health every

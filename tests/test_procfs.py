@@ -49,7 +49,9 @@ def test_a_meminfo_that_hangs_costs_the_memory_check_alone(agent_process, tmp_pa
         status = json.loads(agent.get("/status")[1])
         return {name.split(":")[0]: entry[0] for name, entry in status["checks"].items()}
 
-    wait_for(lambda: checks()["mem"]["output"].startswith("timeout"), what="the memory check timing out")
+    # The first sample times out (the journal says so); later ones find the read still stuck in its
+    # thread. /status may first answer after that first sample: aiohttp loads for it.
+    wait_for(lambda: '"reason": "timeout after' in agent.logs(), what="the memory check timing out")
     wait_for(lambda: checks()["mem"]["output"].startswith(("timeout", "memory: the read started")) and
              checks()["mem"]["status"] == "fail", what="and still failing, its read stuck in its thread")
     for _ in range(20):  # a stalled loop would show within a few of these

@@ -56,6 +56,9 @@ class AgentCheckServer:
     def reply(self, group: str | None = None) -> str:
         """The reply for the node, or for the verdict group HAProxy named with agent-send."""
         now = asyncio.get_running_loop().time()
+        # Observed here too, not only on the tracker's tick: a drain or maintenance a reply has shown always
+        # restarts the ramp when it ends, however soon after the tracker's last look it came and went.
+        self.weights.observe(now)
         config = self.state.config
         if group is not None and group not in self.state.snapshot.groups:
             return format_reply(unknown_group(group), None, config.secrets(), config.agent_check.send_reasons)
