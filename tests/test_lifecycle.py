@@ -191,8 +191,10 @@ def test_readme_run_command_serves_up(tmp_path: Path) -> None:
     make = shutil.which("make")
     if make is None:
         pytest.skip("make not found: apt-get install make")
+    # As a user types it: not with the variables of a `make test PY=3.12` this test may run under.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PY", "VENV")}
     proc = subprocess.Popen([make, "-s", "run", f"CONFIG={cfg}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         # `make run` installs first when its venv is missing or older than pyproject.toml (a fresh clone,
         # or another interpreter's venv under `make ... PY=3.12`): that install may take a minute.
