@@ -47,6 +47,18 @@ def front_conn(listener):
     return next(iter(listener._fast.conns), None)
 
 
+async def slow_link(listener, port: int):
+    """A client socket and the agent's protocol for it, both ends with little room in the kernel: the
+    agent's answers queue in its transport once the client stops reading."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    await until(lambda: front_conn(listener) is not None, "accepted")
+    conn = front_conn(listener)
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return s, conn
+
+
 @pytest.mark.parametrize("loaded", [False, True])
 async def test_a_client_that_stopped_reading_is_read_again_after_its_hand_over(slow_import, loaded: bool) -> None:
     """A keep-alive client that pipelined probes without reading, then /status, is handed to aiohttp while
@@ -58,13 +70,7 @@ async def test_a_client_that_stopped_reading_is_read_again_after_its_hand_over(s
         if loaded:  # by a request that needed it
             slow_import.set()
             assert await asyncio.to_thread(raw_get, port, "/status") == 503
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(("127.0.0.1", port))
-        await until(lambda: front_conn(listener) is not None, "accepted")
-        conn = front_conn(listener)
-        # The agent's side of a slow link: little room in the kernel, so its answers queue in the transport.
-        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s, conn = await slow_link(listener, port)
         s.sendall(LIVE * 1500 + STATUS)  # in one read: far more answers than the buffers between hold
         if loaded:
             await until(lambda: conn.inner is not None, "handed over")
@@ -147,12 +153,7 @@ async def test_pipelined_scrapes_to_a_client_that_stopped_reading_are_all_answer
     listener, _ = _listener({"server": {"max_request_rate": 0}}, metrics=True)
     _, port = await listener.start("127.0.0.1", 0)
     try:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(("127.0.0.1", port))
-        await until(lambda: front_conn(listener) is not None, "accepted")
-        conn = front_conn(listener)
-        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s, conn = await slow_link(listener, port)
         s.sendall(SCRAPE * 300 + LIVE)
         await until(lambda: conn.paused, "the agent stops writing to it")
         reader, writer = await asyncio.open_connection(sock=s)
