@@ -180,15 +180,33 @@ class Scheduler:
             heapq.heapify(riders)
 
     async def _heartbeat(self) -> None:
+        """The heartbeat task: each beat is a timer callback that schedules the next, not a coroutine woken
+        from asyncio.sleep(), which costs a future and a step of the task per beat, and an idle agent does
+        little else (the same beats, the same clock). A beat that raises ends the task with its error, as
+        the sleeping coroutine did; cancelling the task cancels the next beat."""
         loop = asyncio.get_running_loop()
-        due = loop.time()
-        while True:
+        failed: asyncio.Future[None] = loop.create_future()
+        next_beat: asyncio.TimerHandle | None = None
+
+        def heartbeat(due: float) -> None:
+            nonlocal next_beat
             now = loop.time()
-            lag = max(0.0, now - due)
-            self.state.tick(now, lag)
-            if self.on_beat is not None:
-                self.on_beat(now)
-            period = beat(self.state.config.policy.max_loop_lag)  # a reload may change the limit
-            self._release(now, period, lag)
-            due = now + period
-            await asyncio.sleep(period)
+            try:
+                lag = max(0.0, now - due)
+                self.state.tick(now, lag)
+                if self.on_beat is not None:
+                    self.on_beat(now)
+                period = beat(self.state.config.policy.max_loop_lag)  # a reload may change the limit
+                self._release(now, period, lag)
+            except Exception as e:  # noqa: BLE001 - handed to the task, which raises it
+                if not failed.done():
+                    failed.set_exception(e)
+                return
+            next_beat = loop.call_at(now + period, heartbeat, now + period)
+
+        heartbeat(loop.time())
+        try:
+            await failed
+        finally:
+            if next_beat is not None:
+                next_beat.cancel()
