@@ -100,7 +100,9 @@ class Runner:
             # first so that a secret holding a newline or a control character still matches.
             reason = one_line(mask(reason, secrets))
             if obs is not None and obs.detail:
-                obs = dataclasses.replace(obs, detail=one_line(mask(obs.detail, secrets)))
+                detail = one_line(mask(obs.detail, secrets))
+                if detail != obs.detail:
+                    obs = dataclasses.replace(obs, detail=detail)
             return Result(ok, reason, kind, duration, started, loop.time(), time.time(), obs)
 
         previous = self.hung.get(check.name)

@@ -44,7 +44,10 @@ def _visible(c: str) -> str:
 def one_line(text: str, limit: int = REASON_MAX) -> str:
     """One line of printable text: runs of white space become one space, any other control or format
     character (ESC, BEL, a bidi override) is shown as an escape, so it does nothing on a terminal."""
-    text = "".join(_visible(c) for c in _SPACE.sub(" ", text)).strip()
+    text = _SPACE.sub(" ", text)
+    if not text.isprintable():  # str.isprintable() is False for every character _visible() changes
+        text = "".join(_visible(c) for c in text)
+    text = text.strip()
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 

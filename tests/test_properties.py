@@ -238,3 +238,32 @@ def test_loader_raises_only_config_errors_on_any_bytes(tmp_path: Path, content) 
     f = tmp_path / "c.toml"
     f.write_bytes(content.encode("utf-8", "replace") if isinstance(content, str) else content)
     assert_only_config_errors(lambda: load_config(f))
+
+
+@SETTINGS
+@given(st.text(alphabet=st.characters(), max_size=80))
+def test_one_line_skips_the_character_walk_only_when_it_would_change_nothing(text: str) -> None:
+    """one_line() leaves the per-character escape out for text str.isprintable() accepts: the result is the
+    same as escaping every character, for any text (controls, format characters, separators, surrogates)."""
+    import re
+
+    from agent.text import REASON_MAX, one_line, printable
+
+    walked = printable(re.sub(r"\s+", " ", text)).strip()
+    walked = walked if len(walked) <= REASON_MAX else walked[: REASON_MAX - 3].rstrip() + "..."
+    assert one_line(text) == walked
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(["MemTotal", "MemFree", "MemAvailable", "Buffers", "SwapTotal",
+                                           "SwapFree", "HugePages_Total"]),
+                          st.integers(0, 2**40), st.sampled_from([" kB", ""])), max_size=7, unique_by=lambda t: t[0]),
+       st.sampled_from([frozenset({"MemTotal", "MemFree", "MemAvailable"}), frozenset({"SwapTotal", "SwapFree"})]))
+def test_a_keyed_meminfo_read_equals_the_full_read_cut_to_its_keys(tmp_path_factory, lines, keys) -> None:
+    """read_meminfo(proc, keys) stops after the last wanted line: it returns the full read's entries for
+    those keys, in any order of the lines, with some of them missing."""
+    from agent.probes.memory import read_meminfo
+
+    proc = tmp_path_factory.mktemp("proc")
+    (proc / "meminfo").write_text("".join(f"{k}: {v}{unit}\n" for k, v, unit in lines))
+    assert read_meminfo(proc, keys) == {k: v for k, v in read_meminfo(proc).items() if k in keys}

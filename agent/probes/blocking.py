@@ -139,6 +139,7 @@ def _mounts() -> list[tuple[str, str]]:
 
 
 _PROCFS: dict[str, bool] = {}  # path -> served_by_procfs(path), decided once per path, in a check's thread
+_PATHS: dict[tuple[Path, tuple[str, ...]], tuple[str, ...]] = {}  # (proc, files) -> their paths, joined once
 
 
 def served_by_procfs(path: str) -> bool:
@@ -169,7 +170,10 @@ async def kernel_read(ctx: Context, check: str, label: str, files: tuple[str, ..
 
     The question itself is asked in the thread, with the first read: its realpath() stat()s the file, and
     a stat() of a FUSE file whose server hangs waits as long as a read of it would."""
-    paths = [str(Path(ctx.proc, name)) for name in files]
+    key = (ctx.proc, files)
+    paths = _PATHS.get(key)
+    if paths is None:
+        paths = _PATHS[key] = tuple(str(Path(ctx.proc, name)) for name in files)
     if all(_PROCFS.get(p) for p in paths):
         return fn(*args)
 

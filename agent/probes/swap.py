@@ -12,6 +12,8 @@ from agent.probes.base import CheckBase, CheckFailed, Context
 from agent.probes.blocking import kernel_read
 from agent.probes.memory import read_meminfo
 
+SWAP_KEYS = frozenset({"SwapTotal", "SwapFree"})
+
 
 class Config(CheckBase):
     type: Literal["swap"]
@@ -22,7 +24,7 @@ class Config(CheckBase):
 
 
 async def probe(cfg: Config, ctx: Context) -> Observation:
-    info = await kernel_read(ctx, cfg.name, "swap", ("meminfo",), read_meminfo, ctx.proc)
+    info = await kernel_read(ctx, cfg.name, "swap", ("meminfo",), read_meminfo, ctx.proc, SWAP_KEYS)
     total = info.get("SwapTotal", 0)
     if total == 0:
         # Nothing can be swapped out, so swap can't be what hurts: pass, and say why.
