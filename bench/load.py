@@ -127,28 +127,39 @@ def smaps(pid: int) -> dict[str, int]:
         return proc_smaps_rollup(f.read())
 
 
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds on a CPU of every thread of `pid` (schedstat): clock ticks are 10 ms, too coarse for an
+def thread_ns(pid: int) -> dict[str, int]:
+    """Nanoseconds on a CPU of each thread of `pid` (schedstat): clock ticks are 10 ms, too coarse for an
     idle process that uses a few ms a second."""
-    total = 0
+    out = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
+                out[task] = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             pass  # a thread that ended meanwhile
-    return total
+    return out
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds on a CPU of the threads of `pid` alive now."""
+    return sum(thread_ns(pid).values())
 
 
 def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[str, Footprint]:
-    """CPU% of a core and RSS of several processes over the same window, read from /proc."""
-    start = {name: cpu_ns(pid) for name, pid in pids.items()}
+    """CPU% of a core and RSS of several processes over the same window, read from /proc.
+
+    CPU is counted per thread, read at every RSS sample: a thread that ends in the window (a worker
+    retired, the thread that loaded aiohttp) keeps what it used up to its last reading, instead of taking
+    its whole life's CPU out of a sum taken at the two ends (which once made a window negative)."""
+    start = {name: thread_ns(pid) for name, pid in pids.items()}
+    last = {name: dict(threads) for name, threads in start.items()}
     sw = {name: switches(pid) for name, pid in pids.items()}
     t0 = time.monotonic()
     samples: dict[str, list[int]] = {name: [] for name in pids}
     while True:
         for name, pid in pids.items():
             samples[name].append(rss(pid))
+            last[name].update(thread_ns(pid))
         left = t0 + window - time.monotonic()
         if left <= 0:
             break
@@ -156,7 +167,10 @@ def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[
     elapsed = time.monotonic() - t0
     out = {}
     for name, pid in pids.items():
-        used = (cpu_ns(pid) - start[name]) / 1e9
+        last[name].update(thread_ns(pid))
+        before = start[name]
+        # A thread id used again by a new thread in the window counts from zero.
+        used = sum(ns - before.get(tid, 0) if ns >= before.get(tid, 0) else ns for tid, ns in last[name].items()) / 1e9
         vals = sorted(samples[name])
         roll = smaps(pid)
         out[name] = Footprint(100.0 * used / elapsed, float(vals[len(vals) // 2]), float(vals[-1]),
