@@ -163,3 +163,40 @@ async def test_a_reload_restarts_only_the_checks_it_changes() -> None:
         assert len(runner.times("removed")) == removed  # the removed check is never sampled again
     finally:
         await stop(task)
+
+
+async def test_the_heartbeat_beats_on_its_period_and_stops_with_the_scheduler() -> None:
+    """The heartbeat ticks the state every beat (100 ms for the default lag limit), each tick a fresh
+    heartbeat; once the scheduler is cancelled no beat runs again (the next timer is cancelled, not left
+    to tick a state nobody serves)."""
+    cfg = config({"name": "a", "interval": "1h"})
+    scheduler, _, task = await running(cfg)
+    beats: list[float] = []
+    scheduler.on_beat = beats.append
+    await async_wait_for(lambda: _at_least(beats, 6), timeout=5, what="six beats")
+    await stop(task)
+    gaps = [y - x for x, y in zip(beats, beats[1:], strict=False)]
+    assert all(0.1 - 0.005 <= g <= 0.1 + 0.05 for g in gaps), gaps
+    assert scheduler.state.heartbeat == beats[-1]
+    stopped_at = len(beats)
+    await asyncio.sleep(0.3)  # three periods: a beat left scheduled would have run by now
+    assert len(beats) == stopped_at
+
+
+async def test_a_beat_that_raises_ends_the_scheduler_with_its_error() -> None:
+    """A bug in a beat (here the on_beat hook) is not swallowed by the loop's exception handler while the
+    heartbeat silently stops: the scheduler ends with the error, as the agent's supervision expects."""
+    cfg = config({"name": "a", "interval": "1h"})
+    scheduler, _, task = await running(cfg)
+
+    def broken(now: float) -> None:
+        raise RuntimeError("a bug in a beat")
+
+    scheduler.on_beat = broken
+    with pytest.raises(ExceptionGroup) as err:
+        await asyncio.wait_for(task, 5)
+    assert err.group_contains(RuntimeError, match="a bug in a beat")
+
+
+async def _at_least(items: list, n: int) -> bool:
+    return len(items) >= n
