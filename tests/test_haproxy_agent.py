@@ -217,10 +217,9 @@ async def _weight_is(coro, weight: int) -> bool:
     return await _up(coro) == weight
 
 
-@pytest.mark.parametrize("action", ["drain", "maint"])
-async def test_weight_ramps_again_after_drain_or_maintenance(tmp_path, action: str) -> None:
-    """Set back to ready after drain or maintenance, the agent-check weight starts at the floor again and
-    ramps over slow_start, as after a recovery from DOWN, instead of jumping back to full headroom."""
+async def test_weight_ramps_again_after_drain_or_maintenance(tmp_path) -> None:
+    """Set back to ready after drain, and again after maintenance, the agent-check weight starts at the floor
+    and ramps over slow_start, as after a recovery from DOWN, instead of jumping back to full headroom."""
     from agent.cli.admin import set_admin_cli
 
     state_dir = str(tmp_path / "state")
@@ -229,12 +228,13 @@ async def test_weight_ramps_again_after_drain_or_maintenance(tmp_path, action: s
     try:
         port = agent.agent_check_address[1]
         await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=20, what="ramped to 75%")
-        assert set_admin_cli(state_dir, action, "rack move", None, None)[0] is not None
-        await async_wait_for(lambda: _starts(ask(port), f"up {action} ".encode()), timeout=5, what=action)
-        assert set_admin_cli(state_dir, "ready", "", None, None)[0] is not None
-        back = await async_wait_for(lambda: _up(ask(port)), timeout=5, what="ready")
-        assert 10 <= back <= 40, back  # from the floor, not straight back to 75
-        await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=15, what="ramped to 75% again")
+        for action in ("drain", "maint"):  # one agent for both: each ramp takes slow_start
+            assert set_admin_cli(state_dir, action, "rack move", None, None)[0] is not None
+            await async_wait_for(lambda a=action: _starts(ask(port), f"up {a} ".encode()), timeout=5, what=action)
+            assert set_admin_cli(state_dir, "ready", "", None, None)[0] is not None
+            back = await async_wait_for(lambda: _up(ask(port)), timeout=5, what=f"ready after {action}")
+            assert 10 <= back <= 40, (action, back)  # from the floor, not straight back to 75
+            await async_wait_for(lambda: _weight_is(ask(port), 75), timeout=15, what=f"ramped to 75% after {action}")
     finally:
         await agent.stop()
 
