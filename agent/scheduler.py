@@ -198,9 +198,15 @@ class Scheduler:
                     self.on_beat(now)
                 period = beat(self.state.config.policy.max_loop_lag)  # a reload may change the limit
                 self._release(now, period, lag)
-            except Exception as e:  # noqa: BLE001 - handed to the task, which raises it
+            except (SystemExit, KeyboardInterrupt):
+                raise  # out of the loop, as from any callback
+            except BaseException as e:  # noqa: BLE001 - handed to the task, which raises it
                 if not failed.done():
-                    failed.set_exception(e)
+                    # A future refuses StopIteration, and the loop's handler would swallow anything raised
+                    # here: the chain would end silently. The coroutine turned StopIteration into
+                    # RuntimeError (PEP 479); so does this, and any other BaseException.
+                    ok = isinstance(e, Exception) and not isinstance(e, StopIteration)
+                    failed.set_exception(e if ok else RuntimeError(f"a heartbeat raised {e!r}"))
                 return
             next_beat = loop.call_at(now + period, heartbeat, now + period)
 

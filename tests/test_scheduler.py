@@ -200,3 +200,19 @@ async def test_a_beat_that_raises_ends_the_scheduler_with_its_error() -> None:
 
 async def _at_least(items: list, n: int) -> bool:
     return len(items) >= n
+
+
+async def test_a_beat_raising_stopiteration_still_ends_the_scheduler() -> None:
+    """A StopIteration out of a beat (a stray next()) ends the scheduler with a RuntimeError, as the sleeping
+    coroutine did (PEP 479), instead of escaping the timer callback into the loop's handler and leaving the
+    heartbeat dead and the agent running, DOWN for good with nothing to restart it."""
+    cfg = config({"name": "a", "interval": "1h"})
+    scheduler, _, task = await running(cfg)
+
+    def broken(now: float) -> None:
+        next(iter(()))
+
+    scheduler.on_beat = broken
+    with pytest.raises(ExceptionGroup) as err:
+        await asyncio.wait_for(task, 5)
+    assert err.group_contains(RuntimeError, match="StopIteration")
