@@ -102,6 +102,30 @@ async def test_memory_thresholds(proc: Path, keys: dict, ok: bool, reason: str) 
     assert (r.ok, r.reason) == (ok, reason)
 
 
+async def test_memory_fails_on_a_garbled_line_it_reads_and_ignores_the_rest(tmp_path: Path) -> None:
+    """The memory check parses MemTotal, MemFree and MemAvailable only, up to the last of them: a garbled
+    line of one of them fails the sample (it cannot vouch for a figure it cannot read); a garbled line of
+    another key, which the figure does not use, changes nothing."""
+    (tmp_path / "meminfo").write_text("MemTotal: 1000 kB\nMemFree: 100 kB\nMemAvailable: 9x0 kB\n")
+    bad = await sample(check(type="memory", max_used_percent=100), Context(proc=tmp_path))
+    assert not bad.ok and bad.kind == "error", bad
+    (tmp_path / "meminfo").write_text("MemTotal: 1000 kB\nBuffers: \x00garbage kB\nMemFree: 100 kB\n"
+                                      "MemAvailable: 900 kB\nCached: junk\n")
+    good = await sample(check(type="memory", max_used_percent=100), Context(proc=tmp_path))
+    assert good.ok and good.observation.value == 10.0, good
+
+
+def test_a_key_listed_twice_keeps_its_last_value_before_the_last_wanted_key(tmp_path: Path) -> None:
+    """No kernel lists a key twice; should a file do so before the last wanted key, the keyed read keeps
+    the later value as the full read does, and still reads on to MemAvailable."""
+    from agent.probes.memory import MEMORY_KEYS, read_meminfo
+
+    (tmp_path / "meminfo").write_text("MemTotal: 1000 kB\nMemTotal: 2000 kB\nMemFree: 100 kB\n"
+                                      "MemAvailable: 900 kB\n")
+    assert read_meminfo(tmp_path, MEMORY_KEYS) == read_meminfo(tmp_path) == {
+        "MemTotal": 2048000, "MemFree": 102400, "MemAvailable": 921600}
+
+
 @pytest.mark.parametrize("proc, bound, ok, value, text", [
     (IDLE, 0, True, 0.0, "no swap configured"),
     (BUSY, 80, True, 75.0, "75.0% used (1.5 GiB of 2.0 GiB)"),

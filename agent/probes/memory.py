@@ -28,12 +28,12 @@ MEMORY_KEYS = frozenset({"MemTotal", "MemFree", "MemAvailable"})
 
 
 def read_meminfo(proc: Path, keys: frozenset[str] | None = None) -> dict[str, int]:
-    """/proc/meminfo as {key: bytes}: every key, or only `keys` (the lines are not parsed past the last of
-    them: a sample of an idle agent parses 3 lines of about 55)."""
-    out = {}
-    left = len(keys) if keys is not None else -1
+    """/proc/meminfo as {key: bytes}: every key, or only `keys`, read up to the line of the last of them (a
+    sample of an idle agent parses 3 lines of about 55). A line of a wanted key that does not parse raises,
+    as in the full read; with `keys`, lines of other keys are not looked at."""
     with open(os.path.join(proc, "meminfo"), encoding="utf-8") as f:  # not pathlib: this runs every sample
         text = f.read()
+    out: dict[str, int] = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
         if keys is not None and key not in keys:
@@ -41,9 +41,8 @@ def read_meminfo(proc: Path, keys: frozenset[str] | None = None) -> dict[str, in
         parts = rest.split()
         if parts:
             out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-        left -= 1
-        if left == 0:
-            break
+            if keys is not None and len(out) == len(keys):
+                break
     return out
 
 
