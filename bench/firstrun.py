@@ -48,9 +48,10 @@ def once(ctx: Ctx) -> float:
         port = free_port()
         cfg = clone / "config" / "healthgate.toml"
         cfg.write_text(cfg.read_text().replace(":8080", f":{port}"))  # the one change: a free port
+        argv = [*_as_user(home), "make", "run"]  # as root: makes the user first, who then owns the home
         if os.geteuid() == 0:
             subprocess.run(["chown", "-R", f"{USER}:", str(home)], check=True)
-        proc = subprocess.Popen([*_as_user(home), "make", "run"], cwd=clone, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=clone, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         while _status(f"http://127.0.0.1:{port}/health") != 200:
             if proc.poll() is not None or time.monotonic() - t0 > 600:

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from bench import deps, detect, firstrun, fleet, footprint, junk, lag, profile, report, scale, serve
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                 except BenchError as e:  # a missing tool or a server that won't start: the others still run
                     ctx.log(f"section {name} not run: {e}")
                     sections.append(Section(name, f"Not run: {e}"))
+                except Exception as e:  # a bug in one section must not lose the others' results
+                    ctx.log(f"section {name} failed: {traceback.format_exc()}")
+                    sections.append(Section(name, f"Failed: {type(e).__name__}: {e}"))
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
