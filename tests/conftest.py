@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import importlib.util
 import os
 import platform
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,52 @@ def pytest_configure(config: pytest.Config) -> None:
     # `make test-plain` runs against the installed package: a checkout on sys.path would test the wrong copy.
     if os.environ.get("HEALTHGATE_INSTALLED") == "1" and where.is_relative_to(ROOT / "agent"):
         raise pytest.UsageError(f"HEALTHGATE_INSTALLED=1, but agent is imported from the checkout: {where}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """HEALTHGATE_SUITE_DEADLINE (seconds; CI sets it a little inside each step's budget): a run still going
+    then writes every thread's stack to tests/artifacts/stacks.txt and ends with an error, so a hang that
+    the per-test timeout cannot break (a fixture's teardown after a timeout, a C call) says where it is
+    instead of being killed mute."""
+    deadline = os.environ.get("HEALTHGATE_SUITE_DEADLINE")
+    if deadline:
+        _SUITE_DEADLINE.append(time.monotonic() + float(deadline))
+        _arm_suite_deadline()
+
+
+_SUITE_DEADLINE: list[float] = []
+STACKS = ROOT / "tests" / "artifacts" / "stacks.txt"  # where a hung run's stacks go: .ci/run prints them
+
+
+def _stacks_file() -> Any:
+    """A file outside pytest's capture (which holds fd 2 while a test runs), opened once and kept open."""
+    if not _STACKS:
+        STACKS.parent.mkdir(parents=True, exist_ok=True)
+        _STACKS.append(open(STACKS, "w"))  # noqa: SIM115 - open until the process ends, for faulthandler
+    return _STACKS[0]
+
+
+_STACKS: list[Any] = []
+
+
+def _arm_suite_deadline() -> None:
+    if _SUITE_DEADLINE:
+        faulthandler.dump_traceback_later(max(1.0, _SUITE_DEADLINE[0] - time.monotonic()), exit=True,
+                                          file=_stacks_file())
+
+
+def pytest_runtest_logfinish() -> None:
+    """pytest cancels faulthandler's timer when a test fails (before it would enter the debugger): armed again."""
+    _arm_suite_deadline()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Past the summary nothing should keep the process alive, but a thread still blocked (a lookup on a dead
+    resolver, a read on a hung mount) would hold the interpreter's exit, and with it the run, for good:
+    two minutes on, every thread's stack is written to tests/artifacts/stacks.txt and the process ends with
+    an error instead."""
+    if _SUITE_DEADLINE:
+        faulthandler.dump_traceback_later(120, exit=True, file=_stacks_file())
 
 
 def pytest_report_header(config: pytest.Config) -> str:
