@@ -81,8 +81,10 @@ class Runner:
         if len(spawned) > LEAK_LIMIT:
             for t in list(spawned):
                 t.cancel()
-            return Result(False, f"error: probe left {len(spawned)} tasks running (limit {LEAK_LIMIT}); cancelled",
-                          "leak", result.duration, result.started, result.finished, result.wall)
+            result = Result(False, f"error: probe left {len(spawned)} tasks running (limit {LEAK_LIMIT}); "
+                                   "cancelled", "leak", result.duration, result.started, result.finished, result.wall)
+        if not result.ok:
+            self.ctx.keeper.discard(check.name)  # a sample failed late (its clock, a leak) may have held one
         return result
 
     async def _sample(self, check: CheckConfig, spawned: set[asyncio.Future[Any]]) -> Result:

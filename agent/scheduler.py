@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 START_RATE = 1000.0  # first samples per second at most, spread over the checks' intervals
 RIDE_AFTER = 10  # a wait of at least this many heartbeats rides on a heartbeat's wake-up (see _wait)
+RECHECK_RATE = 200.0  # re-checks per second at most: a server dropping every held connection at once
+# (a restart, CLIENT KILL) must not start hundreds of samples in one turn of the loop
 
 
 WARM_UP_MAX = 30.0  # seconds a reload's first samples may take at most, whatever the checks' timeouts
@@ -65,6 +67,12 @@ async def first_samples(runner: Runner, checks: Iterable[CheckConfig]) -> dict[s
     return results
 
 
+def _until(waiter: asyncio.Future[float], loop: asyncio.AbstractEventLoop, due: float) -> None:
+    """A short wait's timer: ends the wait with its lateness, unless a recheck ended it first."""
+    if not waiter.done():
+        waiter.set_result(max(0.0, loop.time() - due))
+
+
 def _incomplete(check: CheckConfig, got: list[Result]) -> bool:
     return len(got) < check.rise and all(r.ok for r in got)
 
@@ -86,6 +94,9 @@ class Scheduler:
         self._unreported: set[str] = set()  # checks without a first result, until `ready` is set
         self._riders: list[tuple[float, int, asyncio.Future[float]]] = []  # (due, seq, waiter): a heap
         self._seq = itertools.count()
+        self._waits: dict[str, asyncio.Future[float]] = {}  # check -> the wait for its next sample
+        self._recheck_at = 0.0  # the earliest time the next re-check may start (RECHECK_RATE)
+        runner.ctx.keeper.on_drop = self.recheck
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -102,6 +113,7 @@ class Scheduler:
         for name in list(self.loops):
             if name in changed or name not in self.state.checks:
                 self.loops.pop(name).cancel()
+                self.runner.ctx.keeper.forget(name)
         for name in changed:
             self._start(self.state.checks[name])
         if not self.ready.is_set():
@@ -124,7 +136,7 @@ class Scheduler:
         spread = max(min(check.interval, 1.0) * check.jitter, len(self.state.checks) / START_RATE)
         due = loop.time() + random.uniform(0, min(check.interval, spread))
         while True:
-            lag = await self._wait(due)
+            lag = await self._wait(check.name, due)
             start = loop.time()
             try:
                 self.state.schedule_lag(lag)
@@ -147,24 +159,50 @@ class Scheduler:
             due = start + interval * (1 + random.uniform(-check.jitter, check.jitter))
             due = max(due, loop.time())
 
-    async def _wait(self, due: float) -> float:
-        """Until `due`; returns how late the loop was. A long wait (a check's next sample, seconds away)
-        ends on the last heartbeat before `due` instead of on a timer of its own: the heartbeat wakes the
-        loop every beat anyway, and each extra wake-up of an idle loop costs about as much CPU as the
-        heartbeat's. Such a sample starts at most one beat early (<= 10% of its wait, less than the checks'
-        own jitter), never late, so no result ages past its staleness limit for it. Short waits (a first
-        failure's quick confirmation, the first samples' spread) keep their exact timers."""
+    async def _wait(self, name: str, due: float) -> float:
+        """Until `due`, or until recheck(name); returns how late the loop was. A long wait (a check's next
+        sample, seconds away) ends on the last heartbeat before `due` instead of on a timer of its own: the
+        heartbeat wakes the loop every beat anyway, and each extra wake-up of an idle loop costs about as
+        much CPU as the heartbeat's. Such a sample starts at most one beat early (<= 10% of its wait, less
+        than the checks' own jitter), never late, so no result ages past its staleness limit for it. Short
+        waits (a first failure's quick confirmation, the first samples' spread) keep their exact timers."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         delay = due - now
         if delay <= 0:
             return -delay
-        if delay < RIDE_AFTER * beat(self.state.config.policy.max_loop_lag):
-            await asyncio.sleep(delay)
-            return max(0.0, loop.time() - due)
         waiter: asyncio.Future[float] = loop.create_future()
-        heapq.heappush(self._riders, (due, next(self._seq), waiter))
-        return await waiter  # cancelled with the check's loop (a reload): the heartbeat skips it
+        timer = None
+        if delay < RIDE_AFTER * beat(self.state.config.policy.max_loop_lag):
+            timer = loop.call_at(due, _until, waiter, loop, due)
+        else:
+            heapq.heappush(self._riders, (due, next(self._seq), waiter))
+        self._waits[name] = waiter
+        try:
+            return await waiter  # cancelled with the check's loop (a reload): the heartbeat skips it
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waits.get(name) is waiter:
+                del self._waits[name]
+
+    def recheck(self, name: str) -> None:
+        """Sample `name` now: its dependency dropped the connection the last passing sample left open
+        (agent/probes/keep.py). Only a passing check's wait is cut short; a failing one is already on its
+        quick confirmation, and one that is down samples at its interval. Re-checks start RECHECK_RATE a
+        second at most, so a server dropping every held connection at once spreads them out."""
+        waiter = self._waits.get(name)
+        st = self.state.states.get(name)
+        if waiter is None or waiter.done() or st is None or st.last is None or not st.last.ok:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = max(now, self._recheck_at)
+        self._recheck_at = at + 1 / RECHECK_RATE
+        if at <= now:
+            waiter.set_result(0.0)
+        else:
+            loop.call_at(at, _until, waiter, loop, at)
 
     def _release(self, now: float, period: float, lag: float) -> None:
         """The heartbeat's: start every rider due before the next heartbeat, with this one's lateness."""

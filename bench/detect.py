@@ -22,7 +22,7 @@ TARGET = 0.85  # agent-check detection over HAProxy's own check's, medians, with
 SIGNALS = [
     ("health", f"healthgate /health answers 503 (check: interval {INTER}, timeout 200ms, fall 2; nothing else set)"),
     ("agent", f"HAProxy DOWN through agent-check (agent-inter {INTER}) of that agent"),
-    ("agent_nofast", "HAProxy DOWN through agent-check, agent with the fast re-check off (fast_interval = interval)"),
+    ("agent_nofast", "HAProxy DOWN through agent-check, agent with the quick re-check off (fast_interval = interval)"),
     ("httpchk", f"HAProxy DOWN through httpchk GET /health (inter {INTER}, fall 2, rise 2)"),
     ("native", f"HAProxy DOWN through its own `option redis-check` (inter {INTER}, fall 2, rise 2)"),
 ]
@@ -215,7 +215,9 @@ def report(down: list[dict[str, float]], up: list[dict[str, float]], trials: int
     ]
     md = (
         f"healthgate watches Redis with a `{check_type()}` check that sets only interval {INTER}, timeout 200ms "
-        "and fall 2: the default re-check after a first failure (interval/5, here 50 ms) confirms it. "
+        "and fall 2. Two defaults make it quick: the connection of a passing sample is held until the next, "
+        "so Redis dying closes it and the check samples at once; the re-check after a first failure "
+        "(interval/5, here 50 ms) confirms it. "
         f"{trials} trials. Each: wait until every signal has been up for 1 s, wait a random 0–250 ms, SIGKILL "
         "Redis, time each "
         "signal until it reads down; restart Redis on the same port and time each signal from the moment Redis "

@@ -11,7 +11,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.model import Result
-from agent.probes.base import CheckBase
+from agent.probes.base import CheckBase, Context
 from agent.scheduler import Scheduler
 from agent.state import AgentState
 from tests.helpers import async_wait_for
@@ -26,6 +26,7 @@ class FakeRunner:
         self.failing: set[str] = set()
         self.raising: set[str] = set()
         self.hung: dict = {}
+        self.ctx = Context()
 
     async def run(self, check: CheckBase) -> Result:
         now = asyncio.get_running_loop().time()
@@ -216,3 +217,51 @@ async def test_a_beat_raising_stopiteration_still_ends_the_scheduler() -> None:
     with pytest.raises(ExceptionGroup) as err:
         await asyncio.wait_for(task, 5)
     assert err.group_contains(RuntimeError, match="StopIteration")
+
+
+async def test_a_recheck_cuts_a_passing_checks_wait_short() -> None:
+    """recheck(name) (its held connection was dropped) samples a passing check now instead of an interval
+    later; a failing check's wait (its quick confirmation) is left alone, and so is a recheck of a check the
+    scheduler does not run."""
+    cfg = config({"name": "ok", "interval": "30s", "jitter": 0}, {"name": "bad", "interval": "30s", "jitter": 0,
+                                                                   "fast_interval": "10s", "fall": 3})
+    scheduler, runner, task = await running(cfg)
+    runner.failing.add("bad")
+    try:
+        await async_wait_for(lambda: _all_once(runner), timeout=5, what="first samples")
+        scheduler.recheck("ok")
+        scheduler.recheck("bad")
+        scheduler.recheck("nonesuch")
+        await async_wait_for(lambda: _enough(runner, "ok", 2), timeout=5, what="the re-check of ok")
+        await asyncio.sleep(0.1)
+        assert len(runner.times("bad")) == 1
+        assert len(runner.times("ok")) == 2
+    finally:
+        await stop(task)
+
+
+async def _all_once(runner: FakeRunner) -> bool:
+    return bool(runner.times("ok")) and bool(runner.times("bad"))
+
+
+async def test_rechecks_of_many_checks_at_once_are_spread() -> None:
+    """A server dropping every held connection at once (a restart, CLIENT KILL) re-checks its checks at
+    RECHECK_RATE a second at most, not all in one turn of the loop; each is still re-checked."""
+    from agent.scheduler import RECHECK_RATE
+
+    n = 20
+    cfg = config(*({"name": f"c{i}", "interval": "60s", "jitter": 0} for i in range(n)))
+    scheduler, runner, task = await running(cfg)
+    try:
+        await async_wait_for(lambda: _each(runner, n, 1), timeout=5, what="first samples")
+        for i in range(n):
+            scheduler.recheck(f"c{i}")
+        await async_wait_for(lambda: _each(runner, n, 2), timeout=5, what="every re-check")
+    finally:
+        await stop(task)
+    second = sorted(runner.times(f"c{i}")[1] for i in range(n))
+    assert second[-1] - second[0] >= (n - 1) / RECHECK_RATE * 0.9, second
+
+
+async def _each(runner: FakeRunner, n: int, count: int) -> bool:
+    return all(len(runner.times(f"c{i}")) >= count for i in range(n))

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from agent import __version__
 from agent.fields import DAY, HOUR, Duration, Strict, format_duration
 from agent.fleet.scope import Scope, default_scope
+from agent.probes.keep import Keeper
 
 if TYPE_CHECKING:
     import aiohttp
@@ -114,6 +115,7 @@ class Context:
 
     proc: Path = Path("/proc")  # injectable so fixture files can drive the system probes
     memo: dict[tuple[object, ...], Any] = field(default_factory=dict)  # per-check memory between samples
+    keeper: Keeper = field(default_factory=Keeper)  # connections passing samples leave open (probes/keep.py)
     _http: aiohttp.ClientSession | None = None
 
     def http(self) -> aiohttp.ClientSession:
@@ -130,6 +132,7 @@ class Context:
         return self._http
 
     async def close(self) -> None:
+        await self.keeper.close()
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -1,4 +1,7 @@
-"""redis: a fresh connection authenticates and answers PING; optionally the server has the expected role."""
+"""redis: a fresh connection authenticates and answers PING; optionally the server has the expected role.
+
+A passing sample's connection stays open, idle, until the next sample (agent/probes/keep.py): the server
+dropping it makes the check sample again at once."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import asyncio
 import functools
 import inspect
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -16,6 +20,7 @@ from agent.probes.common import TLS_KEYS, TLSOptions, address, secret_forms, uni
 
 if TYPE_CHECKING:
     import redis.asyncio
+    import redis.asyncio.connection
     import redis.exceptions
 
 ROLES = {"master": "master", "replica": "slave"}  # our word -> INFO replication's
@@ -115,25 +120,53 @@ def _failure(cfg: Config, e: redis.exceptions.RedisError) -> CheckFailed:
     return CheckFailed(f"redis {cfg.target}: {type(e).__name__}: {text}", "error")
 
 
+def _hold(conn: redis.asyncio.connection.AbstractConnection) -> tuple[Callable[[], Awaitable[bytes]],
+                                                                      Callable[[], None]] | None:
+    """What completes when the server drops the connection (a read on its stream: nothing is sent on a
+    held connection, so nothing comes back but the end) and what closes its socket at once (the
+    transport's abort); None if this redis-py keeps either elsewhere, and then nothing is held.
+    tests/test_keep.py holds both to the installed redis-py."""
+    reader = getattr(conn, "_reader", None)
+    abort = getattr(getattr(getattr(conn, "_writer", None), "transport", None), "abort", None)
+    if not isinstance(reader, asyncio.StreamReader) or not callable(abort):
+        return None  # (uvloop's transports are no subclass of asyncio's: asked for the method alone)
+    return (lambda: reader.read(1)), abort
+
+
 async def probe(cfg: Config, ctx: Context) -> Observation:
     import redis.exceptions
 
     loop = asyncio.get_running_loop()
+    token = await ctx.keeper.release(cfg.name)
     client = _client(cfg)
+    held = False
     t0 = loop.time()
     try:
+        # The sample's one connection, taken here so that a passing sample can hold it (below).
+        conn = await client.connection_pool.get_connection()
         # One round trip for all three: PING proves it answers, INFO tells loading and role.
         pipe = client.pipeline(transaction=False)
+        pipe.connection = conn
         pipe.ping()  # queued one by one: redis-py types a command's reply, not the pipeline it returns
         pipe.info("persistence")
         if cfg.role:
             pipe.info("replication")
         replies = await pipe.execute()
+        obs = _judge(cfg, replies, loop.time() - t0)
+        # Passed: the connection stays open until the next sample, so a server that dies is seen at once.
+        hold = _hold(conn)
+        held = hold is not None and ctx.keeper.keep(cfg.name, token, *hold, client.aclose)
+        return obs
     except redis.exceptions.RedisError as e:
         raise _failure(cfg, e) from None
     finally:
-        await client.aclose()
-    elapsed = loop.time() - t0
+        if not held:
+            await client.aclose()
+
+
+def _judge(cfg: Config, replies: list[Any], elapsed: float) -> Observation:
+    """The observation of a sample that got its replies, or CheckFailed: loading, the wrong role, a replica
+    without its master."""
     persistence = replies[1]
     role_info = replies[2] if cfg.role else {}
     role = "replica" if role_info.get("role") == ROLES["replica"] else role_info.get("role", "")
