@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 
 from agent.probes import PROBES
 from agent.probes.base import Context
 from agent.runner import Runner
-from tests.helpers import wait_for
-from tests.outage import drill, fast_check, outage
+from tests.helpers import async_wait_for, wait_for
+from tests.outage import drill, fast_check, outage, wait_up
 
 PASSWORD = "r3dis p@ss:word"
 
@@ -60,7 +61,9 @@ def loading(redis) -> str:
 
 
 async def test_loading_dataset_is_down(start_agent, redis_factory) -> None:
-    """A restarted redis still loading its dataset (loading:1) keeps the node DOWN until the load completes."""
+    """A restarted redis still loading its dataset (loading:1) keeps the node DOWN, for that reason, until the
+    load completes. (The restart itself is a moment of `connection refused` first: the held connection of
+    the last sample sees the stop at once, so the reason moves from refused to loading.)"""
     redis = redis_factory()
     redis.cli("DEBUG", "POPULATE", "15000")
     redis.cli("SAVE")
@@ -72,10 +75,17 @@ async def test_loading_dataset_is_down(start_agent, redis_factory) -> None:
         redis.start(wait=False, **{"key-load-delay": "100", "loading-process-events-interval-bytes": "1024"})
         wait_for(lambda: loading(redis) == "1", what="loading")
 
-    def loaded() -> None:
-        wait_for(lambda: loading(redis) == "0", timeout=30, what="loaded")
+    await wait_up(agent)
+    await asyncio.to_thread(restart_slowly)
+    await async_wait_for(lambda: _reason_has(agent, "loading the dataset into memory"), timeout=10,
+                         what="down for loading")
+    while await asyncio.to_thread(loading, redis) == "1":
+        assert (await agent.get("/health"))[0] == 503, "up while redis still loads"
+    await wait_up(agent)
 
-    await outage(agent, check, restart_slowly, loaded, "loading the dataset into memory")
+
+async def _reason_has(agent, text: str) -> bool:
+    return (await agent.get("/health"))[0] == 503 and text in agent.state.snapshot.verdict.reason
 
 
 async def test_auth_acl_user_db_and_unix_socket(redis_factory) -> None:
