@@ -37,6 +37,7 @@ WATCH_EVERY = 1.0  # seconds between looks at the config file (one stat(), off t
 WATCH_SAFETY = 10.0  # the same while inotify watches it: a change wakes the watcher at once
 WATCH_SETTLE = 0.25  # a change must hold this long before it is reloaded: a file being written changes again
 WATCH_TIMEOUT = 1.0  # a look that takes longer (a hung mount) is given up on for this round
+STOP_WAIT = 5.0  # seconds the stop waits for the background loops to end once cancelled
 
 
 def file_signature(path: str) -> tuple:
@@ -476,13 +477,15 @@ class Agent:
             self._sched_task = None
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception as e:
-                logs.event("task_failed", logging.ERROR, task=task.get_name(), error=repr(e))
+        # Bounded: a background loop's own cleanup (the fleet guard closing its store connection) must not
+        # hold the stop; one still running after STOP_WAIT is named in the log and left behind.
+        done, pending = await asyncio.wait(self._tasks, timeout=STOP_WAIT) if self._tasks else (set(), set())
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                logs.event("task_failed", logging.ERROR, task=task.get_name(), error=repr(error))
+        for task in pending:
+            logs.event("task_stuck_at_stop", logging.WARNING, task=task.get_name(), seconds=STOP_WAIT)
         self._tasks.clear()
         await self.ctx.close()
         self.systemd.close()

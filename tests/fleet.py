@@ -73,7 +73,10 @@ class Fleet:
         task = self.tasks[i]
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            # Bounded: a guard that cannot end (its store's close stuck) fails the test, naming it, instead
+            # of holding the run.
+            done, _ = await asyncio.wait([task], timeout=10)
+            assert done, f"guard {i} still running 10 s after its cancel: {task.get_stack(limit=20)}"
             self.tasks[i] = None
 
     def running(self) -> list[int]:

@@ -308,3 +308,33 @@ async def test_reloads_leave_no_parked_waits_behind(start_agent) -> None:
     await async_wait_for(lambda: _async(len(scheduler._riders) <= 10), timeout=beat * 3 + 5,
                          what="the heartbeats tidying the cancelled loops' waits up")
     assert len(scheduler._riders) <= 10, len(scheduler._riders)
+
+
+async def test_stop_is_not_held_by_a_loop_that_will_not_end(start_agent, caplog, monkeypatch) -> None:
+    """A background loop that does not end when cancelled (its cleanup stuck: a store's close on a dead
+    network) holds the agent's stop for STOP_WAIT at most (made 0.5 s here), and is named in the log."""
+    import logging
+
+    import agent.app
+
+    monkeypatch.setattr(agent.app, "STOP_WAIT", 0.5)
+    STOP_WAIT = 0.5
+    caplog.set_level(logging.INFO, logger="healthgate")
+    agent = await start_agent({"checks": [{"name": "m", "type": "memory", "interval": "1s"}]})
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # as a cleanup stuck in its own await would
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    agent.agent._tasks.append(task)
+    t0 = time.monotonic()
+    await asyncio.wait_for(agent.agent.stop(), STOP_WAIT + 5)
+    assert time.monotonic() - t0 < STOP_WAIT + 2
+    assert [r.fields["task"] for r in caplog.records if r.getMessage() == "task_stuck_at_stop"] == ["stubborn"]
+    release.set()
+    await task
