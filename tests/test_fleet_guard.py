@@ -58,9 +58,10 @@ async def test_script_and_python_agree_on_the_budget(store: StoreServer) -> None
 
 
 async def test_concurrent_grants_never_exceed_the_budget(store: StoreServer) -> None:
-    """Twenty guards failing together, thirty rounds: never more than the budget granted (locally or in the
-    store), the budget used every round, and every grant released when the reason clears."""
-    n, rounds = 20, 30
+    """Twenty guards failing together, thirty rounds (fifteen on etcd, whose rounds are slower: the same
+    transaction each time): never more than the budget granted (locally or in the store), the budget used
+    every round, and every grant released when the reason clears."""
+    n, rounds = 20, 30 if store.backend == "redis" else 15
     budget = allowed_down(parse_max_down("30%"), n)
     async with Fleet(store.url, n, max_down="30%", min_hold="0s") as fleet:
         await until(lambda: all_registered(fleet, n), 10, "all members registered")
