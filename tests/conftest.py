@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import importlib.util
+import io
 import os
 import platform
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -71,6 +74,36 @@ def _arm_suite_deadline() -> None:
     if _SUITE_DEADLINE:
         faulthandler.dump_traceback_later(max(1.0, _SUITE_DEADLINE[0] - time.monotonic()), exit=True,
                                           file=_stacks_file())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """In CI (HEALTHGATE_SUITE_DEADLINE set), a test still running 10 s before its timeout has the stacks of
+    its event loop's tasks written to tests/artifacts/stacks.txt: the timeout's own dump shows threads only,
+    and a hung asyncio test is a loop idle in its selector, whatever task waits forever."""
+    timer = None
+    if _SUITE_DEADLINE:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
+        if limit > 20:
+            timer = threading.Timer(limit - 10, _dump_tasks, (item.nodeid,))
+            timer.daemon = True
+            timer.start()
+    yield
+    if timer is not None:
+        timer.cancel()
+
+
+def _dump_tasks(nodeid: str) -> None:
+    out = _stacks_file()
+    print(f"=== {nodeid}: asyncio tasks 10 s before its timeout", file=out)
+    for obj in gc.get_objects():
+        if isinstance(obj, asyncio.AbstractEventLoop) and obj.is_running():
+            for task in list(asyncio.all_tasks(obj)):
+                buf = io.StringIO()
+                task.print_stack(limit=25, file=buf)
+                print(buf.getvalue(), file=out)
+    out.flush()
 
 
 def pytest_runtest_logfinish() -> None:
