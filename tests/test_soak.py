@@ -26,6 +26,7 @@ def check(name: str, **keys: object) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SECONDS + 300)  # the run is SECONDS long: the suite's 300 s per test would end it
 async def test_soak_resources_stay_flat(tmp_path: Path) -> None:
     """Under 10 minutes of 100 ms checks and toggling dependencies, RSS grows < 5 MB after warm-up and
     open fds and asyncio tasks stay flat; the verdict keeps following the dependencies."""
