@@ -90,6 +90,11 @@ class Fleet:
     def views(self) -> list[GuardView]:
         return [self.guards[i].view() for i in self.running()]
 
+    def describe(self) -> str:
+        """Each running guard's state and last store error, for a failing wait."""
+        return ", ".join(f"{i}: {v.state}{'' if v.store_ok else ' (' + v.store_error + ')'}"
+                         for i, v in zip(self.running(), self.views(), strict=True))
+
     def count(self, state: str) -> int:
         return sum(1 for v in self.views() if v.state == state)
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import pytest
 
 from agent.fleet.backends import open_store
 from agent.fleet.budget import allowed_down, parse_max_down
+from agent.fleet.etcd import EtcdStore, StoreError
 from agent.fleet.store import Report
 from tests.fleet import Fleet, StoreServer, fleet_config
 
@@ -23,8 +27,9 @@ def store(request: pytest.FixtureRequest) -> StoreServer:
 
 
 async def until(pred: Callable[[], Awaitable[bool] | bool], timeout: float, what: str,
-                check: Callable[[], None] | None = None) -> None:
-    """Poll `pred` every 10 ms until true; `check` runs at every poll (an invariant); fail at the deadline."""
+                check: Callable[[], None] | None = None, fleet: Fleet | None = None) -> None:
+    """Poll `pred` every 10 ms until true; `check` runs at every poll (an invariant); fail at the deadline,
+    with every guard's view when `fleet` is given."""
     deadline = time.monotonic() + timeout
     while True:
         if check is not None:
@@ -35,7 +40,8 @@ async def until(pred: Callable[[], Awaitable[bool] | bool], timeout: float, what
         if got:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            views = "" if fleet is None else "; guards: " + fleet.describe()
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{views}")
         await asyncio.sleep(0.01)
 
 
@@ -122,7 +128,7 @@ async def test_store_killed_then_back_empty(store: StoreServer, on_store_error: 
         cfg = fleet.configs[0]
         # Bound: a grant lapses locally within ttl of the last confirmed beat; grace runs from the first failure.
         bound = cfg.ttl + cfg.grace + cfg.heartbeat + 1.0
-        await until(lambda: fleet.count("store_unavailable") == n - 1, bound, "store_unavailable everywhere")
+        await until(lambda: fleet.count("store_unavailable") == n - 1, bound, "store_unavailable everywhere", fleet=fleet)
         views = fleet.views()
         assert views[0].state == "none" and not views[0].serve  # the local fault decides
         assert all(v.serve is (on_store_error == "serve") for v in views[1:])
@@ -134,7 +140,7 @@ async def test_store_killed_then_back_empty(store: StoreServer, on_store_error: 
             assert fleet.count("granted") <= 1
 
         await until(lambda: fleet.count("granted") == 1 and fleet.count("held") == n - 2, 15,
-                    "the budget used again", bounded)
+                    "the budget used again", bounded, fleet)
         group = await fleet.group()
         assert sum(1 for m in group.members if m.status == "shed") == 1
         assert next(m for m in group.members if m.node == "n00").status == "down"
@@ -180,3 +186,71 @@ async def test_a_grant_is_never_reused_after_its_reason_cleared(store: StoreServ
         view = fleet.guards[0].view()
         assert view.state == "held" and view.serve
         assert fleet.guards[0].decisions["released"] == 1
+
+
+class _FailsOnce(EtcdStore):
+    """An etcd member whose `fail_at`-th request from now is lost on the wire (as a timeout is)."""
+
+    fail_at = 0
+
+    async def _post(self, path: str, body: dict) -> dict:
+        self.fail_at -= 1
+        if self.fail_at == 0:
+            raise TimeoutError(f"{path}: lost")
+        return await super()._post(path, body)
+
+
+@pytest.mark.parametrize("lost", range(1, 7))
+async def test_etcd_member_recovers_from_any_one_lost_call_after_an_empty_restart(etcd_factory, lost: int) -> None:
+    """etcd back empty knows none of the member's leases: whichever one request of the re-registration is lost
+    (the keepalive, the new lease, the born check, the seen lease, the write), the member's next beats make
+    what is missing and it is recorded serving, never left writing to a lease the store no longer has."""
+    server = etcd_factory()
+    member = _FailsOnce(fleet_config(server.url, node="a"))
+    try:
+        await member.beat(Report("a", "up", ()))
+        server.stop(signal.SIGKILL)
+        server.start(fresh=True)
+        with contextlib.suppress(OSError, aiohttp.ClientError):
+            await member.beat(Report("a", "up", ()))  # the pooled connection to the old process
+        member.fail_at = lost
+        errors = []
+        for _ in range(3):
+            try:
+                await member.beat(Report("a", "up", ()))
+            except (OSError, aiohttp.ClientError, StoreError) as e:
+                errors.append(repr(e))
+        assert len(errors) <= 1, errors
+        group = await member.members()
+        assert [(m.node, m.status, m.alive) for m in group.members] == [("a", "up", True)]
+    finally:
+        await member.close()
+
+
+async def test_etcd_member_recovers_when_the_store_restarts_between_keepalive_and_write(etcd_factory) -> None:
+    """etcd restarting empty after the beat's keepalive found the leases alive and before its write: that
+    write fails (the lease is gone), and the next beat makes both leases anew instead of writing to them."""
+    server = etcd_factory()
+
+    class RestartsBeforeWrite(EtcdStore):
+        armed = False
+
+        async def _post(self, path: str, body: dict) -> dict:
+            if self.armed and path == "/v3/kv/txn":
+                self.armed = False
+                server.stop(signal.SIGKILL)
+                server.start(fresh=True)
+                await self.close()  # a new connection: the fault under test is the lost lease, not the socket
+            return await super()._post(path, body)
+
+    member = RestartsBeforeWrite(fleet_config(server.url, node="a"))
+    try:
+        await member.beat(Report("a", "up", ()))
+        member.armed = True
+        with pytest.raises(StoreError, match="lease not found"):
+            await member.beat(Report("a", "down", ("disk",)))
+        assert (await member.beat(Report("a", "down", ("disk",)))).status == "down"
+        group = await member.members()
+        assert [(m.node, m.status, m.alive) for m in group.members] == [("a", "down", True)]
+    finally:
+        await member.close()

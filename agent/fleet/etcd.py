@@ -116,6 +116,9 @@ class EtcdStore:
         """Refresh the member's leases; True when they had to be made anew (the store lost this member)."""
         fresh = not await self._alive(self._lease)
         if fresh:
+            # A store that lost this lease (it restarted empty) lost the seen lease too: until one call has
+            # found that lease alive or made it anew, every beat checks it, so a call lost below is retried.
+            self._seen_kept = -math.inf
             self._lease, self._written = await self._grant_lease(self.cfg.ttl), None
             # The group's birth starts its warm-up: mark it when the first member registers, not at the
             # first grant request, or the first outage would wait out a ttl before anyone may shed.
