@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import signal
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -223,8 +226,19 @@ async def test_etcd_member_recovers_from_any_one_lost_call_after_an_empty_restar
         assert len(errors) <= 1, errors
         group = await member.members()
         assert [(m.node, m.status, m.alive) for m in group.members] == [("a", "up", True)]
+        assert _keys(server, "/healthgate/fleet/g/born"), "the group's birth (its warm-up) marked again"
     finally:
         await member.close()
+
+
+def _keys(server, prefix: str) -> list[str]:
+    """The keys under `prefix` in etcd, read through its JSON gateway apart from the store under test."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    body = json.dumps({"key": base64.b64encode(prefix.encode()).decode(),
+                       "range_end": base64.b64encode(end.encode()).decode(), "keys_only": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v3/kv/range", data=body, method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return [base64.b64decode(kv["key"]).decode() for kv in json.load(resp).get("kvs", [])]
 
 
 async def test_etcd_member_recovers_when_the_store_restarts_between_keepalive_and_write(etcd_factory) -> None:

@@ -76,6 +76,7 @@ class EtcdStore:
         self._lease: str | None = None
         self._seen_lease: str | None = None
         self._seen_kept = 0.0
+        self._born_known = False  # the store has the group's born key (checked after each new lease)
         self._written: tuple[str, str] | None = None  # (status, doc) as last written under this lease
         self.calls = 0  # requests sent to the store (the bench's ops per member)
 
@@ -118,13 +119,15 @@ class EtcdStore:
         if fresh:
             # A store that lost this lease (it restarted empty) lost the seen lease too: until one call has
             # found that lease alive or made it anew, every beat checks it, so a call lost below is retried.
-            self._seen_kept = -math.inf
+            self._seen_kept, self._born_known = -math.inf, False
             self._lease, self._written = await self._grant_lease(self.cfg.ttl), None
+        if not self._born_known:
             # The group's birth starts its warm-up: mark it when the first member registers, not at the
             # first grant request, or the first outage would wait out a ttl before anyone may shed.
             data = await self._post("/v3/kv/range", {"key": _b64(f"{self.root}born"), "keys_only": True})
             if not data.get("kvs"):
                 await self._born()
+            self._born_known = True
         now = time.monotonic()
         if fresh or now - self._seen_kept >= self.cfg.window / 4 or self._seen_lease is None:
             if not await self._alive(self._seen_lease):
