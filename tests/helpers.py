@@ -41,11 +41,30 @@ def loop_in_use(choice: str = LOOP) -> str:
     return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
+# Ports for programs a test starts that must bind a port themselves (an agent, redis-server, etcd, nginx...).
+# Taken below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by default), so that no
+# connection the run makes in the meantime is given the port as its local end before the program binds it (a
+# port the kernel chose by binding port 0 is one it may hand out again); one after the other within the run,
+# from a start its pid sets (a run beside it, such as the soak, starts elsewhere); and only one nothing holds.
+PORTS = range(20000, 32768)
+_next_port = [PORTS.start + (os.getpid() * 7919) % len(PORTS)]
+_port_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that nothing holds, that this run hands out once, and that the kernel never hands out."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    with _port_lock:
+        for _ in range(len(PORTS)):
+            port = _next_port[0]
+            _next_port[0] = PORTS.start + (port + 1 - PORTS.start) % len(PORTS)
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError(f"no free port on {host} in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def require(binary: str, package: str) -> str:
