@@ -145,6 +145,13 @@ def cpu_ns(pid: int) -> int:
     return sum(thread_ns(pid).values())
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine has spent busy (not idle, not waiting on I/O) since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def footprints(pids: dict[str, int], window: float, every: float = 1.0) -> dict[str, Footprint]:
     """CPU% of a core and RSS of several processes over the same window, read from /proc.
 

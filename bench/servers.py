@@ -233,10 +233,10 @@ http {{
         return self._spawn(name, argv, port, lambda: http_status(f"http://127.0.0.1:{port}/live") == 200,
                            cwd=ROOT, env={"PYTHONUNBUFFERED": "1"})
 
-    def bare(self, period: float = 0.1) -> Proc:
+    def bare(self, period: float = 0.1, name: str = "bare") -> Proc:
         """bench/bare.py: an asyncio process doing nothing but waking every `period` seconds."""
         argv = [sys.executable, "-m", "bench.bare", str(period)]
-        return self._spawn("bare", argv, 0, lambda: True, cwd=ROOT)
+        return self._spawn(name, argv, 0, lambda: True, cwd=ROOT)
 
     def naive(self, redis_port: int, pg_port: int, loop: str = "auto") -> Proc:
         """bench/naive.py: an aiohttp /health that pings Redis and PostgreSQL on every request."""
