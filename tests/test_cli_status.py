@@ -10,6 +10,7 @@ import pwd
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,7 +41,13 @@ fall = 1
 """
 
 
+# The commands' own state directory, empty: a command run here must never find the admin socket of an agent
+# the user running the suite has (it would answer for that agent instead of the test's).
+NO_STATE = tempfile.mkdtemp(prefix="healthgate-cli-state-")
+
+
 def healthgate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or {**{k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}, "XDG_STATE_HOME": NO_STATE}
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=30, env=env)
 
