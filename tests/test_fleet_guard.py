@@ -268,3 +268,43 @@ async def test_etcd_member_recovers_when_the_store_restarts_between_keepalive_an
         assert [(m.node, m.status, m.alive) for m in group.members] == [("a", "down", True)]
     finally:
         await member.close()
+
+
+class _LosesReply(EtcdStore):
+    """An etcd member whose next write (a txn that puts) commits in the store but whose reply is lost."""
+
+    armed = False
+
+    async def _post(self, path: str, body: dict) -> dict:
+        data = await super()._post(path, body)
+        if self.armed and path == "/v3/kv/txn" and any("request_put" in op for op in body.get("success", [])):
+            self.armed = False
+            raise TimeoutError(f"{path}: reply lost")
+        return data
+
+
+async def test_etcd_a_write_whose_reply_was_lost_is_never_taken_as_written(etcd_factory) -> None:
+    """A granted member re-checked and refused (another node went down meanwhile) records `held`; when etcd
+    commits that write but the reply is lost, the member must not go on vouching for its grant from what it
+    wrote before: its next beat asks the store again and is held, never shed past the budget."""
+    server = etcd_factory()
+    a = _LosesReply(fleet_config(server.url, node="a", max_down=1, size=2))
+    b = EtcdStore(fleet_config(server.url, node="b", max_down=1, size=2))
+    shed = Report("a", "shed", ("db",))
+    try:
+        await a.beat(Report("a", "up", ()))
+        await b.beat(Report("b", "up", ()))
+        deadline = time.monotonic() + 15
+        while (await a.acquire(shed)).status != "shed":  # the group's warm-up (a ttl) first
+            assert time.monotonic() < deadline, "never granted"
+            await b.beat(Report("b", "up", ()))  # b's lease lives while it beats
+            await asyncio.sleep(0.1)
+        await b.beat(Report("b", "down", ("disk",)))  # one down already: the budget of 1 is spent
+        a.armed = True
+        with pytest.raises(TimeoutError):
+            await a.acquire(shed)  # refused: the `held` write commits, its reply is lost
+        assert (await a.beat(shed)).status == "held"
+        assert {m.node: m.status for m in (await b.members()).members} == {"a": "held", "b": "down"}
+    finally:
+        await a.close()
+        await b.close()

@@ -147,6 +147,9 @@ class EtcdStore:
                {"request_put": {"key": _b64(self._key(here, report.node)), "value": _b64(doc), "lease": self._lease}},
                {"request_put": {"key": _b64(self._key("seen", report.node)), "value": _b64(doc),
                                 "lease": self._seen_lease}}]
+        # Until the reply says how it ended, what the store holds is unknown: a write that committed but
+        # whose reply was lost must not leave the record before it standing in for the store's.
+        self._written = None
         data = await self._txn(ops, compare)
         if not data.get("succeeded", False):
             return False
