@@ -14,7 +14,6 @@ import pytest
 from agent.app import Agent
 from agent.cli.admin import set_admin_cli
 from agent.config import ConfigError, parse_config
-from agent.model import Admin
 from tests.helpers import ROOT, async_wait_for, free_port, toml_table, wait_for
 from tests.test_admin import run_cli
 from tests.test_haproxy_e2e import Dependency, dependency, haproxy  # noqa: F401 - fixtures
@@ -72,16 +71,25 @@ async def _is(agent, path: str, code: int) -> bool:
     return await _code(agent, path) == code
 
 
-async def test_node_conditions_apply_to_every_group_and_a_group_drain_to_its_own(start_agent) -> None:
+async def test_node_conditions_apply_to_every_group_and_a_group_drain_to_its_own(start_agent, tmp_path) -> None:
     """A node-wide drain drains every group; a group's own drain drains that group only; shutdown takes
-    every group down."""
+    every group down. (Drain and maintenance through the state file, as the commands set them: the admin
+    watcher owns the state's admin fields and applies the file over anything set beside it.)"""
     agent = await start_agent({"checks": [MEM], "groups": {"a": {"checks": ["mem"]}, "b": {"checks": ["mem"]}}})
     await async_wait_for(lambda: _is(agent, "/health/a", 200), what="a up")
-    agent.state.set_admin(Admin.DRAIN, "deploy")
-    assert [await _code(agent, p) for p in ("/health", "/health/a", "/health/b")] == [503, 503, 503]
-    agent.state.set_admin(Admin.READY)
-    agent.state.set_group_admin({"a": (Admin.MAINT, "reindex", None)})
-    assert [await _code(agent, p) for p in ("/health", "/health/a", "/health/b")] == [200, 503, 200]
+    state_dir = str(tmp_path / "state")
+
+    async def codes() -> list[int]:
+        return [await _code(agent, p) for p in ("/health", "/health/a", "/health/b")]
+
+    assert set_admin_cli(state_dir, "drain", "deploy", None)[0] is not None
+    await async_wait_for(lambda: _is(agent, "/health", 503), what="drained")
+    assert await codes() == [503, 503, 503]
+    assert set_admin_cli(state_dir, "ready", "", None)[0] is not None
+    assert set_admin_cli(state_dir, "maint", "reindex", None, group="a")[0] is not None
+    await async_wait_for(lambda: _is(agent, "/health", 200), what="the node ready again")
+    await async_wait_for(lambda: _is(agent, "/health/a", 503), what="a in maintenance")
+    assert await codes() == [200, 503, 200]
     loop = asyncio.get_running_loop()
     assert agent.state.answer(loop.time(), "a").state == "maint"
     agent.state.set_group_admin({})
@@ -385,7 +393,7 @@ async def test_journal_records_each_group_change_once(start_agent, dependency: D
     await async_wait_for(lambda: _is(agent, "/health/api", 503), what="api down")
     await dependency.start()
     await async_wait_for(lambda: _is(agent, "/health/api", 200), what="api up again")
-    agent.state.set_group_admin({"static": (Admin.DRAIN, "reindex", None)})
+    assert set_admin_cli(agent.state.config.agent.state_dir, "drain", "reindex", None, group="static")[0]
     await async_wait_for(lambda: _is(agent, "/health/static", 503), what="static drained")
     beat = agent.state.heartbeat  # the heartbeats and refreshes of the next half second add nothing
 

@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+from agent.cli.admin import set_admin_cli
 from agent.model import Admin, Observation
 from agent.probes import PROBES
 from agent.probes.base import CheckFailed
@@ -92,16 +93,24 @@ async def test_exclude_is_repeatable_and_lifts_only_the_named_checks(agent) -> N
     assert agent.state.snapshot.verdict.failing == ("db", "cache")
 
 
+async def _admin_is(agent, admin: Admin) -> bool:
+    return agent.state.snapshot.admin is admin
+
+
 async def test_exclude_never_lifts_the_agents_own_reasons(agent) -> None:
     """Drain and shutdown keep the node down whatever is excluded; the agent's lines cannot be excluded."""
     both = "exclude=db&exclude=cache"
-    agent.state.set_admin(Admin.DRAIN, "deploy")
+    # Through the state file, as `healthgate drain` does: the admin watcher owns the admin fields.
+    state_dir = agent.state.config.agent.state_dir
+    assert set_admin_cli(state_dir, "drain", "deploy", None)[0] is not None
+    await async_wait_for(lambda: _admin_is(agent, Admin.DRAIN), what="drained")
     code, body = await agent.get(f"/health?verbose&{both}&exclude=agent:admin")
     assert code == 503
     assert "[-]agent:admin failed: drain: deploy" in body.splitlines()
     assert body.endswith("healthz check failed\n")
     assert 'no matches for "agent:admin"' in body
-    agent.state.set_admin(Admin.READY)
+    assert set_admin_cli(state_dir, "ready", "", None)[0] is not None
+    await async_wait_for(lambda: _admin_is(agent, Admin.READY), what="ready again")
     assert (await agent.get(f"/health?{both}"))[0] == 200
     loop_time = agent.state.snapshot.computed_at
     agent.state.set_stopping(loop_time)

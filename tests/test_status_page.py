@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from agent.cli.admin import set_admin_cli
 from agent.config import parse_config
 from agent.model import Admin
 from agent.serving import statuspage
@@ -249,6 +250,10 @@ GROUP_ROWS = """[...document.querySelectorAll('#groups tr')].map(tr => ({
   admin: tr.querySelector('.g-admin').textContent, checks: tr.querySelector('.g-checks').textContent}))"""
 
 
+async def _group_admin_is(agent, group: str, admin: Admin) -> bool:
+    return agent.state.snapshot.groups[group].admin is admin
+
+
 async def test_page_shows_each_verdict_group(start_agent, browser) -> None:
     """With verdict groups the page lists each one: name, UP or DOWN with the failing check's reason, its own
     admin state (drained alone, with the reason), and its member checks; without groups the section is hidden."""
@@ -257,7 +262,9 @@ async def test_page_shows_each_verdict_group(start_agent, browser) -> None:
                                           fast("db", type="tcp", port=port)],
                                "groups": {"api": {"checks": ["db", "mem"]}, "static": {"checks": ["mem"]}}})
     await async_wait_for(lambda: _down_with_results(agent), what="first results")
-    agent.state.set_group_admin({"static": (Admin.DRAIN, "reindex", None)})
+    # Through the state file, as `healthgate drain --group` does: the admin watcher owns the admin fields.
+    assert set_admin_cli(agent.state.config.agent.state_dir, "drain", "reindex", None, group="static")[0]
+    await async_wait_for(lambda: _group_admin_is(agent, "static", Admin.DRAIN), what="static drained")
     await browser.send("Page.enable")
     await browser.send("Page.navigate", url=agent.url + "/")
 
