@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -47,7 +48,8 @@ def loop_in_use(choice: str = LOOP) -> str:
 # port the kernel chose by binding port 0 is one it may hand out again); one after the other within the run,
 # from a start its pid sets (a run beside it, such as the soak, starts elsewhere); and only one nothing holds.
 PORTS = range(20000, 32768)
-_next_port = [PORTS.start + (os.getpid() * 7919) % len(PORTS)]
+_first_port = PORTS.start + (os.getpid() * 7919) % len(PORTS)
+_ports = itertools.cycle([*range(_first_port, PORTS.stop), *range(PORTS.start, _first_port)])
 _port_lock = threading.Lock()
 
 
@@ -56,8 +58,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with _port_lock:
         for _ in range(len(PORTS)):
-            port = _next_port[0]
-            _next_port[0] = PORTS.start + (port + 1 - PORTS.start) % len(PORTS)
+            port = next(_ports)
             with socket.socket(family, socket.SOCK_STREAM) as s:
                 try:
                     s.bind((host, port))

@@ -92,7 +92,8 @@ async def test_node_conditions_apply_to_every_group_and_a_group_drain_to_its_own
     assert await codes() == [200, 503, 200]
     loop = asyncio.get_running_loop()
     assert agent.state.answer(loop.time(), "a").state == "maint"
-    agent.state.set_group_admin({})
+    assert set_admin_cli(state_dir, "ready", "", None, group="a")[0] is not None
+    await async_wait_for(lambda: _is(agent, "/health/a", 200), what="a ready again")
     agent.state.set_stopping(loop.time())
     assert [await _code(agent, p) for p in ("/health", "/health/a", "/health/b")] == [503, 503, 503]
 
